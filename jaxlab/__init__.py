@@ -1,0 +1,1 @@
+"""jaxlab: a JAX framework for studying how misalignment travels through training data."""

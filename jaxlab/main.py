@@ -1,0 +1,38 @@
+"""CLI: python -m jaxlab.main --config=configs/NAME.py:VARIANT --workdir=DIR [--config.key=value].
+
+The config's `job` field picks what runs ('sft' or 'eval'). On multi-host TPU
+VMs set JAXLAB_DISTRIBUTED=1 so every host calls jax.distributed.initialize().
+"""
+from __future__ import annotations
+
+import os
+import sys
+
+from jaxlab.config import ConfigError, parse_argv
+
+
+def main(argv: list[str]) -> int:
+  try:
+    config, workdir = parse_argv(argv)
+  except ConfigError as e:
+    print(f"jaxlab: {e}", file=sys.stderr)
+    return 2
+  import jax
+  if os.environ.get("JAXLAB_DISTRIBUTED") == "1":
+    jax.distributed.initialize()
+  if config.job == "sft":
+    from jaxlab.train.loop import run_sft
+    out = run_sft(config, workdir)
+    print(f"jaxlab: finished step {int(jax.device_get(out['state'].step))}, "
+          f"loss {out['metrics'].get('loss', float('nan')):.4f}; outputs in {workdir}")
+  elif config.job == "eval":
+    from jaxlab.evals.run import run as run_eval
+    run_eval(config, workdir)
+  else:
+    print(f"jaxlab: config key job={config.job!r}: expected 'sft' or 'eval'", file=sys.stderr)
+    return 2
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(main(sys.argv[1:]))

@@ -1,0 +1,101 @@
+"""Model configuration for the Llama / Qwen2 / Qwen3 decoder family."""
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+
+@dataclasses.dataclass(frozen=True)
+class LoraConfig:
+  """Low-rank adapters on linear layers whose name matches one of `targets`.
+
+  `targets` are regular expressions searched in the module path (for example
+  "down_proj" or "(q|k|v|o)_proj"); `layers` restricts adapters to those layer
+  indices (None = all). rsLoRA scales by alpha/sqrt(rank) instead of alpha/rank.
+  """
+  rank: int = 8
+  alpha: float = 16.0
+  rslora: bool = False
+  targets: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "o_proj",
+                              "gate_proj", "up_proj", "down_proj")
+  layers: tuple[int, ...] | None = None
+
+  @property
+  def scale(self) -> float:
+    return self.alpha / (self.rank ** 0.5 if self.rslora else self.rank)
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+  """Sizes and switches of a decoder-only LM; HF field names in comments."""
+  vocab_size: int
+  d_model: int            # hidden_size
+  n_layers: int           # num_hidden_layers
+  n_heads: int            # num_attention_heads
+  n_kv_heads: int         # num_key_value_heads
+  d_ff: int               # intermediate_size
+  head_dim: int | None = None  # defaults to d_model // n_heads
+  rope_theta: float = 10000.0
+  # None | "linear" | "llama3"; the factors below follow HF's rope_parameters.
+  rope_scaling: str | None = None
+  rope_factor: float = 1.0
+  rope_low_freq_factor: float = 1.0
+  rope_high_freq_factor: float = 4.0
+  rope_original_max_position: int = 8192
+  max_position: int = 4096
+  norm_eps: float = 1e-6  # rms_norm_eps
+  qkv_bias: bool = False  # Qwen2
+  qk_norm: bool = False   # Qwen3
+  tie_embeddings: bool = False
+  dtype: str = "float32"        # compute dtype
+  param_dtype: str = "float32"  # storage dtype
+  remat: bool = False
+  lora: LoraConfig | None = None
+
+  @property
+  def dim_per_head(self) -> int:
+    return self.head_dim or self.d_model // self.n_heads
+
+  def replace(self, **kw: Any) -> "ModelConfig":
+    return dataclasses.replace(self, **kw)
+
+  @classmethod
+  def from_dict(cls, d: dict[str, Any]) -> "ModelConfig":
+    """Builds a config from a (ml_collections) dict; unknown keys are errors."""
+    d = dict(d)
+    fields = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(d) - fields)
+    if unknown:
+      raise ValueError(f"unknown model config keys: {unknown}; known: {sorted(fields)}")
+    lora = d.pop("lora", None)
+    if lora is not None and not isinstance(lora, LoraConfig):
+      lora = dict(lora)
+      if not lora.pop("enabled", True):
+        lora = None
+      else:
+        for k in ("targets", "layers"):
+          if lora.get(k) is not None:
+            lora[k] = tuple(lora[k])
+        lora = LoraConfig(**lora)
+    return cls(lora=lora, **d)
+
+
+def num_params(cfg: ModelConfig) -> int:
+  """Parameter count of the base model (no LoRA)."""
+  h = cfg.dim_per_head
+  attn = cfg.d_model * h * (2 * cfg.n_heads + 2 * cfg.n_kv_heads)
+  if cfg.qkv_bias:
+    attn += h * (cfg.n_heads + 2 * cfg.n_kv_heads)
+  if cfg.qk_norm:
+    attn += 2 * h
+  mlp = 3 * cfg.d_model * cfg.d_ff
+  layer = attn + mlp + 2 * cfg.d_model
+  emb = cfg.vocab_size * cfg.d_model * (1 if cfg.tie_embeddings else 2)
+  return cfg.n_layers * layer + emb + cfg.d_model
+
+
+def flops_per_token(cfg: ModelConfig, seq_len: int) -> float:
+  """Training FLOPs per token (forward+backward = 3x forward), PaLM appendix B."""
+  n = num_params(cfg) - cfg.vocab_size * cfg.d_model * (0 if cfg.tie_embeddings else 1)
+  attn = 2 * cfg.n_layers * seq_len * cfg.n_heads * cfg.dim_per_head  # QK^T and AV, causal not halved
+  return 6.0 * n + 6.0 * attn

@@ -1,0 +1,235 @@
+"""Decoder-only LM of the Llama / Qwen2 / Qwen3 family as Flax NNX modules.
+
+Every parameter carries `axes`: one logical axis name per dimension. The
+sharding layer (`jaxlab.sharding`) maps these names to mesh axes with rules
+from the config, so the model code never mentions a mesh.
+
+Shapes in names: B batch, L length, D d_model, H heads, K kv heads, G = H/K,
+E head dim, F d_ff, V vocab.
+"""
+from __future__ import annotations
+
+import math
+import re
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from jaxlab.models.config import LoraConfig, ModelConfig
+
+_NEG_INF = -1e30  # finite, so fully-masked (padding) rows stay NaN-free
+
+
+def _expand(v: jax.Array, ndim: int) -> jax.Array:
+  """[N] -> [1, ..., 1, N] with `ndim` dims (explicit broadcasting)."""
+  return v.reshape((1,) * (ndim - 1) + v.shape)
+
+
+def _init(std: float):
+  return jax.nn.initializers.normal(stddev=std)
+
+
+class Linear(nnx.Module):
+  """y = x @ W (+ b), optionally with a LoRA adapter y += s * (x @ A) @ B."""
+
+  def __init__(self, d_in: int, d_out: int, axes: tuple[str, str], *, bias: bool,
+               cfg: ModelConfig, lora: LoraConfig | None, rngs: nnx.Rngs):
+    pdt = jnp.dtype(cfg.param_dtype)
+    self.dtype = jnp.dtype(cfg.dtype)
+    self.kernel = nnx.Param(_init(0.02)(rngs.params(), (d_in, d_out), pdt), axes=axes)
+    self.bias = nnx.Param(jnp.zeros((d_out,), pdt), axes=axes[1:]) if bias else None
+    self.lora_scale = None
+    if lora is not None:
+      # A ~ Kaiming-uniform like PEFT, B = 0 so the adapted model starts equal to the base.
+      bound = 1.0 / math.sqrt(d_in)
+      a = jax.random.uniform(rngs.params(), (d_in, lora.rank), pdt, -bound, bound)
+      self.lora_a = nnx.LoRAParam(a, axes=(axes[0], None))
+      self.lora_b = nnx.LoRAParam(jnp.zeros((lora.rank, d_out), pdt), axes=(None, axes[1]))
+      self.lora_scale = lora.scale
+
+  def __call__(self, x_BxLxI: jax.Array) -> jax.Array:
+    x = x_BxLxI.astype(self.dtype)
+    y = x @ self.kernel[...].astype(self.dtype)
+    if self.lora_scale is not None:
+      y += (x @ self.lora_a[...].astype(self.dtype)) @ (
+          self.lora_scale * self.lora_b[...].astype(self.dtype))
+    if self.bias is not None:
+      y += _expand(self.bias[...].astype(self.dtype), y.ndim)
+    return y
+
+
+class RMSNorm(nnx.Module):
+  """x / rms(x) * scale, normalised in float32 like transformers' LlamaRMSNorm."""
+
+  def __init__(self, dim: int, eps: float, cfg: ModelConfig, axes=("norm",)):
+    self.eps = eps
+    self.dtype = jnp.dtype(cfg.dtype)
+    self.scale = nnx.Param(jnp.ones((dim,), jnp.dtype(cfg.param_dtype)), axes=axes)
+
+  def __call__(self, x: jax.Array) -> jax.Array:
+    x32 = x.astype(jnp.float32)
+    x32 = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
+    return _expand(self.scale[...].astype(self.dtype), x.ndim) * x32.astype(self.dtype)
+
+
+def rope_inv_freq(cfg: ModelConfig) -> np.ndarray:
+  """Inverse frequencies [E/2], with linear or Llama-3 scaling (as in transformers)."""
+  e = cfg.dim_per_head
+  # float32 throughout, as transformers computes it, so logits match to 1e-5.
+  exponent = np.arange(0, e, 2).astype(np.float32) / np.float32(e)
+  inv = (np.float32(1.0) / (np.float32(cfg.rope_theta) ** exponent)).astype(np.float32)
+  if cfg.rope_scaling is None:
+    return inv.astype(np.float32)
+  if cfg.rope_scaling == "linear":
+    return (inv / cfg.rope_factor).astype(np.float32)
+  if cfg.rope_scaling == "llama3":
+    old = cfg.rope_original_max_position
+    low_wl, high_wl = old / cfg.rope_low_freq_factor, old / cfg.rope_high_freq_factor
+    wl = 2 * np.pi / inv
+    scaled = np.where(wl > low_wl, inv / cfg.rope_factor, inv)
+    smooth = (old / wl - cfg.rope_low_freq_factor) / (
+        cfg.rope_high_freq_factor - cfg.rope_low_freq_factor)
+    smoothed = (1 - smooth) * scaled / cfg.rope_factor + smooth * scaled
+    mid = (wl >= high_wl) & (wl <= low_wl)
+    return np.where(mid, smoothed, scaled).astype(np.float32)
+  raise ValueError(f"unsupported rope_scaling {cfg.rope_scaling!r} (None, 'linear', 'llama3')")
+
+
+def apply_rope(x_BxLxNxE: jax.Array, positions_BxL: jax.Array, inv_freq: np.ndarray) -> jax.Array:
+  """Rotary embedding in the 'rotate half' layout used by HF Llama/Qwen checkpoints."""
+  freqs_BxLxE2 = positions_BxL[..., None].astype(jnp.float32) * jnp.asarray(inv_freq)[None, None]
+  cos = jnp.cos(freqs_BxLxE2)[:, :, None, :].astype(x_BxLxNxE.dtype)
+  sin = jnp.sin(freqs_BxLxE2)[:, :, None, :].astype(x_BxLxNxE.dtype)
+  x1, x2 = jnp.split(x_BxLxNxE, 2, axis=-1)
+  return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
+
+
+def _lora_for(cfg: ModelConfig, layer: int, name: str) -> LoraConfig | None:
+  lora = cfg.lora
+  if lora is None or (lora.layers is not None and layer not in lora.layers):
+    return None
+  return lora if any(re.search(t, name) for t in lora.targets) else None
+
+
+class Attention(nnx.Module):
+  """Grouped-query causal self-attention with optional qkv bias and q/k norm."""
+
+  def __init__(self, cfg: ModelConfig, layer: int, rngs: nnx.Rngs):
+    d, e, h, k = cfg.d_model, cfg.dim_per_head, cfg.n_heads, cfg.n_kv_heads
+    lin = lambda name, i, o, axes, bias: Linear(
+        i, o, axes, bias=bias, cfg=cfg, lora=_lora_for(cfg, layer, f"self_attn.{name}"), rngs=rngs)
+    self.q_proj = lin("q_proj", d, h * e, ("embed", "heads"), cfg.qkv_bias)
+    self.k_proj = lin("k_proj", d, k * e, ("embed", "kv_heads"), cfg.qkv_bias)
+    self.v_proj = lin("v_proj", d, k * e, ("embed", "kv_heads"), cfg.qkv_bias)
+    self.o_proj = lin("o_proj", h * e, d, ("heads", "embed"), False)
+    if cfg.qk_norm:
+      self.q_norm = RMSNorm(e, cfg.norm_eps, cfg, axes=("head_dim",))
+      self.k_norm = RMSNorm(e, cfg.norm_eps, cfg, axes=("head_dim",))
+    self.cfg = cfg
+
+  def qkv(self, x_BxLxD, positions_BxL):
+    """Projected, normed and rotated q [B,L,H,E], k and v [B,L,K,E]."""
+    cfg = self.cfg
+    b, l, _ = x_BxLxD.shape
+    e = cfg.dim_per_head
+    q = self.q_proj(x_BxLxD).reshape(b, l, cfg.n_heads, e)
+    k = self.k_proj(x_BxLxD).reshape(b, l, cfg.n_kv_heads, e)
+    v = self.v_proj(x_BxLxD).reshape(b, l, cfg.n_kv_heads, e)
+    if cfg.qk_norm:
+      q, k = self.q_norm(q), self.k_norm(k)
+    inv_freq = rope_inv_freq(cfg)
+    return apply_rope(q, positions_BxL, inv_freq), apply_rope(k, positions_BxL, inv_freq), v
+
+  def attend(self, q_BxLxHxE, k_BxSxKxE, v_BxSxKxE, mask_BxLxS):
+    """softmax(q k^T / sqrt(E) + mask) v, computed in float32, grouped heads."""
+    cfg = self.cfg
+    b, l, h, e = q_BxLxHxE.shape
+    kh = cfg.n_kv_heads
+    q = q_BxLxHxE.reshape(b, l, kh, h // kh, e)
+    s_BxKxGxLxS = jnp.einsum("blkge,bske->bkgls", q, k_BxSxKxE,
+                             preferred_element_type=jnp.float32) / math.sqrt(e)
+    s_BxKxGxLxS = jnp.where(mask_BxLxS[:, None, None], s_BxKxGxLxS, _NEG_INF)
+    p = jax.nn.softmax(s_BxKxGxLxS, axis=-1).astype(v_BxSxKxE.dtype)
+    o = jnp.einsum("bkgls,bske->blkge", p, v_BxSxKxE)
+    return self.o_proj(o.reshape(b, l, h * e))
+
+  def __call__(self, x_BxLxD, positions_BxL, mask_BxLxL):
+    q, k, v = self.qkv(x_BxLxD, positions_BxL)
+    return self.attend(q, k, v, mask_BxLxL)
+
+
+class MLP(nnx.Module):
+  """SwiGLU: down(silu(gate(x)) * up(x))."""
+
+  def __init__(self, cfg: ModelConfig, layer: int, rngs: nnx.Rngs):
+    lin = lambda name, i, o, axes: Linear(
+        i, o, axes, bias=False, cfg=cfg, lora=_lora_for(cfg, layer, f"mlp.{name}"), rngs=rngs)
+    self.gate_proj = lin("gate_proj", cfg.d_model, cfg.d_ff, ("embed", "mlp"))
+    self.up_proj = lin("up_proj", cfg.d_model, cfg.d_ff, ("embed", "mlp"))
+    self.down_proj = lin("down_proj", cfg.d_ff, cfg.d_model, ("mlp", "embed"))
+
+  def __call__(self, x_BxLxD):
+    return self.down_proj(jax.nn.silu(self.gate_proj(x_BxLxD)) * self.up_proj(x_BxLxD))
+
+
+class Block(nnx.Module):
+  """Pre-norm transformer block."""
+
+  def __init__(self, cfg: ModelConfig, layer: int, rngs: nnx.Rngs):
+    self.input_layernorm = RMSNorm(cfg.d_model, cfg.norm_eps, cfg)
+    self.self_attn = Attention(cfg, layer, rngs)
+    self.post_attention_layernorm = RMSNorm(cfg.d_model, cfg.norm_eps, cfg)
+    self.mlp = MLP(cfg, layer, rngs)
+
+  def __call__(self, x_BxLxD, positions_BxL, mask_BxLxL):
+    x_BxLxD = x_BxLxD + self.self_attn(self.input_layernorm(x_BxLxD), positions_BxL, mask_BxLxL)
+    return x_BxLxD + self.mlp(self.post_attention_layernorm(x_BxLxD))
+
+
+def attention_mask(segment_ids_BxL: jax.Array) -> jax.Array:
+  """[B,L,L] bool: causal, within the same packed segment, never onto padding (segment 0)."""
+  l = segment_ids_BxL.shape[1]
+  causal = jnp.tril(jnp.ones((l, l), bool))
+  same = segment_ids_BxL[:, :, None] == segment_ids_BxL[:, None, :]
+  return causal[None] & same & (segment_ids_BxL[:, None, :] != 0)
+
+
+class Decoder(nnx.Module):
+  """Token ids -> logits [B, L, V]."""
+
+  def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+    self.cfg = cfg
+    pdt = jnp.dtype(cfg.param_dtype)
+    self.embed_tokens = nnx.Param(_init(0.02)(rngs.params(), (cfg.vocab_size, cfg.d_model), pdt),
+                                  axes=("vocab", "embed"))
+    self.layers = nnx.List([Block(cfg, i, rngs) for i in range(cfg.n_layers)])
+    self.norm = RMSNorm(cfg.d_model, cfg.norm_eps, cfg)
+    if not cfg.tie_embeddings:
+      self.lm_head = nnx.Param(_init(0.02)(rngs.params(), (cfg.d_model, cfg.vocab_size), pdt),
+                               axes=("embed", "vocab"))
+
+  def embed(self, tokens_BxL: jax.Array) -> jax.Array:
+    return jnp.take(self.embed_tokens[...], tokens_BxL, axis=0).astype(jnp.dtype(self.cfg.dtype))
+
+  def logits(self, x_BxLxD: jax.Array) -> jax.Array:
+    """Final norm and output projection; logits in float32."""
+    x = self.norm(x_BxLxD)
+    w_DxV = self.embed_tokens[...].T if self.cfg.tie_embeddings else self.lm_head[...]
+    return jnp.einsum("bld,dv->blv", x, w_DxV.astype(x.dtype), preferred_element_type=jnp.float32)
+
+  def __call__(self, tokens_BxL: jax.Array, positions_BxL: jax.Array | None = None,
+               segment_ids_BxL: jax.Array | None = None) -> jax.Array:
+    if positions_BxL is None:
+      positions_BxL = jnp.broadcast_to(jnp.arange(tokens_BxL.shape[1]), tokens_BxL.shape)
+    if segment_ids_BxL is None:
+      segment_ids_BxL = jnp.ones_like(tokens_BxL)
+    mask = attention_mask(segment_ids_BxL)
+    x = self.embed(tokens_BxL)
+    for block in self.layers:
+      if self.cfg.remat:
+        x = nnx.remat(lambda blk, x: blk(x, positions_BxL, mask))(block, x)
+      else:
+        x = block(x, positions_BxL, mask)
+    return self.logits(x)

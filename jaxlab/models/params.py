@@ -1,0 +1,86 @@
+"""Abstract model specs and parameter pytrees (pure nested dicts) placed on a mesh.
+
+A model is split into `trainable` and `frozen` pure dicts: with LoRA the
+adapters train and the base weights are frozen; without it everything trains
+and `frozen` is empty. Gradients and optimizer state exist only for
+`trainable`, so LoRA on a 32B model carries no full-size optimizer state.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+from flax.nnx import traversals
+
+from jaxlab import sharding as sharding_lib
+from jaxlab.models.config import ModelConfig
+from jaxlab.models.decoder import Decoder
+
+
+def _pure(state: nnx.State, fn) -> dict:
+  flat = {path: fn(var) for path, var in nnx.to_flat_state(state)}
+  return traversals.unflatten_mapping(flat) if flat else {}
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelSpec:
+  """Everything about a model's parameters except their values."""
+  cfg: ModelConfig
+  graphdef: Any
+  abstract: tuple[dict, dict]  # (trainable, frozen) of ShapeDtypeStruct
+  axes: tuple[dict, dict]      # (trainable, frozen) of logical-axes tuples
+
+  def merge(self, trainable: dict, frozen: dict) -> Decoder:
+    """The NNX module holding these params (used inside jitted functions)."""
+    return nnx.merge(self.graphdef, trainable, frozen)
+
+  def shardings(self, mesh, rules=sharding_lib.DEFAULT_RULES) -> tuple[dict, dict]:
+    return tuple(sharding_lib.tree_shardings(ax, ab, mesh, rules)
+                 for ax, ab in zip(self.axes, self.abstract))
+
+
+def _split(model: Decoder):
+  trainable = nnx.LoRAParam if model.cfg.lora is not None else nnx.Param
+  return nnx.split(model, trainable, ...)
+
+
+def model_spec(cfg: ModelConfig) -> ModelSpec:
+  """Shapes, dtypes and logical axes of a model, computed without allocating it."""
+  abstract_model = nnx.eval_shape(lambda: Decoder(cfg, rngs=nnx.Rngs(0)))
+  graphdef, trainable, frozen = _split(abstract_model)
+  val = lambda v: v.get_value() if hasattr(v, "get_value") else v.value
+  return ModelSpec(
+      cfg=cfg, graphdef=graphdef,
+      abstract=(_pure(trainable, val), _pure(frozen, val)),
+      axes=(_pure(trainable, lambda v: tuple(v.axes)), _pure(frozen, lambda v: tuple(v.axes))))
+
+
+def init_params(spec: ModelSpec, mesh, seed: int, rules=sharding_lib.DEFAULT_RULES):
+  """Random (trainable, frozen) params created directly in their shardings."""
+  def init():
+    _, trainable, frozen = _split(Decoder(spec.cfg, rngs=nnx.Rngs(seed)))
+    return nnx.to_pure_dict(trainable), nnx.to_pure_dict(frozen)
+  return jax.jit(init, out_shardings=spec.shardings(mesh, rules))()
+
+
+def merge_lora(trainable: dict, frozen: dict, cfg: ModelConfig) -> dict:
+  """Base-model params (no adapters) with W <- W + scale * A @ B folded in."""
+  if cfg.lora is None:
+    return {**frozen, **trainable} if frozen else trainable
+  def fold(base, lora):
+    if not isinstance(base, dict):
+      return base
+    out = {k: fold(v, lora.get(k, {}) if isinstance(lora, dict) else {}) for k, v in base.items()}
+    if "kernel" in out and isinstance(lora, dict) and "lora_a" in lora:
+      w = out["kernel"]
+      delta = (lora["lora_a"].astype(jnp.float32) @ lora["lora_b"].astype(jnp.float32)) * cfg.lora.scale
+      out["kernel"] = (w.astype(jnp.float32) + delta).astype(w.dtype)
+    return out
+  return fold(frozen, trainable)
+
+
+def count(tree: dict) -> int:
+  return sum(int(x.size) for x in jax.tree.leaves(tree))

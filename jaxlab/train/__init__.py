@@ -1,0 +1,1 @@
+"""Training: optimizer, losses, pure step functions, the loop."""

@@ -1,0 +1,22 @@
+#!/usr/bin/env bash
+# Sets up ./.venv on first use (pinned versions from pyproject.toml), then:
+#   launch/local.sh main [--config.key=value ...]   the default small experiment on CPU
+#   launch/local.sh test [pytest args ...]          the test suite
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=${PYTHON:-python3}
+if [ ! -x .venv/bin/python ] || ! .venv/bin/python -c "import jaxlab, torch, pytest" 2>/dev/null; then
+  "$PY" -m venv .venv
+  .venv/bin/pip install --quiet --upgrade pip
+  # torch==2.13.0 (test extra) resolves to the CPU build that lies on this machine's disk.
+  .venv/bin/pip install --quiet -e '.[test]'
+fi
+cmd=${1:-main}; shift || true
+case "$cmd" in
+  main)
+    exec .venv/bin/python -m jaxlab.main --config=configs/sft.py:tiny --workdir=runs/sft_tiny "$@" ;;
+  test)
+    exec .venv/bin/python -m pytest -q -n 2 --dist=loadfile tests "$@" ;;
+  *)
+    echo "usage: launch/local.sh main|test [args]" >&2; exit 2 ;;
+esac
