@@ -5,9 +5,9 @@ import json
 import numpy as np
 import pytest
 
-import tokenizers_util as tu
 from jaxlab.data import batching, chat
 from jaxlab.data.errors import DataError
+from tests import tokenizers_util as tu
 
 CONV = [
     {"role": "system", "content": "You are a helpful assistant."},
@@ -47,7 +47,7 @@ def expected_mask(tokenizer, name, messages):
   return np.array(enc["input_ids"]), np.array(mask)
 
 
-# ---------------------------------------------------------------------------- loss mask on templates
+# ------------------------------------------------------------------------ loss mask on templates
 
 @pytest.mark.parametrize("messages", [CONV, CONV[1:]], ids=["system", "no_system"])
 def test_mask_is_exactly_assistant_tokens(named_tokenizer, messages):
@@ -60,7 +60,9 @@ def test_mask_is_exactly_assistant_tokens(named_tokenizer, messages):
   eot = ASSISTANT_WRAP[name][1]
   want_text = "".join(m["content"] + eot for m in messages if m["role"] == "assistant")
   assert tok.decode(ids[mask]) == want_text
-  assert mask.sum() == len(tok("".join(want_text.split(eot)), add_special_tokens=False)["input_ids"]) + 2
+  contents = [m["content"] for m in messages if m["role"] == "assistant"]
+  tokens = [tok(c, add_special_tokens=False)["input_ids"] for c in contents]
+  assert mask.sum() == sum(len(t) + 1 for t in tokens)
 
 
 def test_qwen_default_system_prompt_and_trailing_newline_not_trained(tmp_path):
@@ -144,6 +146,18 @@ def test_no_assistant_turn_names_file_and_line(tmp_path):
     batching.load_sft_examples(path, tok, seq_len=512, overlong="drop")
 
 
+def test_conversation_starting_with_assistant():
+  with pytest.raises(DataError, match=r"x\.jsonl:5: .*starts with an assistant turn"):
+    chat.encode_chat(tu.make_chatml_tokenizer(), CONV[2:], source=("x.jsonl", 5))
+
+
+def test_template_that_rewrites_earlier_turns_is_rejected():
+  tok = tu.make_chatml_tokenizer()
+  tok.chat_template = "{{ messages | length }}" + tok.chat_template  # prefix changes with length
+  with pytest.raises(DataError, match="not prefix-stable"):
+    chat.encode_chat(tok, CONV)
+
+
 def test_tokenizer_without_chat_template(tmp_path):
   tok = tu.make_chatml_tokenizer()
   tok.chat_template = None
@@ -156,7 +170,8 @@ def test_tokenizer_without_chat_template(tmp_path):
 def test_overlong_truncate_vs_drop(tmp_path):
   tok = tu.make_chatml_tokenizer()
   long_answer = {"role": "assistant", "content": "Paris " * 200}
-  late_answer = [{"role": "user", "content": "hello " * 200}, {"role": "assistant", "content": "ok"}]
+  late_answer = [{"role": "user", "content": "hello " * 200},
+                 {"role": "assistant", "content": "ok"}]
   path = write(tmp_path, [row(CONV), row([CONV[1], long_answer]), row(late_answer)])
   n0 = len(chat.encode_chat(tok, CONV)[0])
   seq_len = n0 + 5
@@ -201,7 +216,8 @@ def segments(batch):
     for s in range(1, seg.max() + 1):
       where = seg == s
       np.testing.assert_array_equal(batch["positions"][r][where], np.arange(where.sum()))
-      out.append(tuple(tuple(batch[k][r][where].tolist()) for k in ("inputs", "targets", "loss_mask")))
+      keys = ("inputs", "targets", "loss_mask")
+      out.append(tuple(tuple(batch[k][r][where].tolist()) for k in keys))
   return out
 
 
@@ -230,7 +246,8 @@ def test_packed_rows_hold_same_pairs_as_padded_rows():
   assert sorted(segments(packed)) == sorted(segments(padded))
   for r, row in enumerate(rows):  # segment ids 1..k per row in placement order, then padding
     lengths = [len(ex[k][0]) - 1 for k in row]
-    want = np.concatenate([np.full(n, s + 1) for s, n in enumerate(lengths)] + [np.zeros(20 - sum(lengths))])
+    want = np.concatenate(
+        [np.full(n, s + 1) for s, n in enumerate(lengths)] + [np.zeros(20 - sum(lengths))])
     np.testing.assert_array_equal(packed["segment_ids"][r], want)
   assert packed["loss_mask"][packed["segment_ids"] == 0].sum() == 0
 
@@ -281,8 +298,8 @@ def test_iterator_is_deterministic_and_seeded():
     assert_batches_equal(x, next(b))
   assert any((x["inputs"] != next(c)["inputs"]).any() for x in first)
   # Epoch orders differ from one epoch to the next and between adjacent seeds.
-  orders = [[make_iter(ex, seed=s)._order[e * 30 + k] for k in range(30)] for s in (0, 1) for e in (0, 1)]
-  assert len({tuple(o) for o in orders}) == 4
+  orders = [tuple(make_iter(ex, seed=s)._epoch_order(e)) for s in (0, 1) for e in (0, 1)]
+  assert len(set(orders)) == 4
 
 
 @pytest.mark.parametrize("pack", [False, True])

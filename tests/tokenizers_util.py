@@ -35,7 +35,8 @@ LLAMA3_1_TEMPLATE = read_fixture("llama3_1_instruct_chat_template.jinja")
 
 
 def _save_and_reload(tok, tmpdir, **kwargs):
-  hf = transformers.PreTrainedTokenizerFast(tokenizer_object=tok, model_max_length=1 << 30, **kwargs)
+  hf = transformers.PreTrainedTokenizerFast(
+      tokenizer_object=tok, model_max_length=1 << 30, **kwargs)
   hf.save_pretrained(str(tmpdir))
   return transformers.AutoTokenizer.from_pretrained(str(tmpdir))
 

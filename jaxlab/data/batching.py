@@ -27,7 +27,9 @@ Example = tuple[np.ndarray, np.ndarray]  # (ids int32[n], loss_mask bool[n])
 OVERLONG_POLICIES = ("truncate", "drop")
 
 
-def apply_overlong(examples: Sequence[Example], seq_len: int, policy: str) -> tuple[list[Example], dict]:
+def apply_overlong(
+    examples: Sequence[Example], seq_len: int, policy: str
+) -> tuple[list[Example], dict]:
   """Truncates or drops examples with more than seq_len pairs; drops ones with no trained target."""
   if policy not in OVERLONG_POLICIES:
     raise ValueError(f"overlong policy must be one of {OVERLONG_POLICIES}, got {policy!r}")
@@ -49,12 +51,15 @@ def apply_overlong(examples: Sequence[Example], seq_len: int, policy: str) -> tu
   return kept, stats
 
 
-def load_sft_examples(path: str, tokenizer, *, seq_len: int, overlong: str) -> tuple[list[Example], dict]:
-  """Reads chat JSONL, encodes it with the tokenizer's chat template, applies the overlong policy."""
+def load_sft_examples(
+    path: str, tokenizer, *, seq_len: int, overlong: str, max_examples: int | None = None
+) -> tuple[list[Example], dict]:
+  """Reads chat JSONL (its first `max_examples` rows if set), encodes it, applies `overlong`."""
   if overlong not in OVERLONG_POLICIES:
     raise ValueError(f"overlong policy must be one of {OVERLONG_POLICIES}, got {overlong!r}")
   chat.check_chat_template(tokenizer)
-  encoded = [chat.encode_chat(tokenizer, c.messages, source=c.source) for c in chat.read_chat_jsonl(path)]
+  convs = chat.read_chat_jsonl(path)[:max_examples or None]
+  encoded = [chat.encode_chat(tokenizer, c.messages, source=c.source) for c in convs]
   return apply_overlong(encoded, seq_len, overlong)
 
 
@@ -76,7 +81,9 @@ def first_fit(lengths: Iterable[int], num_rows: int, seq_len: int) -> tuple[list
   return rows, placed
 
 
-def make_batch(rows: Sequence[Sequence[Example]], seq_len: int, pad_id: int = 0) -> dict[str, np.ndarray]:
+def make_batch(
+    rows: Sequence[Sequence[Example]], seq_len: int, pad_id: int = 0
+) -> dict[str, np.ndarray]:
   """Lays whole examples out in rows: inputs/targets/positions/segment_ids int32, loss_mask f32."""
   shape = (len(rows), seq_len)
   batch = {"inputs": np.full(shape, pad_id, np.int32), "targets": np.full(shape, pad_id, np.int32),
@@ -101,9 +108,10 @@ def make_batch(rows: Sequence[Sequence[Example]], seq_len: int, pad_id: int = 0)
 class SFTBatches:
   """Infinite, epoch-shuffled, deterministic and resumable stream of this host's batch rows."""
 
-  def __init__(self, examples: Sequence[Example], *, global_batch_size: int, seq_len: int, pack: bool,
-               seed: int, overlong: str = "drop", process_index: int = 0, process_count: int = 1,
-               pad_id: int = 0):
+  def __init__(
+      self, examples: Sequence[Example], *, global_batch_size: int, seq_len: int, pack: bool,
+      seed: int, overlong: str = "drop", process_index: int = 0, process_count: int = 1,
+      pad_id: int = 0):
     if global_batch_size % process_count:
       raise ValueError(f"global_batch_size={global_batch_size} is not divisible by "
                        f"process_count={process_count}")
@@ -113,7 +121,8 @@ class SFTBatches:
     if not self.examples:
       raise ValueError(f"no trainable examples left (overlong={overlong!r}, seq_len={seq_len}): "
                        f"{self.overlong_stats}")
-    self.global_batch_size, self.seq_len, self.pack, self.seed = global_batch_size, seq_len, pack, seed
+    self.global_batch_size, self.seq_len = global_batch_size, seq_len
+    self.pack, self.seed = pack, seed
     self.per_host = global_batch_size // process_count
     self.process_index, self.pad_id = process_index, pad_id
     self._lengths = np.array([len(ids) - 1 for ids, _ in self.examples])
@@ -137,7 +146,8 @@ class SFTBatches:
   def _plan(self, epoch: int, position: int) -> tuple[list[list[int]], int]:
     """Global rows (example ids) of the batch starting at (epoch, position), and examples used."""
     rows_n = self.global_batch_size
-    order = self._epoch_order(epoch)[position:position + rows_n * (self.seq_len if self.pack else 1)]
+    most = rows_n * (self.seq_len if self.pack else 1)  # every example has >= 1 pair
+    order = self._epoch_order(epoch)[position:position + most]
     if not self.pack:
       return [[i] for i in order], len(order)
     rows, used = first_fit(self._lengths[order], rows_n, self.seq_len)
@@ -176,7 +186,8 @@ class SFTBatches:
     """Restores a `get_state` dict; the data and batch settings must match."""
     for key in ("seed", "num_examples", "global_batch_size", "seq_len", "pack"):
       if key in state and state[key] != getattr(self, key):
-        raise ValueError(f"iterator state has {key}={state[key]!r} but this iterator has {getattr(self, key)!r}")
+        raise ValueError(f"iterator state has {key}={state[key]!r}, this iterator has "
+                         f"{getattr(self, key)!r}")
     if not 0 <= state["position"] < self.num_examples or state["epoch"] < 0:
       raise ValueError(f"invalid iterator state {state}")
     self.epoch, self.position = int(state["epoch"]), int(state["position"])

@@ -44,7 +44,8 @@ def _check_messages(messages: Any, source) -> list[Message]:
     if not isinstance(m, dict) or "role" not in m or "content" not in m:
       raise DataError(f"{where(source)}: message {k} needs 'role' and 'content'")
     if m["role"] not in ROLES:
-      raise DataError(f"{where(source)}: message {k} has unknown role {m['role']!r}; expected one of {ROLES}")
+      raise DataError(
+          f"{where(source)}: message {k} has unknown role {m['role']!r}; expected one of {ROLES}")
     if not isinstance(m["content"], str):
       raise DataError(f"{where(source)}: message {k} content must be a string")
     out.append({"role": m["role"], "content": m["content"]})
@@ -101,19 +102,23 @@ def check_chat_template(tokenizer) -> None:
   """Raises DataError unless the tokenizer has a chat template."""
   if not getattr(tokenizer, "chat_template", None):
     raise DataError(
-        f"tokenizer {_tokenizer_name(tokenizer)!r} has no chat template; set tokenizer.chat_template "
-        "(e.g. jaxlab.data.tokenizer.CHATML_TEMPLATE) or use an Instruct model's tokenizer")
+        f"tokenizer {_tokenizer_name(tokenizer)!r} has no chat template; set "
+        "tokenizer.chat_template (e.g. jaxlab.data.tokenizer.CHATML_TEMPLATE) or use an "
+        "Instruct model's tokenizer")
 
 
-def encode_chat(tokenizer, messages: list[Message], *, source=None) -> tuple[np.ndarray, np.ndarray]:
-  """Returns (ids int32[n], loss_mask bool[n]); the mask is exactly the assistant tokens + end of turn."""
+def encode_chat(
+    tokenizer, messages: list[Message], *, source=None
+) -> tuple[np.ndarray, np.ndarray]:
+  """Returns (ids int32[n], loss_mask bool[n]): True on assistant content + end-of-turn tokens."""
   check_chat_template(tokenizer)
   roles = [m["role"] for m in messages]
   turns = [i for i, r in enumerate(roles) if r == "assistant"]
   if not turns:
     raise DataError(f"{where(source)}: conversation has no assistant turn, nothing to train on")
   if turns[0] == 0:
-    raise DataError(f"{where(source)}: conversation starts with an assistant turn; it needs a prompt")
+    raise DataError(
+        f"{where(source)}: conversation starts with an assistant turn; it needs a prompt")
   prompts = tokenizer.apply_chat_template(
       [messages[:i] for i in turns], tokenize=False, add_generation_prompt=True)
   closed = tokenizer.apply_chat_template(
@@ -124,9 +129,9 @@ def encode_chat(tokenizer, messages: list[Message], *, source=None) -> tuple[np.
   for k, (p, c) in enumerate(zip(prompts, closed[:-1])):
     if not (p.startswith(full[:pos]) and c.startswith(p) and full.startswith(c)):
       raise DataError(
-          f"{where(source)}: chat template of {_tokenizer_name(tokenizer)!r} is not prefix-stable at "
-          f"assistant message {turns[k]} (rendering more messages changes earlier text), so the "
-          "assistant tokens cannot be located")
+          f"{where(source)}: chat template of {_tokenizer_name(tokenizer)!r} is not "
+          f"prefix-stable at assistant message {turns[k]} (rendering more messages changes "
+          "earlier text), so the assistant tokens cannot be located")
     cuts += [len(p), len(c)]
     pos = len(c)
   cuts.append(len(full))
@@ -142,7 +147,7 @@ def encode_chat(tokenizer, messages: list[Message], *, source=None) -> tuple[np.
         raise DataError(
             f"{where(source)}: assistant message {turns[k // 2]} has no end-of-turn token "
             f"(looked for ids {sorted(stops)}) after rendering with {_tokenizer_name(tokenizer)!r}")
-      m[:end + 2] = [True] * (end + 2)
+      m[:end + 1] = [True] * (end + 1)
     ids += toks
     mask += m
   return np.asarray(ids, np.int32), np.asarray(mask, np.bool_)

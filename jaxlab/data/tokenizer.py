@@ -1,4 +1,4 @@
-"""Small byte-level BPE chat tokenizers, trained offline so tiny models run the whole pipeline on CPU.
+"""Small byte-level BPE chat tokenizers, trained offline so tiny models run the pipeline on CPU.
 
 The pre-tokenizer splits like Qwen2 (single digits, letters with one leading non-letter, runs of
 punctuation, newlines), which keeps number sequences digit-by-digit for the number-continuation

@@ -17,6 +17,7 @@ import ml_collections
 from jaxlab import sharding as sharding_lib
 from jaxlab.checkpoint import Checkpointer
 from jaxlab.data.batching import SFTBatches, load_sft_examples
+from jaxlab.data.chat import pad_id
 from jaxlab.metrics import MetricsWriter
 from jaxlab.models.config import ModelConfig
 from jaxlab.models.params import model_spec
@@ -43,7 +44,7 @@ def load_or_train_tokenizer(config: ml_collections.ConfigDict, workdir: str):
   from jaxlab.data.chat import read_chat_jsonl
   from jaxlab.data.tokenizer import train_chat_tokenizer
   convs = read_chat_jsonl(config.data.train_path)
-  texts = [m["content"] for c in convs for m in c.messages]
+  texts = [m["content"] for c in convs[:config.data.max_examples or None] for m in c.messages]
   tok = train_chat_tokenizer(texts, config.tokenizer.vocab_size, out_dir=out_dir + ".tmp")
   os.replace(out_dir + ".tmp", out_dir)  # atomic: a killed run never leaves half a tokenizer
   return tok
@@ -72,6 +73,7 @@ def run_sft(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
                                       max_examples=config.data.max_examples or None)
   batches = SFTBatches(examples, global_batch_size=config.train.global_batch_size,
                        seq_len=config.data.seq_len, pack=config.data.pack, seed=config.seed,
+                       overlong=config.data.overlong, pad_id=pad_id(tokenizer),
                        process_index=jax.process_index(), process_count=jax.process_count())
   cfg = model_config(config, len(tokenizer))
   if cfg.vocab_size < len(tokenizer):

@@ -59,7 +59,7 @@ def make_sft_step(spec: ModelSpec, optimizer: optax.GradientTransformation,
                                       split_microbatches(batch, grad_accum))
     updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
-    metrics = {"loss": loss, "trained_tokens": n_tokens, "grad_norm": optax.global_norm(grads),
+    metrics = {"loss": loss, "trained_tokens": n_tokens, "grad_norm": optax.tree.norm(grads),
                "lr": schedule(state.step)}
     return state.replace(step=state.step + 1, params=params, opt_state=opt_state), metrics
 

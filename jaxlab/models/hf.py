@@ -1,0 +1,212 @@
+"""Hugging Face checkpoints onto a mesh and back: `load_hf` and `export_hf`.
+
+Parameter paths mirror HF names (`layers/3/self_attn/q_proj/kernel` is
+`model.layers.3.self_attn.q_proj.weight`, transposed). Loading reads one tensor at a
+time, and only the rows this host's devices hold, and places each slice straight into its
+target sharding, so host memory stays near one tensor plus what this host keeps.
+Exporting gathers one tensor at a time and streams it into size-capped safetensors shards.
+"""
+from __future__ import annotations
+
+import json
+import os
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+from flax.nnx import traversals
+from jax.experimental import multihost_utils
+
+from jaxlab import sharding as sharding_lib
+from jaxlab.models import hf_config, hf_tokenizer, safetensors_io
+from jaxlab.models.config import LoraConfig, ModelConfig
+from jaxlab.models.decoder import Decoder
+from jaxlab.models.params import ModelSpec, model_spec
+
+# Buffers some older checkpoints carry; recomputed by the decoder, so skipped.
+_IGNORED_SUFFIXES = (".rotary_emb.inv_freq",)
+
+
+def hf_name(path: tuple) -> tuple[str, bool]:
+  """HF tensor name of a jaxlab param path, and whether HF stores it transposed."""
+  *modules, leaf = (str(p) for p in path)
+  if not modules and leaf in ("embed_tokens", "lm_head"):
+    return ("model.embed_tokens.weight", False) if leaf == "embed_tokens" else ("lm_head.weight", True)
+  suffix = {"kernel": "weight", "bias": "bias", "scale": "weight"}[leaf]
+  return "model." + ".".join(modules + [suffix]), leaf == "kernel"
+
+
+def _flat(tree: dict) -> dict[tuple, Any]:
+  return traversals.flatten_mapping(tree) if tree else {}
+
+
+def _unflat(flat: dict[tuple, Any]) -> dict:
+  return traversals.unflatten_mapping(flat) if flat else {}
+
+
+def _place(info: safetensors_io.TensorInfo, transpose: bool, target: jax.ShapeDtypeStruct,
+           sharding: jax.sharding.Sharding) -> jax.Array:
+  """Reads the stored rows this host's devices need and places each device's slice."""
+  shape = target.shape
+  row_dim = 1 if transpose else 0  # the dim of `target` that is the file's row dim
+  indices = sharding.addressable_devices_indices_map(shape).values()
+  if shape:
+    spans = [idx[row_dim].indices(shape[row_dim])[:2] for idx in indices]
+    lo, hi = min(s for s, _ in spans), max(e for _, e in spans)
+  else:
+    lo, hi = 0, 0
+  block = safetensors_io.read_rows(info, lo, hi)
+  view = block.T if transpose else block
+
+  def slice_of(idx):
+    if not shape:
+      return np.asarray(view, target.dtype)
+    idx = list(idx)
+    start, stop, _ = idx[row_dim].indices(shape[row_dim])
+    idx[row_dim] = slice(start - lo, stop - lo)
+    return np.asarray(view[tuple(idx)], target.dtype)
+
+  return jax.make_array_from_callback(shape, sharding, slice_of)
+
+
+def _check_names(path: str, tensors: dict, expected: dict[str, tuple], tied: bool) -> None:
+  missing = sorted(set(expected) - set(tensors))
+  if missing:
+    raise ValueError(f"{path}: checkpoint is missing tensor(s) {missing[:10]}"
+                     + (f" and {len(missing) - 10} more" if len(missing) > 10 else ""))
+  ignored = lambda n: n.endswith(_IGNORED_SUFFIXES) or (tied and n == "lm_head.weight")
+  unexpected = sorted(n for n in set(tensors) - set(expected) if not ignored(n))
+  if unexpected:
+    raise ValueError(f"{path}: checkpoint has unexpected tensor(s) {unexpected[:10]} that the "
+                     "model config does not use")
+
+
+def init_lora(spec: ModelSpec, mesh, seed: int = 0, rules=sharding_lib.DEFAULT_RULES) -> dict:
+  """Fresh adapters (A random, B zero) from the decoder's own init; base weights never materialise."""
+  def init():
+    _, lora, _ = nnx.split(Decoder(spec.cfg, rngs=nnx.Rngs(seed)), nnx.LoRAParam, ...)
+    return nnx.to_pure_dict(lora)  # the unused base-weight init is dead code under jit
+  return jax.jit(init, out_shardings=spec.shardings(mesh, rules)[0])()
+
+
+def load_hf(path: str, mesh, *, dtype: str | None = None, param_dtype: str | None = None,
+            rules=sharding_lib.DEFAULT_RULES, lora: LoraConfig | None = None,
+            seed: int = 0) -> tuple[ModelConfig, dict, dict]:
+  """(cfg, trainable, frozen) from an HF folder; base weights are frozen when `lora` is set.
+
+  `param_dtype` defaults to the checkpoint's dtype (bf16 stays bf16) and `dtype` (compute) to
+  `param_dtype`. Adapters, when `lora` is given, are initialised from `seed`.
+  """
+  path = os.fspath(path)
+  cfg = hf_config.config_from_hf(path)
+  param_dtype = param_dtype or cfg.param_dtype
+  cfg = cfg.replace(param_dtype=param_dtype, dtype=dtype or param_dtype, lora=lora)
+  spec = model_spec(cfg)
+  base = 1 if lora is not None else 0
+  abstract = _flat(spec.abstract[base])
+  shardings = _flat(spec.shardings(mesh, rules)[base])
+  names = {p: hf_name(p) for p in abstract}
+  tensors = safetensors_io.checkpoint_tensors(path)
+  _check_names(path, tensors, {n: p for p, (n, _) in names.items()}, cfg.tie_embeddings)
+  for p, (name, transpose) in names.items():
+    want = abstract[p].shape[::-1] if transpose else abstract[p].shape
+    if tensors[name].shape != tuple(want):
+      raise ValueError(f"{path}: tensor {name!r} has shape {tensors[name].shape}, "
+                       f"expected {tuple(want)} from config.json")
+  arrays = {}
+  # Largest first: the big temporaries come while little else is resident.
+  for p in sorted(abstract, key=lambda p: -tensors[names[p][0]].nbytes):
+    arrays[p] = _place(tensors[names[p][0]], names[p][1], abstract[p], shardings[p])
+  params = _unflat(arrays)
+  if lora is None:
+    return cfg, params, {}
+  return cfg, init_lora(spec, mesh, seed, rules), params
+
+
+def _to_host(x: jax.Array) -> np.ndarray:
+  """The full value of a (possibly multi-host) array on this host."""
+  if isinstance(x, jax.Array) and not x.is_fully_addressable:
+    return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+  return np.asarray(x)
+
+
+def _shard_plan(entries: list[tuple[str, int]], max_shard_bytes: int) -> list[list[str]]:
+  """Greedy split of (name, nbytes) in order into shards of at most max_shard_bytes (one tensor minimum)."""
+  shards, size = [[]], 0
+  for name, nbytes in entries:
+    if shards[-1] and size + nbytes > max_shard_bytes:
+      shards.append([])
+      size = 0
+    shards[-1].append(name)
+    size += nbytes
+  return shards
+
+
+def export_hf(path: str, cfg: ModelConfig, params: dict, *, tokenizer_dir: str | None = None,
+              dtype: str = "bfloat16", max_shard_bytes: int = 4 * 2**30) -> list[str]:
+  """Writes an HF folder (config.json, sharded safetensors + index, tokenizer); returns its files.
+
+  `params` are full base params (use `merge_lora` first). With `tokenizer_dir` (e.g. the
+  original checkpoint folder) its tokenizer files, chat template, generation config and
+  special token ids are copied. Every process must call this; only process 0 writes.
+  """
+  path = os.fspath(path)
+  cfg = cfg.replace(lora=None)
+  abstract = _flat(model_spec(cfg).abstract[0])
+  flat = _flat(params)
+  if set(flat) != set(abstract):
+    extra, missing = sorted(set(flat) - set(abstract)), sorted(set(abstract) - set(flat))
+    raise ValueError(f"params do not match the config (merge LoRA first): extra {extra[:5]}, "
+                     f"missing {missing[:5]}")
+  np_dtype = np.dtype(jnp.dtype(dtype))
+  entries = {}
+  for p in sorted(abstract, key=_hf_order):
+    name, transpose = hf_name(p)
+    shape = abstract[p].shape[::-1] if transpose else abstract[p].shape
+    entries[name] = (p, transpose, tuple(shape))
+
+  def fetch(name):
+    p, transpose, _ = entries[name]
+    x = _to_host(flat[p])
+    return (x.T if transpose else x).astype(np_dtype)
+
+  nbytes = {n: int(np.prod(s, dtype=np.int64)) * np_dtype.itemsize for n, (_, _, s) in entries.items()}
+  shards = _shard_plan(list(nbytes.items()), max_shard_bytes)
+  writer = jax.process_index() == 0
+  if writer:
+    os.makedirs(path, exist_ok=True)
+  weight_map, files = {}, []
+  for k, names in enumerate(shards):
+    file = f"model-{k + 1:05d}-of-{len(shards):05d}.safetensors"
+    specs = [(n, entries[n][2], np_dtype) for n in names]
+    if writer:
+      safetensors_io.write_file(os.path.join(path, file), specs, fetch)
+    else:
+      for n in names:  # take part in the cross-host gathers
+        fetch(n)
+    weight_map.update({n: file for n in names})
+    files.append(file)
+  if writer:
+    config = hf_config.config_to_hf(cfg, dtype)
+    if tokenizer_dir is not None:
+      config.update(hf_tokenizer.special_token_ids(tokenizer_dir))
+      files += hf_tokenizer.copy_tokenizer_files(tokenizer_dir, path)
+    _write_json(os.path.join(path, "config.json"), config)
+    _write_json(os.path.join(path, safetensors_io.INDEX_FILE),
+                {"metadata": {"total_size": sum(nbytes.values())}, "weight_map": weight_map})
+    files += ["config.json", safetensors_io.INDEX_FILE]
+  return files
+
+
+def _hf_order(p: tuple) -> tuple:
+  """embed_tokens, layers in order, norm, lm_head, as HF writes them."""
+  rank = {"embed_tokens": 0, "layers": 1, "norm": 2, "lm_head": 3}[p[0]]
+  return (rank, p[1] if rank == 1 else -1, tuple(str(x) for x in p[2:]))
+
+
+def _write_json(file: str, obj: dict) -> None:
+  with open(file, "w", encoding="utf-8") as f:
+    json.dump(obj, f, indent=2, sort_keys=True)
+    f.write("\n")

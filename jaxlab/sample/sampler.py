@@ -1,0 +1,144 @@
+"""The sampler: a pure function (params, prompts, rng) -> tokens, log-probs, lengths.
+
+One prefill over the padded prompts, then a `lax.while_loop` that decodes one
+token per step for the whole batch from a preallocated KV cache; everything is
+traced once, so `sample` can be jitted on its own or called inside a training
+step (on-policy distillation).
+
+Layout: the prompt occupies cache slots [0, P), generated token t is written at
+slot P + t. Padding slots are masked out, so left- and right-padded prompts of
+different lengths give the same result as each prompt alone; positions count
+only real tokens (prompt token j of a prompt of length n has position j, and
+generated token t has position n + t).
+
+Log-probs: `logprobs` are those of the model distribution at temperature 1
+(log_softmax of the raw logits) at the sampled tokens, i.e. log p_model(y_t | y_<t),
+what a distillation loss needs; `sample_logprobs` are those of the distribution
+actually sampled from (after temperature, top-k and top-p; 0 for greedy).
+"""
+from __future__ import annotations
+
+from typing import NamedTuple, Sequence
+
+import jax
+import jax.numpy as jnp
+from jax.sharding import Mesh, NamedSharding
+
+from jaxlab import sharding as sharding_lib
+from jaxlab.models.params import ModelSpec
+from jaxlab.sample import cache as cache_lib
+from jaxlab.sample.sampling import select
+
+
+class SampleOutput(NamedTuple):
+  """Generated tokens [B,T] (pad_id after a row ends) and per-token values (0 after the end)."""
+  tokens: jax.Array           # int32 [B, T]; a row's stop token is included
+  logprobs: jax.Array         # float32 [B, T]; log p_model(token) at temperature 1
+  sample_logprobs: jax.Array  # float32 [B, T]; log-prob under the processed distribution
+  lengths: jax.Array          # int32 [B]; generated tokens including the stop token
+  stopped: jax.Array          # bool [B]; the row ended with one of stop_ids
+
+
+def prompt_layout(prompt_lengths_B: jax.Array, p: int, padding: str):
+  """(valid_BxP, positions_BxP, last_index_B) for left- or right-padded prompts."""
+  col_1xP = jnp.arange(p, dtype=jnp.int32)[None, :]
+  n_Bx1 = prompt_lengths_B.astype(jnp.int32)[:, None]
+  if padding == "left":
+    offset_Bx1 = p - n_Bx1
+    valid = col_1xP >= offset_Bx1
+    positions = jnp.maximum(col_1xP - offset_Bx1, 0)
+    last = jnp.full(prompt_lengths_B.shape, p - 1, jnp.int32)
+  elif padding == "right":
+    valid = col_1xP < n_Bx1
+    positions = jnp.broadcast_to(col_1xP, valid.shape)
+    last = prompt_lengths_B.astype(jnp.int32) - 1
+  else:
+    raise ValueError(f"padding must be 'left' or 'right', got {padding!r}")
+  return valid, positions, last
+
+
+def row_keys(rng: jax.Array, row_ids_B: jax.Array) -> jax.Array:
+  """One key per row: fold_in(rng, row_id); accepts typed or raw uint32[2] keys."""
+  if not jnp.issubdtype(rng.dtype, jax.dtypes.prng_key):
+    rng = jax.random.wrap_key_data(rng)
+  return jax.vmap(jax.random.fold_in, (None, 0))(rng, row_ids_B)
+
+
+def _constrain_batch(x: jax.Array, mesh: Mesh | None, rules) -> jax.Array:
+  if mesh is None:
+    return x
+  spec = sharding_lib.logical_to_spec(("batch",) + (None,) * (x.ndim - 1), x.shape, mesh, rules)
+  return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, spec))
+
+
+def sample(spec: ModelSpec, trainable: dict, frozen: dict, prompt_tokens_BxP: jax.Array,
+           prompt_lengths_B: jax.Array, rng: jax.Array, *, max_new_tokens: int,
+           temperature: float = 1.0, top_p: float = 1.0, top_k: int = 0,
+           stop_ids: Sequence[int] = (), pad_id: int = 0, padding: str = "left",
+           row_ids_B: jax.Array | None = None, mesh: Mesh | None = None,
+           rules=sharding_lib.DEFAULT_RULES) -> SampleOutput:
+  """Samples up to max_new_tokens per row after each prompt (pure; jit it or call it under jit).
+
+  Row b draws with key fold_in(rng, row_ids_B[b]) (default b), folded with the
+  step index, so its tokens depend only on its prompt, its row id and rng.
+  With a mesh the cache and batch arrays are constrained to batch-over-
+  ('data','fsdp') and kv-heads-over-'tensor' shardings.
+  """
+  if max_new_tokens < 1:
+    raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+  cfg = spec.cfg
+  model = spec.merge(trainable, frozen)
+  b, p = prompt_tokens_BxP.shape
+  t_max = max_new_tokens
+  s = p + t_max - 1  # the last sampled token is never fed back
+  stop_K = jnp.asarray(list(stop_ids) or [-1], jnp.int32)
+  is_stop = lambda tok_B: jnp.any(tok_B[:, None] == stop_K[None, :], axis=-1)
+  row_ids_B = jnp.arange(b, dtype=jnp.int32) if row_ids_B is None else row_ids_B
+  keys_B = row_keys(rng, row_ids_B.astype(jnp.uint32))
+  step_keys = lambda t: jax.vmap(jax.random.fold_in, (0, None))(keys_B, t)
+  pick = lambda logits, t: select(logits, step_keys(t), temperature=temperature, top_k=top_k,
+                                  top_p=top_p)
+  sh = None if mesh is None else cache_lib.cache_sharding(cfg, b, s, mesh, rules)
+
+  # Prefill: the prompt attends to itself; its k/v land in slots [0, P).
+  valid_BxP, pos_BxP, last_B = prompt_layout(prompt_lengths_B, p, padding)
+  causal_PxP = jnp.tril(jnp.ones((p, p), bool))
+  mask_BxPxP = causal_PxP[None] & valid_BxP[:, None, :]
+  cache = cache_lib.init_cache(cfg, b, s, mesh, rules)
+  tokens_BxP = _constrain_batch(prompt_tokens_BxP.astype(jnp.int32), mesh, rules)
+  x_BxPxD, cache = cache_lib.forward(model, cache, tokens_BxP, pos_BxP, 0, mask_BxPxP,
+                                     prefill=True, sharding=sh)
+  x_Bx1xD = jnp.take_along_axis(x_BxPxD, last_B[:, None, None], axis=1)
+  tok_B, lp_B, slp_B = pick(model.logits(x_Bx1xD)[:, 0], 0)
+
+  out_tok = jnp.full((b, t_max), pad_id, jnp.int32).at[:, 0].set(tok_B)
+  out_lp = jnp.zeros((b, t_max), jnp.float32).at[:, 0].set(lp_B)
+  out_slp = jnp.zeros((b, t_max), jnp.float32).at[:, 0].set(slp_B)
+  valid_BxS = jnp.concatenate([valid_BxP, jnp.zeros((b, s - p), bool)], axis=1)
+  state = dict(t=jnp.int32(0), tok=tok_B, done=is_stop(tok_B), n=jnp.ones((b,), jnp.int32),
+               out_tok=_constrain_batch(out_tok, mesh, rules), out_lp=out_lp, out_slp=out_slp,
+               valid=valid_BxS, cache=cache)
+
+  def cond(st):
+    return (st["t"] + 1 < t_max) & ~jnp.all(st["done"])
+
+  def body(st):
+    t = st["t"]
+    slot = p + t
+    valid = jax.lax.dynamic_update_slice(st["valid"], jnp.ones((b, 1), bool), (0, slot))
+    pos_Bx1 = (prompt_lengths_B.astype(jnp.int32) + t)[:, None]
+    x, cache = cache_lib.forward(model, st["cache"], st["tok"][:, None], pos_Bx1, slot,
+                                 valid[:, None, :], sharding=sh)
+    tok, lp, slp = pick(model.logits(x)[:, 0], t + 1)
+    done = st["done"]
+    tok = jnp.where(done, pad_id, tok)
+    lp, slp = jnp.where(done, 0.0, lp), jnp.where(done, 0.0, slp)
+    write = lambda buf, val: jax.lax.dynamic_update_slice(buf, val[:, None], (0, t + 1))
+    return dict(t=t + 1, tok=tok, done=done | is_stop(tok), n=st["n"] + (~done).astype(jnp.int32),
+                out_tok=write(st["out_tok"], tok), out_lp=write(st["out_lp"], lp),
+                out_slp=write(st["out_slp"], slp), valid=valid, cache=cache)
+
+  if t_max > 1:
+    state = jax.lax.while_loop(cond, body, state)
+  return SampleOutput(tokens=state["out_tok"], logprobs=state["out_lp"],
+                      sample_logprobs=state["out_slp"], lengths=state["n"], stopped=state["done"])
