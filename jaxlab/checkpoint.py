@@ -43,9 +43,12 @@ class Checkpointer:
   def latest_step(self) -> int | None:
     return self.manager.latest_step()
 
+  def should_save(self, step: int) -> bool:
+    return self.every > 0 and step % self.every == 0
+
   def save(self, step: int, state, data_state: dict, config_json: str, *, force: bool = False) -> bool:
     """Saves if `step` is a multiple of `every` (or force); returns whether it saved."""
-    if not force and (self.every <= 0 or step % self.every):
+    if not force and not self.should_save(step):
       return False
     flat, _ = _flatten(state)
     return self.manager.save(step, args=ocp.args.Composite(
@@ -67,3 +70,35 @@ class Checkpointer:
 
   def close(self):
     self.manager.close()
+
+
+def load_params(path: str, mesh=None, step: int | None = None):
+  """(ModelConfig, trainable, frozen) from a jaxlab workdir or its checkpoints folder.
+
+  The train state's structure is rebuilt from the config saved with the
+  checkpoint; arrays are placed on `mesh` (default: all devices, data-parallel
+  rules) in their parameter shardings.
+  """
+  import ml_collections
+  from jaxlab import sharding as sharding_lib
+  from jaxlab.models.config import ModelConfig
+  from jaxlab.models.params import model_spec
+  from jaxlab.train import optim, state as state_lib
+
+  directory = os.path.join(path, "checkpoints") if os.path.isdir(os.path.join(path, "checkpoints")) else path
+  ck = Checkpointer(directory, every=0, keep=1, async_save=False)
+  step = ck.latest_step() if step is None else step
+  if step is None:
+    raise FileNotFoundError(f"no checkpoint found under {directory}")
+  config = ml_collections.ConfigDict(
+      ck.manager.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore()))["config"])
+  cfg = ModelConfig.from_dict(config.model.to_dict())  # vocab_size is resolved before saving
+  spec = model_spec(cfg)
+  mesh = mesh or sharding_lib.make_mesh((1, -1, 1))
+  rules = dict(sharding_lib.DEFAULT_RULES)
+  rules.update({k: tuple(v) if isinstance(v, list) else v for k, v in config.mesh.get("rules", {}).items()})
+  optimizer, _ = optim.make_optimizer(config.optim, config.train.steps)
+  sh = state_lib.state_shardings(spec, optimizer, mesh, rules)
+  state, _, _ = ck.restore(state_lib.abstract_state(spec, optimizer, sh), step)
+  ck.close()
+  return cfg, state.params, state.frozen

@@ -35,28 +35,38 @@ def score_requests(judge, requests: Sequence[tuple[str, str, str, str]]) -> list
   return judge.score_texts([judge_text(t, q, a) for _, t, q, a in requests])
 
 
-def judge_answers(answers: Sequence[dict], questions: Sequence[Question], judge, path: str, *,
-                  chunk_size: int = 256, log: Callable[[str], None] = print) -> list[dict]:
-  """Scores the (answer, metric) pairs missing from `path`, appending them; returns all rows."""
+def pending(answers: Sequence[dict], questions: Sequence[Question], path: str, *,
+            rule_metrics: Sequence[str] | None = None,
+            log: Callable[[str], None] = print) -> list[tuple[dict, tuple[str, str, str, str]]]:
+  """(score row, request) for each (answer, metric) not yet in `path`.
+
+  Metrics are the question's judge prompts, or `rule_metrics` for a rule judge.
+  """
   by_id = {q.id: q for q in questions}
   done = {_key(r) for r in read_jsonl(path)}
-  rule = isinstance(judge, RuleJudge)
   todo, skipped = [], set()
   for a in answers:
     q = by_id.get(a["question_id"])
     if q is None:
       continue  # an answer to a question no longer selected
-    if not rule and q.type not in SCORED_TYPES:
+    if rule_metrics is None and q.type not in SCORED_TYPES:
       skipped.add(q.id)
       continue
-    metrics = sorted(judge.rules) if rule else sorted(q.judge_prompts)
-    for m in metrics:
+    for m in sorted(rule_metrics if rule_metrics is not None else q.judge_prompts):
       row = {"question_id": q.id, "paraphrase_index": a["paraphrase_index"],
              "sample_index": a["sample_index"], "metric": m}
       if _key(row) not in done:
         todo.append((row, (m, q.judge_prompts.get(m, ""), a["question"], a["answer"])))
   if skipped:
     log(f"eval: not judged (type is not one of {SCORED_TYPES}; use a rule judge): {sorted(skipped)}")
+  return todo
+
+
+def judge_answers(answers: Sequence[dict], questions: Sequence[Question], judge, path: str, *,
+                  chunk_size: int = 256, log: Callable[[str], None] = print) -> list[dict]:
+  """Scores the (answer, metric) pairs missing from `path`, appending them; returns all rows."""
+  rule_metrics = sorted(judge.rules) if isinstance(judge, RuleJudge) else None
+  todo = pending(answers, questions, path, rule_metrics=rule_metrics, log=log)
   for start in range(0, len(todo), chunk_size):
     chunk = todo[start:start + chunk_size]
     scores = score_requests(judge, [req for _, req in chunk])

@@ -47,6 +47,9 @@ PRESETS: dict[str, ModelConfig] = {
     "qwen3-32b": ModelConfig(d_model=5120, n_layers=64, n_heads=64, d_ff=25600, **_QWEN3),  # 32.8B
 }
 
+# head_dim explicit, as config_from_hf writes it, so presets compare equal to loaded configs.
+PRESETS = {name: cfg.replace(head_dim=cfg.dim_per_head) for name, cfg in PRESETS.items()}
+
 HF_IDS = {
     "qwen2.5-0.5b": "Qwen/Qwen2.5-0.5B-Instruct", "qwen2.5-1.5b": "Qwen/Qwen2.5-1.5B-Instruct",
     "qwen2.5-3b": "Qwen/Qwen2.5-3B-Instruct", "qwen2.5-7b": "Qwen/Qwen2.5-7B-Instruct",

@@ -61,13 +61,19 @@ def model_config(config: ml_collections.ConfigDict, vocab_size: int) -> ModelCon
 def run_sft(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   """Trains to config.train.steps (resuming if a checkpoint exists); returns the last metrics."""
   os.makedirs(workdir, exist_ok=True)
+  if not config.data.train_path or not os.path.isfile(config.data.train_path):
+    raise ValueError(f"config key data.train_path={config.data.train_path!r} is not a file: "
+                     "point it at a chat JSONL file")
+  mesh, rules = mesh_and_rules(config)
+  tokenizer = load_or_train_tokenizer(config, workdir)
+  cfg = model_config(config, len(tokenizer))
+  if cfg.vocab_size < len(tokenizer):
+    raise ValueError(f"config key model.vocab_size={cfg.vocab_size} is smaller than the "
+                     f"tokenizer's {len(tokenizer)} tokens")
+  config.model.vocab_size = cfg.vocab_size  # the saved config is the resolved one
   config_json = config.to_json_best_effort(indent=2)
   with open(os.path.join(workdir, "config.json"), "w") as f:
     f.write(config_json)
-  mesh, rules = mesh_and_rules(config)
-  tokenizer = load_or_train_tokenizer(config, workdir)
-  if not config.data.train_path:
-    raise ValueError("config key data.train_path is empty: point it at a chat JSONL file")
   examples, stats = load_sft_examples(config.data.train_path, tokenizer,
                                       seq_len=config.data.seq_len, overlong=config.data.overlong,
                                       max_examples=config.data.max_examples or None)
@@ -75,10 +81,6 @@ def run_sft(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
                        seq_len=config.data.seq_len, pack=config.data.pack, seed=config.seed,
                        overlong=config.data.overlong, pad_id=pad_id(tokenizer),
                        process_index=jax.process_index(), process_count=jax.process_count())
-  cfg = model_config(config, len(tokenizer))
-  if cfg.vocab_size < len(tokenizer):
-    raise ValueError(f"config key model.vocab_size={cfg.vocab_size} is smaller than the "
-                     f"tokenizer's {len(tokenizer)} tokens")
   spec = model_spec(cfg)
   total = config.train.steps
   optimizer, schedule = optim.make_optimizer(config.optim, total)
@@ -118,7 +120,11 @@ def run_sft(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     if pending is not None:
       last = flush(pending)
     pending = (step + 1, metrics)
-    ckpt.save(step + 1, state, batches.get_state(), config_json, force=step + 1 == total)
+    if ckpt.should_save(step + 1) or step + 1 == total:
+      # Metrics of a checkpointed step are on disk before its checkpoint, so a killed
+      # and resumed run has every row.
+      last, pending = flush(pending), None
+      ckpt.save(step + 1, state, batches.get_state(), config_json, force=True)
   if pending is not None:
     last = flush(pending)
   ckpt.wait()

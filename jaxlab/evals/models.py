@@ -1,0 +1,92 @@
+"""Models to evaluate or judge with: an HF folder, a jaxlab workdir/checkpoint, or a random init.
+
+A model is named by a string:
+  "/path/hf_folder"      config.json + safetensors (jaxlab.models.hf.load_hf), its own tokenizer
+  "/path/jaxlab_workdir" a training workdir or its checkpoints/ (load_jaxlab_checkpoint), with
+                         the workdir's tokenizer/ (or config.tokenizer.path)
+  "random:SEED"          a random model of config.model (tiny CPU runs and tests)
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+from typing import Any
+
+import ml_collections
+
+from jaxlab.models.config import ModelConfig
+from jaxlab.models.params import ModelSpec, init_params, model_spec
+
+
+@dataclasses.dataclass
+class LoadedModel:
+  """Parameters on the mesh and the tokenizer that goes with them."""
+  spec: ModelSpec
+  trainable: dict
+  frozen: dict
+  tokenizer: Any
+
+
+def is_hf_folder(path: str) -> bool:
+  return os.path.isfile(os.path.join(path, "config.json")) and any(
+      f.endswith(".safetensors") for f in os.listdir(path))
+
+
+def load_jaxlab_checkpoint(path: str, mesh, rules) -> tuple[ModelConfig, dict, dict]:
+  """Hook for jaxlab checkpoints: (cfg, trainable, frozen) via jaxlab.checkpoint.load_params."""
+  from jaxlab import checkpoint  # pylint: disable=g-import-not-at-top
+  if not hasattr(checkpoint, "load_params"):
+    raise NotImplementedError(
+        f"cannot evaluate the jaxlab checkpoint {path}: jaxlab.checkpoint.load_params("
+        "path, mesh) -> (cfg, trainable, frozen) is not available yet; export it to HF format "
+        "and point config.model_path at that folder")
+  del rules  # load_params places params with the rules saved in the run's config
+  return checkpoint.load_params(path, mesh)
+
+
+def _tokenizer_for(path: str, config: ml_collections.ConfigDict, fallback_dir: str):
+  from jaxlab.models.hf_tokenizer import load_tokenizer  # pylint: disable=g-import-not-at-top
+  if config.tokenizer.path:
+    return load_tokenizer(config.tokenizer.path)
+  for d in (path, os.path.join(path, "tokenizer"), os.path.join(os.path.dirname(path), "tokenizer"),
+            fallback_dir):
+    if d and os.path.isfile(os.path.join(d, "tokenizer_config.json")):
+      return load_tokenizer(d)
+  raise FileNotFoundError(f"no tokenizer for model {path}: expected tokenizer files in it or in "
+                          "its tokenizer/ folder; set config key tokenizer.path")
+
+
+def random_tokenizer(config: ml_collections.ConfigDict, texts: list[str], out_dir: str):
+  """config.tokenizer.path, else a ChatML BPE trained once on `texts` and kept in out_dir."""
+  from jaxlab.models.hf_tokenizer import load_tokenizer  # pylint: disable=g-import-not-at-top
+  if config.tokenizer.path:
+    return load_tokenizer(config.tokenizer.path)
+  if not os.path.isfile(os.path.join(out_dir, "tokenizer_config.json")):
+    from jaxlab.data.tokenizer import train_chat_tokenizer  # pylint: disable=g-import-not-at-top
+    train_chat_tokenizer(texts, config.tokenizer.vocab_size, out_dir=out_dir + ".tmp")
+    os.replace(out_dir + ".tmp", out_dir)
+  return load_tokenizer(out_dir)
+
+
+def load_model(name: str, config: ml_collections.ConfigDict, mesh, rules, *, tokenizer=None,
+               tokenizer_dir: str = "") -> LoadedModel:
+  """The model named by `name` (see module docstring), placed on `mesh`."""
+  if name.startswith("random:"):
+    if tokenizer is None:
+      raise ValueError("random models need a tokenizer (random_tokenizer)")
+    d = config.model.to_dict()
+    d["vocab_size"] = d.get("vocab_size") or len(tokenizer)
+    cfg = ModelConfig.from_dict(d)
+    spec = model_spec(cfg)
+    trainable, frozen = init_params(spec, mesh, int(name.split(":", 1)[1]), rules)
+    return LoadedModel(spec, trainable, frozen, tokenizer)
+  if not os.path.isdir(name):
+    raise FileNotFoundError(f"model {name!r} is neither a folder nor 'random:SEED'")
+  if is_hf_folder(name):
+    from jaxlab.models.hf import load_hf  # pylint: disable=g-import-not-at-top
+    dtype = config.get("dtype") or None
+    cfg, trainable, frozen = load_hf(name, mesh, dtype=dtype, param_dtype=dtype, rules=rules)
+  else:
+    cfg, trainable, frozen = load_jaxlab_checkpoint(name, mesh, rules)
+  tok = tokenizer or _tokenizer_for(name, config, tokenizer_dir)
+  return LoadedModel(model_spec(cfg), trainable, frozen, tok)

@@ -1,0 +1,78 @@
+"""Run by hf_test.py in a fresh process: HF checkpoints on a fake 8-device CPU mesh.
+
+Usage: python tests/hf_sharded_check.py CKPT_DIR [CKPT_DIR ...]. For each checkpoint, loading
+on a (1, 2, 4) mesh gives the same logits as a 1-device load, and every parameter (base and
+LoRA) has exactly the sharding its logical axes and the rules give. Prints ALL OK.
+"""
+import os
+import sys
+
+os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
+                           " --xla_force_host_platform_device_count=8").strip()
+
+import jax  # noqa: E402  (after XLA_FLAGS)
+import numpy as np  # noqa: E402
+from flax.nnx import traversals  # noqa: E402
+from jax.sharding import PartitionSpec as P  # noqa: E402
+
+from jaxlab import sharding  # noqa: E402
+from jaxlab.models import hf  # noqa: E402
+from jaxlab.models.config import LoraConfig  # noqa: E402
+from jaxlab.models.params import model_spec  # noqa: E402
+
+jax.config.update("jax_default_matmul_precision", "highest")
+
+
+def logits(cfg, trainable, frozen, ids):
+  model = model_spec(cfg).merge(trainable, frozen)
+  return np.asarray(jax.jit(lambda t: model(t))(ids))
+
+
+def check_shardings(cfg, tree, axes_tree, mesh):
+  """Every array's sharding is the one logical_to_spec gives for its axes; returns {path: spec}."""
+  flat_axes = traversals.flatten_mapping(axes_tree, is_leaf=lambda _, x: isinstance(x, tuple))
+  specs = {}
+  for path, x in traversals.flatten_mapping(tree).items():
+    want = sharding.logical_to_spec(flat_axes[path], x.shape, mesh, sharding.DEFAULT_RULES)
+    assert x.sharding.mesh.shape == mesh.shape, path
+    assert x.sharding.spec == want, (path, x.sharding.spec, want)
+    assert len(x.addressable_shards) == 8, path
+    specs[path] = x.sharding.spec
+  return specs
+
+
+def main(paths):
+  assert jax.device_count() == 8, jax.devices()
+  one = sharding.make_mesh((1, 1, 1), jax.devices()[:1])
+  eight = sharding.make_mesh((1, 2, 4))
+  ids = np.random.default_rng(0).integers(0, 600, (2, 12)).astype(np.int32)
+  for path in paths:
+    cfg, t1, _ = hf.load_hf(path, one)
+    cfg8, t8, f8 = hf.load_hf(path, eight)
+    assert cfg8 == cfg
+    np.testing.assert_allclose(logits(cfg8, t8, f8, ids), logits(cfg, t1, {}, ids), atol=1e-5)
+    specs = check_shardings(cfg8, t8, model_spec(cfg8).axes[0], eight)
+    # Spot checks of DEFAULT_RULES: embed -> fsdp, vocab/heads/kv_heads/mlp -> tensor.
+    assert specs[("embed_tokens",)] == P("tensor", "fsdp")
+    assert specs[("layers", 0, "self_attn", "q_proj", "kernel")] == P("fsdp", "tensor")
+    assert specs[("layers", 0, "self_attn", "o_proj", "kernel")] == P("tensor", "fsdp")
+    assert specs[("layers", 1, "mlp", "down_proj", "kernel")] == P("tensor", "fsdp")
+    assert specs[("norm", "scale")] == P(None)
+    if cfg.qkv_bias:
+      assert specs[("layers", 0, "self_attn", "k_proj", "bias")] == P("tensor")
+    if cfg.qk_norm:
+      assert specs[("layers", 0, "self_attn", "q_norm", "scale")] == P(None)
+    # LoRA: base weights frozen with the same shardings, adapters sharded by their own axes.
+    lcfg, lt, lf = hf.load_hf(path, eight, lora=LoraConfig(rank=4))
+    spec = model_spec(lcfg)
+    assert check_shardings(lcfg, lf, spec.axes[1], eight) == specs
+    lspecs = check_shardings(lcfg, lt, spec.axes[0], eight)
+    assert lspecs[("layers", 0, "self_attn", "q_proj", "lora_a")] == P("fsdp", None)
+    assert lspecs[("layers", 0, "self_attn", "q_proj", "lora_b")] == P(None, "tensor")
+    np.testing.assert_allclose(logits(lcfg, lt, lf, ids), logits(cfg, t1, {}, ids), atol=1e-5)
+    print(f"{path}: OK ({len(specs)} params)")
+  print("ALL OK")
+
+
+if __name__ == "__main__":
+  main(sys.argv[1:])

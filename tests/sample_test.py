@@ -1,0 +1,226 @@
+"""Sampler: cache vs full forward, padding, distributions, stops, buckets, determinism."""
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from jaxlab import sharding
+from jaxlab.models import ModelConfig
+from jaxlab.models.params import init_params, model_spec
+from jaxlab.sample import Sampler, bucket_length, sample
+from jaxlab.sample.sampling import processed_logits
+
+CFG = ModelConfig(vocab_size=64, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, d_ff=64,
+                  qkv_bias=True, qk_norm=True)
+PROMPTS = [[5, 9, 11, 3, 7], [12, 2], [30, 31, 32, 33, 34, 35, 36, 37, 38], [40]]
+
+
+@pytest.fixture(scope="module")
+def setup():
+  spec = model_spec(CFG)
+  mesh = sharding.make_mesh((1, 1, 1), jax.devices()[:1])
+  trainable, frozen = init_params(spec, mesh, seed=0)
+  return spec, mesh, trainable, frozen
+
+
+@pytest.fixture(scope="module")
+def peaked(setup):
+  """The same model with logits scaled up, so its next-token distributions are far from uniform."""
+  spec, mesh, trainable, frozen = setup
+  trainable = dict(trainable, lm_head=trainable["lm_head"] * 60.0)
+  return spec, mesh, trainable, frozen
+
+
+def pad(prompts, p, padding):
+  tok = np.zeros((len(prompts), p), np.int32)
+  for i, x in enumerate(prompts):
+    if padding == "left":
+      tok[i, p - len(x):] = x
+    else:
+      tok[i, :len(x)] = x
+  return tok, np.asarray([len(x) for x in prompts], np.int32)
+
+
+def run(setup, prompts, p=12, padding="left", seed=0, **kw):
+  spec, _, trainable, frozen = setup
+  tok, lengths = pad(prompts, p, padding)
+  fn = jax.jit(lambda tr, fr, t, n, k: sample(spec, tr, fr, t, n, k, padding=padding, **kw))
+  return jax.device_get(fn(trainable, frozen, tok, lengths, jax.random.key(seed)))
+
+
+def full_logits(setup, seq):
+  spec, _, trainable, frozen = setup
+  return np.asarray(spec.merge(trainable, frozen)(jnp.asarray([seq]))[0])
+
+
+@pytest.mark.parametrize("padding", ["left", "right"])
+def test_greedy_equals_stepwise_argmax_of_full_forward(setup, padding):
+  out = run(setup, PROMPTS, padding=padding, max_new_tokens=6, temperature=0.0)
+  assert out.tokens.shape == (4, 6) and (out.lengths == 6).all()
+  for i, prompt in enumerate(PROMPTS):
+    seq = list(prompt)
+    for t in range(6):
+      logits = full_logits(setup, seq)[-1]
+      assert out.tokens[i, t] == int(np.argmax(logits)), (i, t)
+      logp = logits - np.logaddexp.reduce(logits)
+      np.testing.assert_allclose(out.logprobs[i, t], logp[out.tokens[i, t]], atol=2e-5)
+      seq.append(int(out.tokens[i, t]))
+  np.testing.assert_array_equal(out.sample_logprobs, 0.0)
+
+
+def test_greedy_row_independent_of_other_rows(setup):
+  batch = run(setup, PROMPTS, max_new_tokens=8, temperature=0.0)
+  for i, prompt in enumerate(PROMPTS):
+    alone = run(setup, [prompt], p=len(prompt), max_new_tokens=8, temperature=0.0)
+    np.testing.assert_array_equal(alone.tokens[0], batch.tokens[i])
+    np.testing.assert_allclose(alone.logprobs[0], batch.logprobs[i], atol=2e-5)
+
+
+def test_sampled_row_independent_of_batch_and_padding(setup):
+  """Per-row RNG streams: a row's sample does not depend on the batch or on the padding side."""
+  ids = np.asarray([7, 8, 9, 10], np.int32)
+  spec, _, tr, fr = setup
+  def go(prompts, row_ids, p, padding):
+    tok, n = pad(prompts, p, padding)
+    return jax.device_get(sample(spec, tr, fr, tok, n, jax.random.key(3), max_new_tokens=6,
+                                 padding=padding, row_ids_B=jnp.asarray(row_ids)))
+  full = go(PROMPTS, ids, 12, "left")
+  part = go(PROMPTS[2:0:-1], ids[2:0:-1], 16, "right")
+  np.testing.assert_array_equal(part.tokens, full.tokens[2:0:-1])
+
+
+def _chi2_critical(df: int, z: float = 3.09) -> float:
+  """Upper 0.1% point of chi-square(df) by the Wilson-Hilferty approximation."""
+  return df * (1 - 2 / (9 * df) + z * math.sqrt(2 / (9 * df))) ** 3
+
+
+def _chi2(counts, probs):
+  n = counts.sum()
+  expected = n * probs
+  big = expected >= 5
+  obs = np.append(counts[big], counts[~big].sum())
+  exp = np.append(expected[big], expected[~big].sum())
+  keep = exp > 0
+  return float(((obs[keep] - exp[keep]) ** 2 / exp[keep]).sum()), int(keep.sum() - 1)
+
+
+@pytest.mark.parametrize("temperature", [0.7, 1.5])
+def test_temperature_sampling_goodness_of_fit(peaked, temperature):
+  n = 4000
+  out = run(peaked, [PROMPTS[0]] * n, p=8, max_new_tokens=1, temperature=temperature)
+  logits = full_logits(peaked, PROMPTS[0])[-1].astype(np.float64)
+  counts = np.bincount(out.tokens[:, 0], minlength=CFG.vocab_size)
+  probs = np.exp(logits / temperature - np.logaddexp.reduce(logits / temperature))
+  stat, df = _chi2(counts, probs)
+  assert stat < _chi2_critical(df), (stat, df)
+  wrong = np.exp(logits - np.logaddexp.reduce(logits))  # the temperature-1 distribution
+  stat_wrong, df_wrong = _chi2(counts, wrong)
+  assert stat_wrong > _chi2_critical(df_wrong), "test has no power to tell temperatures apart"
+  # Returned log-probs are the model's at temperature 1; sample_logprobs the tempered ones.
+  np.testing.assert_allclose(out.logprobs[:, 0], np.log(wrong[out.tokens[:, 0]]), atol=1e-4)
+  np.testing.assert_allclose(out.sample_logprobs[:, 0], np.log(probs[out.tokens[:, 0]]), atol=1e-4)
+
+
+@pytest.mark.parametrize("kw", [dict(top_k=3), dict(top_p=0.6), dict(top_k=5, top_p=0.8)])
+def test_top_k_top_p_stay_in_their_set(peaked, kw):
+  temperature = 1.3
+  prompts = [PROMPTS[i % 4] for i in range(48)]
+  out = run(peaked, prompts, max_new_tokens=5, temperature=temperature, **kw)
+  for i, prompt in enumerate(prompts):
+    logits = full_logits(peaked, list(prompt) + out.tokens[i].tolist())
+    allowed = np.asarray(processed_logits(jnp.asarray(logits[len(prompt) - 1:-1]), temperature,
+                                          kw.get("top_k", 0), kw.get("top_p", 1.0)))
+    for t in range(5):
+      x = logits[len(prompt) - 1 + t] / temperature
+      order = np.argsort(-x)
+      rank = int(np.where(order == out.tokens[i, t])[0][0])
+      if "top_k" in kw:
+        assert rank < kw["top_k"]
+      if "top_p" in kw:
+        p = np.exp(x - np.logaddexp.reduce(x))[order]
+        assert p[:rank].sum() < kw["top_p"] + 1e-6  # mass before it is below p
+      assert np.isfinite(allowed[t, out.tokens[i, t]])
+
+
+def test_processed_logits_top_p_by_hand():
+  logits = jnp.log(jnp.asarray([[0.5, 0.3, 0.15, 0.05]]))
+  keep = lambda p: np.isfinite(np.asarray(processed_logits(logits, 1.0, 0, p)))[0].tolist()
+  assert keep(0.5) == [True, False, False, False]
+  assert keep(0.6) == [True, True, False, False]
+  assert keep(0.81) == [True, True, True, False]
+  assert keep(0.01) == [True, False, False, False]
+  topk = np.isfinite(np.asarray(processed_logits(logits, 1.0, 2, 1.0)))[0].tolist()
+  assert topk == [True, True, False, False]
+
+
+def test_stop_ids_end_rows_and_max_new_tokens_holds(setup):
+  free = run(setup, PROMPTS, max_new_tokens=10, temperature=0.0)
+  stop_a, stop_b = int(free.tokens[0, 3]), int(free.tokens[2, 1])
+  out = run(setup, PROMPTS, max_new_tokens=10, temperature=0.0, stop_ids=(stop_a, stop_b),
+            pad_id=63)
+  for i in range(4):
+    row = free.tokens[i].tolist()
+    hits = [t for t, tok in enumerate(row) if tok in (stop_a, stop_b)]
+    n = hits[0] + 1 if hits else 10
+    assert out.lengths[i] == n and out.stopped[i] == bool(hits)
+    np.testing.assert_array_equal(out.tokens[i, :n], row[:n])
+    assert (out.tokens[i, n:] == 63).all() and (out.logprobs[i, n:] == 0).all()
+  # Sampled rows: nothing after the first stop id, and never more than max_new_tokens.
+  out = run(setup, PROMPTS * 8, max_new_tokens=7, temperature=1.0, stop_ids=(1, 2, 3, 4, 5),
+            pad_id=0)
+  assert out.tokens.shape == (32, 7) and (out.lengths <= 7).all()
+  for i in range(32):
+    n = int(out.lengths[i])
+    first = next((t for t in range(7) if out.tokens[i, t] in (1, 2, 3, 4, 5)), None)
+    assert n == (first + 1 if first is not None else 7)
+    assert (out.tokens[i, n:] == 0).all()
+
+
+def test_deterministic_for_seed(setup):
+  a = run(setup, PROMPTS, max_new_tokens=8, seed=1)
+  b = run(setup, PROMPTS, max_new_tokens=8, seed=1)
+  c = run(setup, PROMPTS, max_new_tokens=8, seed=2)
+  np.testing.assert_array_equal(a.tokens, b.tokens)
+  assert (a.tokens != c.tokens).any()
+
+
+def test_usable_inside_outer_jit_with_grad(setup):
+  """On-policy use: sample inside a jitted step, then differentiate a loss on the samples."""
+  spec, _, trainable, frozen = setup
+  tok, n = pad(PROMPTS, 12, "left")
+
+  def step(tr, key):
+    out = sample(spec, jax.lax.stop_gradient(tr), frozen, tok, n, key, max_new_tokens=4)
+    seq = jnp.concatenate([jnp.asarray(tok), out.tokens], axis=1)
+    logits = spec.merge(tr, frozen)(seq)
+    lp = jax.nn.log_softmax(logits[:, 11:-1], axis=-1)
+    return -jnp.take_along_axis(lp, out.tokens[..., None], axis=-1).mean()
+
+  loss, grads = jax.jit(jax.value_and_grad(step))(trainable, jax.random.key(0))
+  assert np.isfinite(float(loss))
+  assert all(np.isfinite(np.asarray(g)).all() for g in jax.tree.leaves(grads))
+
+
+def test_bucket_length():
+  assert [bucket_length(n, (8, 16)) for n in (1, 8, 9, 16, 17, 33)] == [8, 8, 16, 16, 32, 48]
+
+
+def test_sampler_compiles_once_per_bucket_and_keeps_order(setup):
+  spec, mesh, trainable, frozen = setup
+  s = Sampler(spec, trainable, frozen, mesh=mesh, batch_size=4, stop_ids=(), pad_id=0,
+              buckets=(8, 16))
+  rng = np.random.default_rng(0)
+  prompts = [rng.integers(1, 64, rng.integers(1, 9)).tolist() for _ in range(11)]
+  out = s.generate(prompts, seed=0, max_new_tokens=5, temperature=0.0)
+  assert s.compile_count == 1
+  s.generate(prompts[::-1], seed=1, max_new_tokens=5, temperature=0.0)
+  assert s.compile_count == 1  # same bucket and settings: no recompilation
+  ref = run(setup, prompts, p=8, max_new_tokens=5, temperature=0.0)
+  for i, c in enumerate(out):  # in input order despite sorting by length
+    np.testing.assert_array_equal(c.tokens, ref.tokens[i])
+  s.generate([list(range(1, 14))], seed=0, max_new_tokens=5, temperature=0.0)
+  assert s.compile_count == 2  # a longer bucket compiles once more
+  s.generate([list(range(1, 12))], seed=0, max_new_tokens=5, temperature=0.0)
+  assert s.compile_count == 2
