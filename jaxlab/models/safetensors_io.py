@@ -75,11 +75,20 @@ def checkpoint_tensors(path: str) -> dict[str, TensorInfo]:
   return tensors
 
 
+def aligned_empty(shape, dtype, align: int = 64) -> np.ndarray:
+  """np.empty with a 64-byte aligned buffer, which JAX's CPU backend adopts without a copy."""
+  dtype = np.dtype(dtype)
+  nbytes = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+  raw = np.empty(nbytes + align, np.uint8)
+  start = -raw.ctypes.data % align
+  return raw[start:start + nbytes].view(dtype).reshape(shape)
+
+
 def read_rows(info: TensorInfo, start: int, stop: int) -> np.ndarray:
   """Rows [start, stop) of the tensor's first dimension (the whole tensor if it is 0-d)."""
   shape = info.shape[:0] if not info.shape else (stop - start,) + info.shape[1:]
   row_bytes = info.nbytes // info.shape[0] if info.shape and info.shape[0] else 0
-  out = np.empty(shape, info.dtype)
+  out = aligned_empty(shape, info.dtype)
   buf = memoryview(out.reshape(-1).view(np.uint8))
   with open(info.file, "rb", buffering=0) as f:
     f.seek(info.offset + start * row_bytes)
