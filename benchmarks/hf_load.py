@@ -54,7 +54,12 @@ base = rss()
 t = time.perf_counter()
 model = transformers.AutoModelForCausalLM.from_pretrained(sys.argv[1], dtype=torch.bfloat16)
 dt = time.perf_counter() - t
-print(json.dumps({"load_s": dt, "baseline": base, **rss(final=True),
+lazy = rss(final=True)["peak"]
+with torch.no_grad():  # weights may still be file-backed pages not yet read: touch every one
+  for p in model.parameters():
+    p.sum()
+print(json.dumps({"load_s": dt, "touched_s": time.perf_counter() - t, "baseline": base,
+                  "peak_untouched": lazy, **rss(final=True),
                   "dtype": str(next(model.parameters()).dtype)}))
 """
 

@@ -152,3 +152,42 @@ def test_malformed_jsonl_line_through_the_job(data, tmp_path):
   config, workdir = parse_argv(_args(data, tmp_path / "w", extra=[f"--config.data.train_path={bad}"]))
   with pytest.raises(DataError, match=rf"{bad}:5:"):
     run_sft(config, workdir)
+
+
+def test_lora_sft_from_hf_checkpoint_exports_back(data, tmp_path):
+  """init.hf_path -> LoRA SFT -> export.hf_dir: transformers reloads the merged model."""
+  import torch
+  import transformers
+  from jaxlab.models.params import merge_lora, model_spec
+  from jaxlab.train.loop import run_sft
+  hf_dir, out_dir = tmp_path / "hf", tmp_path / "exported"
+  tok = transformers.AutoTokenizer.from_pretrained(data[1])
+  torch.manual_seed(0)
+  model = transformers.Qwen2ForCausalLM(transformers.Qwen2Config(
+      vocab_size=len(tok), hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+      num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True))
+  model.save_pretrained(hf_dir)
+  tok.save_pretrained(hf_dir)
+  args = _args(data, tmp_path / "w", steps=3, extra=[
+      f"--config.init.hf_path={hf_dir}", f"--config.tokenizer.path={hf_dir}",
+      "--config.model.lora.enabled=True", "--config.model.lora.rank=4",
+      f"--config.export.hf_dir={out_dir}", "--config.export.dtype=float32"])
+  config, workdir = parse_argv(args)
+  out = run_sft(config, workdir)
+  state, cfg = out["state"], out["spec"].cfg
+  assert cfg.qkv_bias and cfg.tie_embeddings and cfg.d_model == 64
+  # Frozen base weights are the checkpoint's, untouched by training.
+  np.testing.assert_array_equal(
+      np.asarray(state.frozen["embed_tokens"]),
+      model.model.embed_tokens.weight.detach().numpy())
+  tokens = np.array([[3, 17, 42, 9, 11, 5]], np.int32)
+  ours = np.asarray(jax.jit(lambda p, f: out["spec"].merge(p, f)(tokens))(state.params, state.frozen))
+  reloaded = transformers.AutoModelForCausalLM.from_pretrained(out_dir, dtype=torch.float32)
+  theirs = reloaded(torch.tensor(tokens, dtype=torch.long)).logits.detach().numpy()
+  np.testing.assert_allclose(ours, theirs, atol=1e-4)
+  assert np.abs(ours - model(torch.tensor(tokens, dtype=torch.long)).logits.detach().numpy()).max() > 1e-6
+  # A rerun resumes from the final checkpoint (adapters only) and reloads the base from hf_path.
+  config, workdir = parse_argv(args)
+  again = run_sft(config, workdir)
+  for a, b in zip(jax.tree.leaves(state.params), jax.tree.leaves(again["state"].params)):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))

@@ -8,6 +8,7 @@ Exporting gathers one tensor at a time and streams it into size-capped safetenso
 """
 from __future__ import annotations
 
+import functools
 import json
 import os
 from typing import Any
@@ -46,41 +47,42 @@ def _unflat(flat: dict[tuple, Any]) -> dict:
   return traversals.unflatten_mapping(flat) if flat else {}
 
 
-def _transposed(x_AxB: np.ndarray) -> np.ndarray:
-  """x.T as a fresh aligned C-contiguous array (copied through an integer view: fast for bf16)."""
-  out = safetensors_io.aligned_empty(x_AxB.shape[::-1], x_AxB.dtype)
-  as_int = lambda a: a.view(np.dtype(f"u{a.dtype.itemsize}"))
-  np.copyto(as_int(out), as_int(x_AxB).T)
-  return out
+@functools.partial(jax.jit, static_argnames=("transpose", "dtype", "sharding"))
+def _relayout(x, *, transpose: bool, dtype, sharding):
+  """HF layout -> jaxlab layout and dtype, on the devices (no host copies)."""
+  y = (x.T if transpose else x).astype(dtype)
+  return jax.lax.with_sharding_constraint(y, sharding)
 
 
 def _place(info: safetensors_io.TensorInfo, transpose: bool, target: jax.ShapeDtypeStruct,
-           sharding: jax.sharding.Sharding) -> jax.Array:
-  """Reads the stored rows this host's devices need and places each device's slice.
+           sharding: jax.sharding.NamedSharding) -> jax.Array:
+  """Reads the stored rows this host's devices need, places them, then transposes/casts on device.
 
-  On CPU, a slice that is the whole aligned buffer becomes the device array without a copy.
+  The tensor is first placed in the file's layout with the transposed sharding (the same
+  device blocks), so each device gets its slice straight from disk; on CPU an aligned
+  whole-tensor slice is adopted without any copy.
   """
-  shape = target.shape
-  row_dim = 1 if transpose else 0  # the dim of `target` that is the file's row dim
-  indices = sharding.addressable_devices_indices_map(shape).values()
+  shape = tuple(reversed(target.shape)) if transpose else tuple(target.shape)
+  spec = jax.sharding.PartitionSpec(*reversed(sharding.spec)) if transpose else sharding.spec
+  stored = jax.sharding.NamedSharding(sharding.mesh, spec)
+  indices = stored.addressable_devices_indices_map(shape).values()
   if shape:
-    spans = [idx[row_dim].indices(shape[row_dim])[:2] for idx in indices]
+    spans = [idx[0].indices(shape[0])[:2] for idx in indices]
     lo, hi = min(s for s, _ in spans), max(e for _, e in spans)
   else:
     lo, hi = 0, 0
-  block = safetensors_io.read_rows(info, lo, hi)
-  view = _transposed(block) if transpose else block
-  del block
+  rows = safetensors_io.read_rows(info, lo, hi)
 
   def slice_of(idx):
     if not shape:
-      return np.asarray(view, target.dtype)
-    idx = list(idx)
-    start, stop, _ = idx[row_dim].indices(shape[row_dim])
-    idx[row_dim] = slice(start - lo, stop - lo)
-    return np.asarray(view[tuple(idx)], target.dtype)
+      return rows
+    start, stop, _ = idx[0].indices(shape[0])
+    return rows[(slice(start - lo, stop - lo),) + tuple(idx[1:])]
 
-  return jax.make_array_from_callback(shape, sharding, slice_of)
+  x = jax.make_array_from_callback(shape, stored, slice_of)
+  if not transpose and x.dtype == target.dtype:
+    return x
+  return _relayout(x, transpose=transpose, dtype=target.dtype, sharding=sharding)
 
 
 def _check_names(path: str, tensors: dict, expected: dict[str, tuple], tied: bool) -> None:

@@ -6,6 +6,7 @@ iterator position) and continues exactly where the killed one stopped.
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import time
@@ -66,7 +67,18 @@ def run_sft(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
                      "point it at a chat JSONL file")
   mesh, rules = mesh_and_rules(config)
   tokenizer = load_or_train_tokenizer(config, workdir)
-  cfg = model_config(config, len(tokenizer))
+  hf_params = None
+  if config.init.hf_path:
+    from jaxlab.models.hf import load_hf
+    lora = model_config(config, len(tokenizer)).lora
+    cfg, *hf_params = load_hf(config.init.hf_path, mesh, dtype=config.model.dtype,
+                              param_dtype=config.model.param_dtype, rules=rules, lora=lora,
+                              seed=config.seed)
+    cfg = cfg.replace(remat=config.model.remat)
+    with config.unlocked():  # the saved config describes the model actually trained
+      config.model.update({k: v for k, v in dataclasses.asdict(cfg).items() if k != "lora"})
+  else:
+    cfg = model_config(config, len(tokenizer))
   if cfg.vocab_size < len(tokenizer):
     raise ValueError(f"config key model.vocab_size={cfg.vocab_size} is smaller than the "
                      f"tokenizer's {len(tokenizer)} tokens")
@@ -87,11 +99,18 @@ def run_sft(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   state_sh = state_lib.state_shardings(spec, optimizer, mesh, rules)
   ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), every=config.checkpoint.every,
                       keep=config.checkpoint.keep, async_save=config.checkpoint.async_save)
+  # Base weights loaded from an HF folder with LoRA are not saved: they reload from there.
+  frozen_from_hf = hf_params is not None and cfg.lora is not None
   if ckpt.latest_step() is not None:
-    state, data_state, _ = ckpt.restore(state_lib.abstract_state(spec, optimizer, state_sh))
+    abstract = state_lib.abstract_state(spec, optimizer, state_sh)
+    if frozen_from_hf:
+      abstract = abstract.replace(frozen={})
+    state, data_state, _ = ckpt.restore(abstract)
+    if frozen_from_hf:
+      state = state.replace(frozen=hf_params[1])
     batches.set_state(data_state)
   else:
-    state = state_lib.create_state(spec, optimizer, mesh, rules, config.seed)
+    state = state_lib.create_state(spec, optimizer, mesh, rules, config.seed, params=hf_params)
   start = int(jax.device_get(state.step))
 
   batch_sh = {k: sharding_lib.batch_sharding(mesh, 2, rules=rules)
@@ -124,7 +143,8 @@ def run_sft(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
       # Metrics of a checkpointed step are on disk before its checkpoint, so a killed
       # and resumed run has every row.
       last, pending = flush(pending), None
-      ckpt.save(step + 1, state, batches.get_state(), config_json, force=True)
+      ckpt.save(step + 1, state.replace(frozen={}) if frozen_from_hf else state,
+                batches.get_state(), config_json, force=True)
   if pending is not None:
     last = flush(pending)
   ckpt.wait()
@@ -132,4 +152,10 @@ def run_sft(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   writer.close()
   with open(os.path.join(workdir, "data_stats.json"), "w") as f:
     json.dump(stats, f)
+  if config.export.hf_dir:
+    from jaxlab.models.hf import export_hf
+    from jaxlab.models.params import merge_lora
+    export_hf(config.export.hf_dir, cfg, merge_lora(state.params, state.frozen, cfg),
+              tokenizer_dir=config.tokenizer.path or os.path.join(workdir, "tokenizer"),
+              dtype=config.export.dtype)
   return {"state": state, "metrics": last, "spec": spec, "tokenizer": tokenizer}
