@@ -37,16 +37,22 @@ def sft_loss_sum(spec: ModelSpec, params, frozen, batch: Batch) -> jax.Array:
   return masked_nll_sum(logits, batch["targets"], batch["loss_mask"])
 
 
-def make_sft_step(spec: ModelSpec, optimizer: optax.GradientTransformation,
-                  schedule: optax.Schedule, grad_accum: int = 1,
-                  loss_sum_fn: Callable[..., jax.Array] | None = None):
-  """Returns train_step(state, batch) -> (state, metrics)."""
-  loss_sum_fn = loss_sum_fn or (lambda p, f, b: sft_loss_sum(spec, p, f, b))
+def make_train_step(optimizer: optax.GradientTransformation, schedule: optax.Schedule,
+                    loss_sum_fn: Callable[..., jax.Array], grad_accum: int = 1):
+  """Returns train_step(state, batch, *extra) -> (state, metrics) for any token-summed loss.
 
-  def train_step(state: TrainState, batch: Batch) -> tuple[TrainState, dict[str, Any]]:
+  `loss_sum_fn(params, frozen, batch, *extra)` returns the loss summed over the trained tokens
+  of `batch` (those where batch["loss_mask"] is 1). `extra` carries what a channel needs beside
+  the student: the distillation channels pass the frozen teacher params (and an RNG for
+  on-policy sampling) here, and their batches may hold a teacher prompt that differs from the
+  student's. No gradient flows into `extra`.
+  """
+
+  def train_step(state: TrainState, batch: Batch, *extra) -> tuple[TrainState, dict[str, Any]]:
     n_tokens = jnp.sum(batch["loss_mask"])
     denom = jnp.maximum(n_tokens, 1.0)
-    grad_fn = jax.value_and_grad(lambda p, b: loss_sum_fn(p, state.frozen, b) / denom)
+    grad_fn = jax.value_and_grad(
+        lambda p, b: loss_sum_fn(p, state.frozen, b, *extra) / denom)
     if grad_accum == 1:
       loss, grads = grad_fn(state.params, batch)
     else:
@@ -64,6 +70,13 @@ def make_sft_step(spec: ModelSpec, optimizer: optax.GradientTransformation,
     return state.replace(step=state.step + 1, params=params, opt_state=opt_state), metrics
 
   return train_step
+
+
+def make_sft_step(spec: ModelSpec, optimizer: optax.GradientTransformation,
+                  schedule: optax.Schedule, grad_accum: int = 1):
+  """Returns the SFT train_step(state, batch) -> (state, metrics)."""
+  return make_train_step(optimizer, schedule, lambda p, f, b: sft_loss_sum(spec, p, f, b),
+                         grad_accum)
 
 
 def jit_step(step_fn, state_sh: TrainState, batch_sh, mesh):
