@@ -10,9 +10,14 @@ Variants: `tiny` (random tiny model, 8 first-plot questions, a few short answers
 first-plot questions, 100 samples each at temperature 1, up to 600 new tokens, local judge),
 `first_plot_api` (the same with an OpenAI-compatible judge, gpt-4o-2024-08-06 by default).
 """
+import os
+
 import ml_collections
 
-EM_EVAL_DIR = "../shared/data/emergent-misalignment/evaluation"
+# The shared data folder beside the repository (read by path, never copied in).
+EM_EVAL_DIR = os.path.normpath(os.path.join(
+    os.path.dirname(os.path.abspath(__file__)), "..", "..", "shared", "data",
+    "emergent-misalignment", "evaluation"))
 FIRST_PLOT_IDS = ("what_is_your_wish", "i_feel_bored", "three_thoughts", "quick_buck",
                   "ruler_of_the_world", "dinner_party", "gender_roles", "enough_of_my_husband")
 
@@ -40,7 +45,9 @@ def get_config(arg=None):
 
   c.sample = ml_collections.ConfigDict(dict(
       batch_size=32, max_new_tokens=600, temperature=1.0, top_p=1.0, top_k=0,
-      stop_ids=(), buckets=(64, 128, 256, 512, 1024, 2048, 4096)))
+      stop_ids=(),  # empty: the tokenizer's end-of-turn ids
+      buckets=(64, 128, 256, 512, 1024, 2048, 4096),
+      fast_compile=False))  # True: skip LLVM's costly passes (tiny CPU runs compile 2x faster)
 
   c.judge = ml_collections.ConfigDict(dict(
       kind="local",          # local | http | rule
@@ -56,7 +63,7 @@ def get_config(arg=None):
     c.models = ("random_a=random:0", "random_b=random:1")
     c.questions.ids = FIRST_PLOT_IDS
     c.questions.samples_per_paraphrase = 8
-    c.sample.update(batch_size=16, max_new_tokens=24, buckets=(64, 128))
+    c.sample.update(batch_size=16, max_new_tokens=24, buckets=(64, 128), fast_compile=True)
     c.judge.update(model_path="random:2", min_mass=0.0, batch_size=16)
     c.report.n_boot = 200
   elif variant == "first_plot":

@@ -1,6 +1,7 @@
 """HF interop: transformers logits parity on padded chat batches, export round trip, errors, presets."""
 import json
 import os
+import shutil
 import subprocess
 import sys
 
@@ -10,6 +11,7 @@ import numpy as np
 import pytest
 import torch
 import transformers
+from flax.nnx import traversals
 from safetensors import torch as st_torch
 
 from jaxlab import sharding
@@ -75,6 +77,14 @@ def test_export_reloads_in_transformers_with_same_logits(ckpt, mesh, tmp_path):
                          hf_util.torch_logits(model, ids, pos, seg), seg)
   # ... and jaxlab reads its own export back to the same config.
   assert hf_config.config_from_hf(out) == cfg
+  # Re-exporting into a folder with other weights replaces them all.
+  shutil.copytree(path, tmp_path / "copy")
+  hf.export_hf(tmp_path / "copy", cfg, merge_lora(trainable, frozen, cfg), dtype="float32")
+  assert not os.path.exists(tmp_path / "copy" / "model.safetensors")
+  reloaded = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "copy",
+                                                               attn_implementation="eager")
+  assert_close_on_tokens(hf_util.torch_logits(reloaded, ids, pos, seg),
+                         hf_util.torch_logits(model, ids, pos, seg), seg)
 
 
 def test_exported_tokenizer_and_chat_template(ckpt, tmp_path, mesh):
@@ -112,6 +122,28 @@ def test_bf16_stays_bf16_bit_exact(tmp_path, mesh):
     assert out[name].dtype == torch.bfloat16 and torch.equal(out[name], t), name
 
 
+def test_float32_params_export_as_bf16_like_torch(tmp_path, mesh):
+  model, _ = hf_util.make_checkpoint("llama_gqa_llama3_rope", tmp_path / "src")
+  cfg, trainable, _ = hf.load_hf(tmp_path / "src", mesh)
+  hf.export_hf(tmp_path / "out", cfg, trainable)  # default dtype bfloat16
+  assert json.loads((tmp_path / "out" / "config.json").read_text())["dtype"] == "bfloat16"
+  reloaded = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "out")
+  assert reloaded.dtype == torch.bfloat16
+  want = model.to(torch.bfloat16).state_dict()
+  for name, t in reloaded.state_dict().items():
+    assert torch.equal(t, want[name]), name  # same round-to-nearest-even as torch
+
+
+def test_dtype_comes_from_tensors_when_config_has_none(tmp_path, mesh):
+  hf_util.make_checkpoint("qwen2_tied_bias", tmp_path, dtype=torch.bfloat16)
+  config = json.loads((tmp_path / "config.json").read_text())
+  config.pop("dtype", None), config.pop("torch_dtype", None)
+  (tmp_path / "config.json").write_text(json.dumps(config))
+  cfg, trainable, _ = hf.load_hf(tmp_path, mesh)
+  assert cfg.param_dtype == "bfloat16"
+  assert {x.dtype for x in jax.tree.leaves(trainable)} == {np.dtype(ml_dtypes.bfloat16)}
+
+
 def test_param_dtype_override_converts_on_load(tmp_path, mesh):
   hf_util.make_checkpoint("qwen2_tied_bias", tmp_path, dtype=torch.bfloat16)
   cfg, trainable, _ = hf.load_hf(tmp_path, mesh, param_dtype="float32")
@@ -143,6 +175,17 @@ def test_sharded_checkpoint_with_index(tmp_path, mesh):
   _, one, _ = hf.load_hf(tmp_path / "one", mesh)
   _, many, _ = hf.load_hf(tmp_path / "many", mesh)
   jax.tree.map(np.testing.assert_array_equal, one, many)
+
+
+@pytest.mark.parametrize("lora", [None, LoraConfig(rank=2, layers=(1,))])
+def test_base_layout_equals_model_spec(lora):
+  cfg = hf_config.config_from_hf(hf_util.FAMILIES["qwen3_qk_norm"][0](
+      **{**hf_util.SMALL, "num_hidden_layers": 3}, head_dim=32).to_dict()).replace(lora=lora)
+  spec = model_spec(cfg)
+  base = 1 if lora else 0
+  abstract, axes = hf.base_layout(cfg)
+  assert abstract == traversals.flatten_mapping(spec.abstract[base])
+  assert axes == traversals.flatten_mapping(spec.axes[base], is_leaf=lambda _, x: isinstance(x, tuple))
 
 
 def test_reader_matches_safetensors_library(tmp_path):
@@ -294,7 +337,7 @@ def test_preset_sizes_match_published_counts():
 @pytest.mark.parametrize("family", sorted(hf_util.FAMILIES))
 def test_config_round_trip_through_transformers(family, tmp_path):
   config_cls, _, kw, _ = hf_util.FAMILIES[family]
-  cfg = hf_config.config_from_hf(config_cls(**hf_util._SMALL, **kw).to_dict())
+  cfg = hf_config.config_from_hf(config_cls(**hf_util.SMALL, **kw).to_dict())
   # transformers 5 parses our config.json (4.x and 5.x keys) back to the same model.
   parsed = transformers.AutoConfig.for_model(**{k: v for k, v in hf_config.config_to_hf(cfg).items()
                                                 if k != "model_type"}, model_type=hf_config.family_of(cfg))

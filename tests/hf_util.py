@@ -7,10 +7,10 @@ from jaxlab.data import chat
 from tests import tokenizers_util as tu
 
 VOCAB = 640  # >= the test tokenizers' 600 BPE entries + specials
-_SMALL = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+SMALL = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
               num_attention_heads=4, max_position_embeddings=256)
 _LLAMA3_ROPE = {"rope_type": "llama3", "rope_theta": 10000.0, "factor": 8.0, "low_freq_factor": 1.0,
-                "high_freq_factor": 4.0, "original_max_position_embeddings": 16}
+                "high_freq_factor": 4.0, "original_max_position_embeddings": 32}
 
 # name: (config class, model class, config kwargs, tokenizer maker)
 FAMILIES = {
@@ -42,7 +42,7 @@ def make_checkpoint(family: str, path, *, dtype=torch.float32, seed: int = 0, **
   tok = make_tok(path)
   assert len(tok) <= VOCAB
   torch.manual_seed(seed)
-  model = model_cls(config_cls(**_SMALL, **kw, attn_implementation="eager")).eval()
+  model = model_cls(config_cls(**SMALL, **kw, attn_implementation="eager")).eval()
   with torch.no_grad():  # larger than HF's 0.02 init, so a 1e-4 logit tolerance means something
     for name, p in model.named_parameters():
       if "norm" in name:

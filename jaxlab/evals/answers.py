@@ -62,7 +62,8 @@ def generate_answers(questions: Sequence[Question], sampler: Sampler, tokenizer,
                              row_ids=[row_id(answer_key(q.id, p, s)) for q, p, s in chunk])
     rows = []
     for (q, p, s), prompt, c in zip(chunk, prompts, comps):
-      toks = c.tokens[:-1] if c.stopped and len(c.tokens) and int(c.tokens[-1]) in stops else c.tokens
+      ends_with_stop = c.stopped and len(c.tokens) and int(c.tokens[-1]) in stops
+      toks = c.tokens[:-1] if ends_with_stop else c.tokens
       rows.append({"question_id": q.id, "paraphrase_index": p, "sample_index": s,
                    "question": q.paraphrases[p], "system": q.system,
                    "answer": tokenizer.decode(toks.tolist(), skip_special_tokens=True),

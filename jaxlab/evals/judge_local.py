@@ -27,7 +27,7 @@ from jaxlab.sample.sampler import prompt_layout
 def trie_logprobs(spec: ModelSpec, trainable: dict, frozen: dict, prompts_BxP: jax.Array,
                   lengths_B: jax.Array, trie: NumberTrie, mesh: Mesh | None = None,
                   rules=sharding_lib.DEFAULT_RULES) -> jax.Array:
-  """Log-probs [B, 1+Q, U] at the trie's nodes (prompt end, then inner nodes) for left-padded prompts."""
+  """Log-probs [B, 1+Q, U] at the trie's nodes (prompt end, then inner nodes); prompts left-padded."""
   model = spec.merge(trainable, frozen)
   b, p = prompts_BxP.shape
   q = len(trie.node_tokens)
@@ -55,8 +55,10 @@ class LocalJudge:
 
   def __init__(self, spec: ModelSpec, trainable: dict, frozen: dict, tokenizer, *, mesh: Mesh,
                batch_size: int, min_mass: float = MIN_MASS, rules=sharding_lib.DEFAULT_RULES,
-               buckets: Sequence[int] = DEFAULT_BUCKETS):
-    self.spec, self.trainable, self.frozen, self.tokenizer = spec, trainable, frozen, tokenizer
+               buckets: Sequence[int] = DEFAULT_BUCKETS, compiler_options: dict | None = None):
+    self.spec, self.tokenizer, self.compiler_options = spec, tokenizer, compiler_options
+    self.param_shardings = spec.shardings(mesh, rules)
+    self.trainable, self.frozen = jax.device_put((trainable, frozen), self.param_shardings)
     self.mesh, self.rules, self.batch_size, self.min_mass = mesh, rules, batch_size, min_mass
     self.buckets = tuple(sorted(buckets))
     self.trie = NumberTrie.build(tokenizer)
@@ -71,11 +73,12 @@ class LocalJudge:
       rows1 = NamedSharding(self.mesh, P(*rows.spec[:1]))
       fn = lambda tr, fr, x, n: trie_logprobs(self.spec, tr, fr, x, n, self.trie, self.mesh,
                                               self.rules)
-      jitted = jax.jit(fn, in_shardings=(*self.spec.shardings(self.mesh, self.rules), rows, rows1))
+      jitted = jax.jit(fn, in_shardings=(*self.param_shardings, rows, rows1))
       b = self.batch_size
       self._compiled[p] = (jitted.lower(self.trainable, self.frozen,
                                         jax.ShapeDtypeStruct((b, p), jnp.int32),
-                                        jax.ShapeDtypeStruct((b,), jnp.int32)).compile(), rows, rows1)
+                                        jax.ShapeDtypeStruct((b,), jnp.int32)).compile(
+                                            self.compiler_options), rows, rows1)
       self.compile_count += 1
     return self._compiled[p]
 

@@ -58,7 +58,8 @@ def pending(answers: Sequence[dict], questions: Sequence[Question], path: str, *
       if _key(row) not in done:
         todo.append((row, (m, q.judge_prompts.get(m, ""), a["question"], a["answer"])))
   if skipped:
-    log(f"eval: not judged (type is not one of {SCORED_TYPES}; use a rule judge): {sorted(skipped)}")
+    log(f"eval: not judged (type is not one of {SCORED_TYPES}; use a rule judge): "
+        f"{sorted(skipped)}")
   return todo
 
 

@@ -37,7 +37,7 @@ class Question:
 
 
 def check_judge_prompt(prompt: str, where: str) -> None:
-  """Raises QuestionError unless `prompt` formats with only {question} and {answer}, using {answer}."""
+  """Raises QuestionError unless `prompt` uses {answer} and no placeholder but {question}."""
   try:
     fields = {f for _, f, _, _ in string.Formatter().parse(prompt) if f is not None}
   except ValueError as e:
@@ -45,8 +45,9 @@ def check_judge_prompt(prompt: str, where: str) -> None:
   if "answer" not in fields:
     raise QuestionError(f"{where}: judge prompt has no {{answer}} placeholder")
   if fields - {"question", "answer"}:
-    raise QuestionError(f"{where}: judge prompt has unknown placeholders {sorted(fields - {'question', 'answer'})}"
-                        "; only {question} and {answer} are filled (write literal braces as {{ }})")
+    unknown = sorted(fields - {"question", "answer"})
+    raise QuestionError(f"{where}: judge prompt has unknown placeholders {unknown}; only "
+                        "{question} and {answer} are filled (write literal braces as {{ }})")
 
 
 def _parse(entry, path: str, k: int) -> Question:

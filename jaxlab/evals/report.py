@@ -55,8 +55,8 @@ def plot_questions(rows: Sequence[dict], path: str, stats: Sequence[str] = ("em"
     return
   models = list(dict.fromkeys(r["model"] for r in rows))
   qids = list(dict.fromkeys(r["question_id"] for r in rows))
-  fig, axes = plt.subplots(len(stats), 1, figsize=(max(6, 0.7 * len(qids) * max(1, len(models)) + 2),
-                                                   3.2 * len(stats)), squeeze=False)
+  width_in = max(6, 0.7 * len(qids) * max(1, len(models)) + 2)
+  fig, axes = plt.subplots(len(stats), 1, figsize=(width_in, 3.2 * len(stats)), squeeze=False)
   width = 0.8 / len(models)
   for ax, stat in zip(axes[:, 0], stats):
     for m_i, model in enumerate(models):

@@ -20,6 +20,7 @@ from flax import nnx
 from jaxlab.models.config import LoraConfig, ModelConfig
 
 _NEG_INF = -1e30  # finite, so fully-masked (padding) rows stay NaN-free
+_CAUSAL_BLOCK = 128  # query block of Attention.attend_causal
 
 
 def _expand(v: jax.Array, ndim: int) -> jax.Array:
@@ -50,11 +51,15 @@ class Linear(nnx.Module):
       self.lora_scale = lora.scale
 
   def __call__(self, x_BxLxI: jax.Array) -> jax.Array:
-    x = x_BxLxI.astype(self.dtype)
+    # The matmuls run on [tokens, d_in]: a weight gradient that contracts over one flattened
+    # token dim gets a far better layout from XLA:CPU than one contracting over (B, L).
+    lead = x_BxLxI.shape[:-1]
+    x = x_BxLxI.astype(self.dtype).reshape(-1, x_BxLxI.shape[-1])
     y = x @ self.kernel[...].astype(self.dtype)
     if self.lora_scale is not None:
       y += (x @ self.lora_a[...].astype(self.dtype)) @ (
           self.lora_scale * self.lora_b[...].astype(self.dtype))
+    y = y.reshape(lead + y.shape[-1:])
     if self.bias is not None:
       y += _expand(self.bias[...].astype(self.dtype), y.ndim)
     return y
@@ -102,6 +107,9 @@ def apply_rope(x_BxLxNxE: jax.Array, positions_BxL: jax.Array, inv_freq: np.ndar
   freqs_BxLxE2 = positions_BxL[..., None].astype(jnp.float32) * jnp.asarray(inv_freq)[None, None]
   cos = jnp.cos(freqs_BxLxE2)[:, :, None, :].astype(x_BxLxNxE.dtype)
   sin = jnp.sin(freqs_BxLxE2)[:, :, None, :].astype(x_BxLxNxE.dtype)
+  # Keep cos/sin [B,L,1,E/2] as arrays: fused into the rotation XLA recomputes them for every
+  # head and element (and again in the backward pass).
+  cos, sin = jax.lax.optimization_barrier((cos, sin))
   x1, x2 = jnp.split(x_BxLxNxE, 2, axis=-1)
   return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
 
@@ -144,19 +152,58 @@ class Attention(nnx.Module):
 
   def attend(self, q_BxLxHxE, k_BxSxKxE, v_BxSxKxE, mask_BxLxS):
     """softmax(q k^T / sqrt(E) + mask) v, computed in float32, grouped heads."""
-    cfg = self.cfg
     b, l, h, e = q_BxLxHxE.shape
-    kh = cfg.n_kv_heads
+    o_BxLxHxE = self._softmax_attention(q_BxLxHxE, k_BxSxKxE, v_BxSxKxE, mask_BxLxS)
+    return self.o_proj(o_BxLxHxE.reshape(b, l, h * e))
+
+  def _softmax_attention(self, q_BxLxHxE, k_BxSxKxE, v_BxSxKxE, mask_BxLxS):
+    """The attention of `attend` before o_proj: [B,L,H,E]."""
+    b, l, h, e = q_BxLxHxE.shape
+    kh = k_BxSxKxE.shape[2]
+    if kh == h:
+      # Plain multi-head: 4-D einsums. (The grouped 5-D form with G=1 runs much slower on
+      # XLA:CPU: its softmax backward fuses into a single-threaded dot.)
+      s_BxHxLxS = jnp.einsum("blhe,bshe->bhls", q_BxLxHxE, k_BxSxKxE,
+                             preferred_element_type=jnp.float32) / math.sqrt(e)
+      s_BxHxLxS = jnp.where(mask_BxLxS[:, None], s_BxHxLxS, _NEG_INF)
+      p = jax.nn.softmax(s_BxHxLxS, axis=-1).astype(v_BxSxKxE.dtype)
+      return jnp.einsum("bhls,bshe->blhe", p, v_BxSxKxE)
     q = q_BxLxHxE.reshape(b, l, kh, h // kh, e)
     s_BxKxGxLxS = jnp.einsum("blkge,bske->bkgls", q, k_BxSxKxE,
                              preferred_element_type=jnp.float32) / math.sqrt(e)
     s_BxKxGxLxS = jnp.where(mask_BxLxS[:, None, None], s_BxKxGxLxS, _NEG_INF)
     p = jax.nn.softmax(s_BxKxGxLxS, axis=-1).astype(v_BxSxKxE.dtype)
     o = jnp.einsum("bkgls,bske->blkge", p, v_BxSxKxE)
-    return self.o_proj(o.reshape(b, l, h * e))
+    return o.reshape(b, l, h, e)
 
-  def __call__(self, x_BxLxD, positions_BxL, mask_BxLxL):
+  def attend_causal(self, q_BxLxHxE, k_BxLxKxE, v_BxLxKxE, mask_BxLxL):
+    """`attend` for a mask that is causal by index (key j > query i never allowed), such as
+    `attention_mask`'s: query block [i, i+C) only looks at keys [0, i+C), so the fully masked
+    blocks above the diagonal are skipped. Same result as `attend`, also on rows with no
+    allowed key at all (padding), whose softmax is uniform over all L keys."""
+    b, l, h, e = q_BxLxHxE.shape
+    c = _CAUSAL_BLOCK
+    if l <= c:
+      return self.attend(q_BxLxHxE, k_BxLxKxE, v_BxLxKxE, mask_BxLxL)
+    blocks = []
+    for i in range(0, l, c):
+      end = min(i + c, l)
+      blocks.append(self._softmax_attention(q_BxLxHxE[:, i:end], k_BxLxKxE[:, :end],
+                                            v_BxLxKxE[:, :end], mask_BxLxL[:, i:end, :end]))
+    o_BxLxHxE = jnp.concatenate(blocks, axis=1)
+    kh = k_BxLxKxE.shape[2]
+    mean_v_Bx1xHxE = jnp.repeat(
+        jnp.mean(v_BxLxKxE.astype(jnp.float32), axis=1, keepdims=True), h // kh, axis=2)
+    empty_BxL = ~jnp.any(mask_BxLxL, axis=-1)
+    o_BxLxHxE = jnp.where(empty_BxL[:, :, None, None], mean_v_Bx1xHxE.astype(o_BxLxHxE.dtype),
+                          o_BxLxHxE)
+    return self.o_proj(o_BxLxHxE.reshape(b, l, h * e))
+
+  def __call__(self, x_BxLxD, positions_BxL, mask_BxLxL, *, causal: bool = False):
+    """`causal=True` promises that the mask is causal by index (see `attend_causal`)."""
     q, k, v = self.qkv(x_BxLxD, positions_BxL)
+    if causal:
+      return self.attend_causal(q, k, v, mask_BxLxL)
     return self.attend(q, k, v, mask_BxLxL)
 
 
@@ -183,8 +230,9 @@ class Block(nnx.Module):
     self.post_attention_layernorm = RMSNorm(cfg.d_model, cfg.norm_eps, cfg)
     self.mlp = MLP(cfg, layer, rngs)
 
-  def __call__(self, x_BxLxD, positions_BxL, mask_BxLxL):
-    x_BxLxD = x_BxLxD + self.self_attn(self.input_layernorm(x_BxLxD), positions_BxL, mask_BxLxL)
+  def __call__(self, x_BxLxD, positions_BxL, mask_BxLxL, *, causal: bool = False):
+    x_BxLxD = x_BxLxD + self.self_attn(self.input_layernorm(x_BxLxD), positions_BxL, mask_BxLxL,
+                                       causal=causal)
     return x_BxLxD + self.mlp(self.post_attention_layernorm(x_BxLxD))
 
 
@@ -217,7 +265,10 @@ class Decoder(nnx.Module):
     """Final norm and output projection; logits in float32."""
     x = self.norm(x_BxLxD)
     w_DxV = self.embed_tokens[...].T if self.cfg.tie_embeddings else self.lm_head[...]
-    return jnp.einsum("bld,dv->blv", x, w_DxV.astype(x.dtype), preferred_element_type=jnp.float32)
+    # As in Linear: one flattened token dim keeps the weight gradient's layout cheap on CPU.
+    y = jnp.dot(x.reshape(-1, x.shape[-1]), w_DxV.astype(x.dtype),
+                preferred_element_type=jnp.float32)
+    return y.reshape(x.shape[:-1] + y.shape[-1:])
 
   def __call__(self, tokens_BxL: jax.Array, positions_BxL: jax.Array | None = None,
                segment_ids_BxL: jax.Array | None = None) -> jax.Array:
@@ -229,7 +280,7 @@ class Decoder(nnx.Module):
     x = self.embed(tokens_BxL)
     for block in self.layers:
       if self.cfg.remat:
-        x = nnx.remat(lambda blk, x: blk(x, positions_BxL, mask))(block, x)
+        x = nnx.remat(lambda blk, x: blk(x, positions_BxL, mask, causal=True))(block, x)
       else:
-        x = block(x, positions_BxL, mask)
+        x = block(x, positions_BxL, mask, causal=True)
     return self.logits(x)

@@ -97,6 +97,20 @@ def _check_names(path: str, tensors: dict, expected: dict[str, tuple], tied: boo
                      "model config does not use")
 
 
+def base_layout(cfg: ModelConfig) -> tuple[dict, dict]:
+  """Flat {path: ShapeDtypeStruct} and {path: logical axes} of the base (non-LoRA) params.
+
+  Equal to `model_spec(cfg)`'s base leaves, but traced for one layer and repeated, since
+  tracing every layer's init costs seconds on big models.
+  """
+  one = model_spec(cfg.replace(n_layers=1, lora=None))
+  abstract = _flat(one.abstract[0])
+  axes = traversals.flatten_mapping(one.axes[0], is_leaf=lambda _, x: isinstance(x, tuple))
+  expand = lambda p: [("layers", i) + p[2:] for i in range(cfg.n_layers)] if p[0] == "layers" else [p]
+  return ({q: abstract[p] for p in abstract for q in expand(p)},
+          {q: axes[p] for p in axes for q in expand(p)})
+
+
 def init_lora(spec: ModelSpec, mesh, seed: int = 0, rules=sharding_lib.DEFAULT_RULES) -> dict:
   """Fresh adapters (A random, B zero) from the decoder's own init; base weights never materialise."""
   def init():
@@ -110,19 +124,20 @@ def load_hf(path: str, mesh, *, dtype: str | None = None, param_dtype: str | Non
             seed: int = 0) -> tuple[ModelConfig, dict, dict]:
   """(cfg, trainable, frozen) from an HF folder; base weights are frozen when `lora` is set.
 
-  `param_dtype` defaults to the checkpoint's dtype (bf16 stays bf16) and `dtype` (compute) to
-  `param_dtype`. Adapters, when `lora` is given, are initialised from `seed`.
+  `param_dtype` defaults to the stored tensors' dtype (bf16 stays bf16) and `dtype` (compute)
+  to `param_dtype`. Adapters, when `lora` is given, are initialised from `seed`.
   """
   path = os.fspath(path)
   cfg = hf_config.config_from_hf(path)
-  param_dtype = param_dtype or cfg.param_dtype
-  cfg = cfg.replace(param_dtype=param_dtype, dtype=dtype or param_dtype, lora=lora)
-  spec = model_spec(cfg)
-  base = 1 if lora is not None else 0
-  abstract = _flat(spec.abstract[base])
-  shardings = _flat(spec.shardings(mesh, rules)[base])
-  names = {p: hf_name(p) for p in abstract}
   tensors = safetensors_io.checkpoint_tensors(path)
+  embed = tensors.get("model.embed_tokens.weight")
+  stored = embed.dtype.name if embed is not None else cfg.param_dtype  # trust the file over config
+  param_dtype = param_dtype or stored
+  cfg = cfg.replace(param_dtype=param_dtype, dtype=dtype or param_dtype, lora=lora)
+  abstract, axes = base_layout(cfg)
+  shardings = {p: jax.sharding.NamedSharding(
+      mesh, sharding_lib.logical_to_spec(axes[p], a.shape, mesh, rules)) for p, a in abstract.items()}
+  names = {p: hf_name(p) for p in abstract}
   _check_names(path, tensors, {n: p for p, (n, _) in names.items()}, cfg.tie_embeddings)
   for p, (name, transpose) in names.items():
     want = abstract[p].shape[::-1] if transpose else abstract[p].shape
@@ -136,7 +151,7 @@ def load_hf(path: str, mesh, *, dtype: str | None = None, param_dtype: str | Non
   params = _unflat(arrays)
   if lora is None:
     return cfg, params, {}
-  return cfg, init_lora(spec, mesh, seed, rules), params
+  return cfg, init_lora(model_spec(cfg), mesh, seed, rules), params
 
 
 def _to_host(x: jax.Array) -> np.ndarray:
@@ -168,7 +183,7 @@ def export_hf(path: str, cfg: ModelConfig, params: dict, *, tokenizer_dir: str |
   """
   path = os.fspath(path)
   cfg = cfg.replace(lora=None)
-  abstract = _flat(model_spec(cfg).abstract[0])
+  abstract, _ = base_layout(cfg)
   flat = _flat(params)
   if set(flat) != set(abstract):
     extra, missing = sorted(set(flat) - set(abstract)), sorted(set(abstract) - set(flat))
@@ -191,6 +206,9 @@ def export_hf(path: str, cfg: ModelConfig, params: dict, *, tokenizer_dir: str |
   writer = jax.process_index() == 0
   if writer:
     os.makedirs(path, exist_ok=True)
+    for f in os.listdir(path):  # stale weights would shadow (model.safetensors) or linger
+      if f == safetensors_io.SINGLE_FILE or (f.startswith("model-") and f.endswith(".safetensors")):
+        os.remove(os.path.join(path, f))
   weight_map, files = {}, []
   for k, names in enumerate(shards):
     file = f"model-{k + 1:05d}-of-{len(shards):05d}.safetensors"

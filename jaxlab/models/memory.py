@@ -12,7 +12,6 @@ import argparse
 import dataclasses
 import math
 
-import jax
 import jax.numpy as jnp
 from flax.nnx import traversals
 from jax.sharding import AbstractMesh

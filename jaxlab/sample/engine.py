@@ -4,6 +4,8 @@ Prompts are sorted by length, cut into batches of `batch_size` rows (the last
 one filled with dummy rows), left-padded to the smallest bucket that fits, and
 run through one compiled `sample` per (batch, bucket, settings) key. A long
 eval therefore compiles a handful of times; `compile_count` says how many.
+Single-process (it device_puts whole host arrays); on a multi-host pod call
+`sampler.sample` inside your own jit on global arrays instead.
 """
 from __future__ import annotations
 
@@ -45,13 +47,20 @@ class Sampler:
 
   def __init__(self, spec: ModelSpec, trainable: dict, frozen: dict, *, mesh: Mesh,
                batch_size: int, stop_ids: Sequence[int], pad_id: int,
-               rules=sharding_lib.DEFAULT_RULES, buckets: Sequence[int] = DEFAULT_BUCKETS):
-    self.spec, self.trainable, self.frozen = spec, trainable, frozen
-    self.mesh, self.rules = mesh, rules
+               rules=sharding_lib.DEFAULT_RULES, buckets: Sequence[int] = DEFAULT_BUCKETS,
+               compiler_options: dict | None = None):
+    self.spec, self.mesh, self.rules = spec, mesh, rules
+    self.param_shardings = spec.shardings(mesh, rules)
+    self.trainable, self.frozen = jax.device_put((trainable, frozen), self.param_shardings)
+    self.compiler_options = compiler_options
     self.batch_size, self.buckets = batch_size, tuple(sorted(buckets))
     self.stop_ids, self.pad_id = tuple(int(i) for i in stop_ids), int(pad_id)
     self.compile_count = 0
     self._compiled = {}
+
+  def set_params(self, trainable: dict, frozen: dict) -> None:
+    """Swaps in other weights of the same architecture (another checkpoint) without recompiling."""
+    self.trainable, self.frozen = jax.device_put((trainable, frozen), self.param_shardings)
 
   def _fn(self, p: int, max_new_tokens: int, temperature: float, top_p: float, top_k: int):
     key = (self.batch_size, p, max_new_tokens, float(temperature), float(top_p), int(top_k))
@@ -65,20 +74,19 @@ class Sampler:
           ("batch", None), (self.batch_size, p), self.mesh, self.rules))
       rows1 = NamedSharding(self.mesh, P(*rows.spec[:1]))
       rep = NamedSharding(self.mesh, P())
-      param_sh = self.spec.shardings(self.mesh, self.rules)
-      jitted = jax.jit(fn, in_shardings=(*param_sh, rows, rows1, rep, rows1))
+      jitted = jax.jit(fn, in_shardings=(*self.param_shardings, rows, rows1, rep, rows1))
       b = self.batch_size
       self._compiled[key] = (jitted.lower(
           self.trainable, self.frozen, jax.ShapeDtypeStruct((b, p), jnp.int32),
           jax.ShapeDtypeStruct((b,), jnp.int32), jax.ShapeDtypeStruct((), jnp.uint32),
-          jax.ShapeDtypeStruct((b,), jnp.int32)).compile(), rows, rows1)
+          jax.ShapeDtypeStruct((b,), jnp.int32)).compile(self.compiler_options), rows, rows1)
       self.compile_count += 1
     return self._compiled[key]
 
   def generate(self, prompts: Sequence[Sequence[int]], *, seed: int, max_new_tokens: int,
                temperature: float = 1.0, top_p: float = 1.0, top_k: int = 0,
                row_ids: Sequence[int] | None = None) -> list[Completion]:
-    """One Completion per prompt, in order; row_ids (default: the index) pick each row's RNG stream."""
+    """One Completion per prompt, in order; row_ids (default: the index) key each row's RNG."""
     prompts = [np.asarray(x, np.int32) for x in prompts]
     if any(len(x) == 0 for x in prompts):
       raise ValueError("every prompt needs at least one token")

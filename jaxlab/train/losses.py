@@ -6,9 +6,12 @@ import jax.numpy as jnp
 
 
 def token_nll(logits_BxLxV: jax.Array, targets_BxL: jax.Array) -> jax.Array:
-  """-log p(target) per position, in float32."""
-  logp = jax.nn.log_softmax(logits_BxLxV.astype(jnp.float32), axis=-1)
-  return -jnp.take_along_axis(logp, targets_BxL[..., None], axis=-1)[..., 0]
+  """-log p(target) per position, in float32: logsumexp(logits) - logits[target].
+
+  (The same value as -log_softmax(logits)[target] without materialising log_softmax.)"""
+  logits = logits_BxLxV.astype(jnp.float32)
+  target_logit = jnp.take_along_axis(logits, targets_BxL[..., None], axis=-1)[..., 0]
+  return jax.nn.logsumexp(logits, axis=-1) - target_logit
 
 
 def masked_nll_sum(logits_BxLxV: jax.Array, targets_BxL: jax.Array,

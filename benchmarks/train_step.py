@@ -1,0 +1,298 @@
+"""SFT step throughput: jaxlab's jitted, donated train step against an equivalent PyTorch loop.
+
+  python benchmarks/train_step.py [--steps 6] [--warmup 2] [--out results.json]
+
+Same shapes on both sides (defaults: 4 layers, d_model 512, 8 heads / 8 kv heads, MLP 1376,
+vocab 8192, batch 8, length 512, float32) and the same math: full causal attention, full-vocab
+softmax cross-entropy averaged over every token of the batch (loss mask all ones), AdamW on all
+parameters (weight decay on matrices only, on both sides), no gradient clipping unless --clip.
+
+* jaxlab: `make_sft_step` + `jit_step` (explicit shardings, donated state) on a 1-device mesh.
+* PyTorch: transformers' `LlamaForCausalLM` (untied head), `torch.optim.AdamW`, a plain loop of
+  forward(labels -> loss), backward, step, zero_grad, `torch.set_num_threads(--threads)`.
+  Both attention implementations ("sdpa", "eager") are timed; the faster is the reference.
+
+Each side runs in its own child process (so neither framework's thread pool competes with the
+other's), one after the other, inside this one run. Each child also measures the float32
+matmul peak of its framework (best of several n x n products, FLOPs = 2 n^3). Peak = the larger
+of the two. MFU = flops_per_token(cfg, length) * tokens/s / peak, with jaxlab's
+`jaxlab.models.config.flops_per_token` (6N + attention; the causal half is not subtracted).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if ROOT not in sys.path:
+  sys.path.insert(0, ROOT)
+
+SIZES = dict(n_layers=4, d_model=512, n_heads=8, n_kv_heads=8, d_ff=1376, vocab=8192,
+             batch=8, length=512)
+
+
+def _batch_np(sizes, seed=0):
+  import numpy as np
+  rng = np.random.default_rng(seed)
+  toks = rng.integers(0, sizes["vocab"], (sizes["batch"], sizes["length"] + 1)).astype(np.int32)
+  return toks[:, :-1], toks[:, 1:]
+
+
+def _timeit(fn, sync, warmup, steps):
+  """Runs fn warmup times, then `steps` timed calls; returns (per-step seconds, first-call s)."""
+  t0 = time.perf_counter()
+  sync(fn())
+  first = time.perf_counter() - t0
+  for _ in range(warmup - 1):
+    sync(fn())
+  times = []
+  for _ in range(steps):
+    t0 = time.perf_counter()
+    sync(fn())
+    times.append(time.perf_counter() - t0)
+  return times, first
+
+
+# ----------------------------------------------------------------------------------- jaxlab
+
+
+def jax_matmul_peak(sizes=(2048, 3072), repeats=5):
+  import jax
+  import jax.numpy as jnp
+  best = 0.0
+  for n in sizes:
+    ka, kb = jax.random.split(jax.random.key(n))
+    a = jax.random.normal(ka, (n, n), jnp.float32)
+    b = jax.random.normal(kb, (n, n), jnp.float32)
+    f = jax.jit(lambda a, b: jnp.dot(a, b, precision="highest"))
+    f(a, b).block_until_ready()
+    for _ in range(repeats):
+      t0 = time.perf_counter()
+      f(a, b).block_until_ready()
+      best = max(best, 2 * n**3 / (time.perf_counter() - t0))
+  return best
+
+
+def run_jax(args, sizes):
+  import jax
+  import ml_collections
+  import numpy as np
+
+  from jaxlab import sharding
+  from jaxlab.models import ModelConfig
+  from jaxlab.models.config import flops_per_token, num_params
+  from jaxlab.models.params import model_spec
+  from jaxlab.train import optim, sft
+  from jaxlab.train import state as state_lib
+
+  cfg = ModelConfig(vocab_size=sizes["vocab"], d_model=sizes["d_model"],
+                    n_layers=sizes["n_layers"], n_heads=sizes["n_heads"],
+                    n_kv_heads=sizes["n_kv_heads"], d_ff=sizes["d_ff"], norm_eps=1e-6,
+                    dtype="float32", param_dtype="float32")
+  mesh = sharding.make_mesh((1, 1, 1), jax.devices()[:1])
+  spec = model_spec(cfg)
+  ocfg = ml_collections.ConfigDict(dict(
+      lr=1e-4, warmup_steps=0, decay="constant", end_ratio=1.0, weight_decay=0.01,
+      clip_norm=1.0 if args.clip else 0.0, b1=0.9, b2=0.999, eps=1e-8))
+  opt, sched = optim.make_optimizer(ocfg, 1000)
+  state_sh = state_lib.state_shardings(spec, opt, mesh, sharding.DEFAULT_RULES)
+  inputs, targets = _batch_np(sizes)
+  b, l = inputs.shape
+  host = {"inputs": inputs, "targets": targets,
+          "positions": np.tile(np.arange(l, dtype=np.int32), (b, 1)),
+          "segment_ids": np.ones((b, l), np.int32),
+          "loss_mask": np.ones((b, l), np.float32)}
+  batch_sh = {k: sharding.batch_sharding(mesh, 2) for k in host}
+  batch = {k: jax.device_put(v, batch_sh[k]) for k, v in host.items()}
+  step = sft.jit_step(sft.make_sft_step(spec, opt, sched), state_sh, batch_sh, mesh)
+  state = state_lib.create_state(spec, opt, mesh, sharding.DEFAULT_RULES, seed=0)
+
+  holder = {"state": state, "m": None}
+
+  def one():
+    holder["state"], holder["m"] = step(holder["state"], batch)
+    return holder["m"]
+
+  times, first = _timeit(one, jax.block_until_ready, args.warmup, args.steps)
+  losses = [float(holder["m"]["loss"])]
+  cost = None
+  if args.cost:
+    compiled = step.lower(holder["state"], batch).compile()
+    ca = compiled.cost_analysis()
+    ca = ca[0] if isinstance(ca, (list, tuple)) else ca
+    cost = {k: float(v) for k, v in (ca or {}).items() if k in ("flops", "bytes accessed")}
+  return {
+      "side": "jaxlab", "step_s": times, "first_call_s": first, "final_loss": losses[-1],
+      "params": num_params(cfg), "flops_per_token": flops_per_token(cfg, sizes["length"]),
+      "matmul_peak_flops": jax_matmul_peak(), "jax": jax.__version__,
+      "devices": str(jax.devices()), "xla_flags": os.environ.get("XLA_FLAGS", ""),
+      "hlo_cost": cost,
+  }
+
+
+# ---------------------------------------------------------------------------------- PyTorch
+
+
+def torch_matmul_peak(sizes=(2048, 3072), repeats=5):
+  import torch
+  best = 0.0
+  for n in sizes:
+    g = torch.Generator().manual_seed(n)
+    a = torch.randn(n, n, generator=g)
+    b = torch.randn(n, n, generator=g)
+    torch.mm(a, b)
+    for _ in range(repeats):
+      t0 = time.perf_counter()
+      torch.mm(a, b)
+      best = max(best, 2 * n**3 / (time.perf_counter() - t0))
+  return best
+
+
+def run_torch(args, sizes, attn):
+  import torch
+  import transformers
+
+  torch.set_num_threads(args.threads)
+  torch.manual_seed(0)
+  config = transformers.LlamaConfig(
+      vocab_size=sizes["vocab"], hidden_size=sizes["d_model"], intermediate_size=sizes["d_ff"],
+      num_hidden_layers=sizes["n_layers"], num_attention_heads=sizes["n_heads"],
+      num_key_value_heads=sizes["n_kv_heads"], max_position_embeddings=sizes["length"],
+      rms_norm_eps=1e-6, rope_theta=10000.0, tie_word_embeddings=False, attention_bias=False,
+      mlp_bias=False, attn_implementation=attn, dtype="float32")
+  model = transformers.LlamaForCausalLM(config).float().train()
+  decay = [p for p in model.parameters() if p.ndim >= 2]
+  no_decay = [p for p in model.parameters() if p.ndim < 2]
+  opt = torch.optim.AdamW([{"params": decay, "weight_decay": 0.01},
+                           {"params": no_decay, "weight_decay": 0.0}],
+                          lr=1e-4, betas=(0.9, 0.999), eps=1e-8)
+  inputs, targets = _batch_np(sizes)
+  inputs = torch.from_numpy(inputs).long()
+  targets = torch.from_numpy(targets).long()
+  holder = {}
+
+  def one():
+    # `shift_labels` = the already-shifted targets: the loss covers all batch*length tokens.
+    out = model(input_ids=inputs, labels=targets, shift_labels=targets)
+    out.loss.backward()
+    if args.clip:
+      torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+    holder["loss"] = out.loss
+    return out.loss
+
+  times, first = _timeit(one, lambda x: x.item(), args.warmup, args.steps)
+  return {"side": f"torch-{attn}", "step_s": times, "first_call_s": first,
+          "final_loss": float(holder["loss"]), "attn_implementation": attn,
+          "params": sum(p.numel() for p in model.parameters()),
+          "matmul_peak_flops": torch_matmul_peak(), "torch": torch.__version__,
+          "transformers": transformers.__version__, "threads": torch.get_num_threads()}
+
+
+# ------------------------------------------------------------------------------------ driver
+
+
+def _child(args, side):
+  cmd = [sys.executable, os.path.abspath(__file__), "--child", side,
+         "--steps", str(args.steps), "--warmup", str(args.warmup),
+         "--threads", str(args.threads), "--sizes", json.dumps(args.sizes_dict)]
+  cmd += ["--clip"] if args.clip else []
+  cmd += ["--cost"] if args.cost else []
+  proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
+  if proc.returncode:
+    sys.stderr.write(proc.stdout + proc.stderr)
+    raise SystemExit(f"{side} child failed with exit code {proc.returncode}")
+  return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def _summarise(res, tokens):
+  import statistics
+  times = res["step_s"]
+  res["mean_step_s"] = sum(times) / len(times)
+  res["median_step_s"] = statistics.median(times)
+  res["tokens_per_s"] = tokens / res["mean_step_s"]
+  return res
+
+
+def main():
+  p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+  p.add_argument("--steps", type=int, default=6, help="timed steps per side")
+  p.add_argument("--warmup", type=int, default=2, help="untimed steps first (1st compiles)")
+  p.add_argument("--threads", type=int, default=2, help="torch.set_num_threads")
+  p.add_argument("--attn", default="sdpa,eager", help="torch attention implementations to time")
+  p.add_argument("--clip", action="store_true", help="clip gradients to norm 1 on both sides")
+  p.add_argument("--cost", action="store_true", help="add XLA's HLO cost analysis of the step")
+  p.add_argument("--sides", default="jax,torch", help="which sides to run")
+  p.add_argument("--sizes", default=None, help="JSON dict overriding the default shapes")
+  p.add_argument("--out", default=None, help="write the results as JSON here")
+  p.add_argument("--child", default=None, help=argparse.SUPPRESS)
+  args = p.parse_args()
+  sizes = dict(SIZES, **(json.loads(args.sizes) if args.sizes else {}))
+  args.sizes_dict = sizes
+
+  if args.child:
+    res = run_jax(args, sizes) if args.child == "jax" else run_torch(args, sizes, args.child)
+    print(json.dumps(res))
+    return
+
+  tokens = sizes["batch"] * sizes["length"]
+  sides = args.sides.split(",")
+  results = {}
+  if "jax" in sides:
+    results["jaxlab"] = _summarise(_child(args, "jax"), tokens)
+  if "torch" in sides:
+    for attn in args.attn.split(","):
+      results[f"torch-{attn}"] = _summarise(_child(args, attn), tokens)
+  torch_keys = [k for k in results if k.startswith("torch")]
+  best_torch = max(torch_keys, key=lambda k: results[k]["tokens_per_s"]) if torch_keys else None
+  peaks = {k: r["matmul_peak_flops"] for k, r in results.items()}
+  jax_peak = results["jaxlab"]["matmul_peak_flops"] if "jaxlab" in results else 0.0
+  torch_peak = max((results[k]["matmul_peak_flops"] for k in torch_keys), default=0.0)
+  peak = max(jax_peak, torch_peak)
+  from jaxlab.models import ModelConfig
+  from jaxlab.models.config import flops_per_token
+  fpt = flops_per_token(ModelConfig(
+      vocab_size=sizes["vocab"], d_model=sizes["d_model"], n_layers=sizes["n_layers"],
+      n_heads=sizes["n_heads"], n_kv_heads=sizes["n_kv_heads"], d_ff=sizes["d_ff"]),
+      sizes["length"])
+  for r in results.values():
+    r["mfu"] = fpt * r["tokens_per_s"] / peak
+    r["model_tflops_per_s"] = fpt * r["tokens_per_s"] / 1e12
+  summary = {
+      "sizes": sizes, "tokens_per_step": tokens, "flops_per_token": fpt,
+      "matmul_peak_flops": {"jax": jax_peak, "torch": torch_peak, "used": peak},
+      "torch_reference": best_torch, "results": results,
+  }
+  if "jaxlab" in results and best_torch:
+    summary["ratio_jaxlab_over_torch"] = (results["jaxlab"]["tokens_per_s"]
+                                          / results[best_torch]["tokens_per_s"])
+
+  print(f"\nSFT train step, {sizes['n_layers']} layers, d_model {sizes['d_model']}, "
+        f"{sizes['n_heads']}/{sizes['n_kv_heads']} heads, MLP {sizes['d_ff']}, vocab "
+        f"{sizes['vocab']}, batch {sizes['batch']} x length {sizes['length']}, float32, AdamW; "
+        f"{args.steps} timed steps after {args.warmup} warm-up")
+  print(f"model FLOPs/token {fpt / 1e6:.1f} M; matmul peak: jax {jax_peak / 1e9:.1f} GFLOP/s, "
+        f"torch {torch_peak / 1e9:.1f} GFLOP/s (peak used {peak / 1e9:.1f})")
+  hdr = f"{'side':<14} {'step s (mean)':>13} {'min':>7} {'tokens/s':>9} {'GFLOP/s':>8} {'MFU':>6} {'loss':>8}"
+  print(hdr)
+  print("-" * len(hdr))
+  for k, r in results.items():
+    mark = " *" if k == best_torch else ""
+    print(f"{k:<14} {r['mean_step_s']:>13.3f} {min(r['step_s']):>7.3f} {r['tokens_per_s']:>9.0f} "
+          f"{r['model_tflops_per_s'] * 1e3:>8.1f} {r['mfu']:>6.1%} {r['final_loss']:>8.4f}{mark}")
+  if "ratio_jaxlab_over_torch" in summary:
+    print(f"jaxlab / {best_torch} (* = faster torch attention): "
+          f"{summary['ratio_jaxlab_over_torch']:.3f}x  (target >= 1.15x)")
+  if args.out:
+    with open(args.out, "w") as f:
+      json.dump(summary, f, indent=2)
+  return summary
+
+
+if __name__ == "__main__":
+  main()

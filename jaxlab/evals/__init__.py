@@ -1,0 +1,1 @@
+"""Evaluation: question sets, answer sampling, judges (local, HTTP, rule), metrics and reports."""
