@@ -1,6 +1,6 @@
 """SFT step throughput: jaxlab's jitted, donated train step against an equivalent PyTorch loop.
 
-  python benchmarks/train_step.py [--steps 6] [--warmup 2] [--out results.json]
+  python benchmarks/train_step.py [--steps 6] [--rounds 1] [--alloc both] [--out results.json]
 
 Same shapes on both sides (defaults: 4 layers, d_model 512, 8 heads / 8 kv heads, MLP 1376,
 vocab 8192, batch 8, length 512, float32) and the same math: full causal attention, full-vocab
@@ -12,11 +12,19 @@ parameters (weight decay on matrices only, on both sides), no gradient clipping 
   forward(labels -> loss), backward, step, zero_grad, `torch.set_num_threads(--threads)`.
   Both attention implementations ("sdpa", "eager") are timed; the faster is the reference.
 
-Each side runs in its own child process (so neither framework's thread pool competes with the
-other's), one after the other, inside this one run. Each child also measures the float32
-matmul peak of its framework (best of several n x n products, FLOPs = 2 n^3). Peak = the larger
-of the two. MFU = flops_per_token(cfg, length) * tokens/s / peak, with jaxlab's
-`jaxlab.models.config.flops_per_token` (6N + attention; the causal half is not subtracted).
+Each configuration runs in its own child process, one after the other (never two at once, so
+neither framework's thread pool competes with the other's), `--rounds` times interleaved. Each
+child also measures its framework's float32 matmul peak (best of several n x n products,
+FLOPs = 2 n^3); the peak used for MFU is the largest measured. MFU = flops_per_token(cfg,
+length) * tokens/s / peak, with jaxlab's `jaxlab.models.config.flops_per_token` (6N + attention,
+the causal half not subtracted). tokens/s uses the median step time (robust to a noisy
+neighbour); the best step is reported too.
+
+Host allocator (`--alloc`): XLA:CPU allocates one temp buffer per step (about 1.7 GB here) and
+glibc serves it from a fresh mmap every time: ~420k page faults a step. The "tuned" setting
+runs a child with GLIBC_TUNABLES=TUNED_GLIBC (transparent huge pages, one arena, no mmap, no
+trim), which removes them. With --alloc both (default) every side runs under both settings, and
+the ratio compares the best of each side (and, separately, default vs default).
 """
 from __future__ import annotations
 
@@ -30,6 +38,9 @@ import time
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
   sys.path.insert(0, ROOT)
+
+TUNED_GLIBC = ("glibc.malloc.hugetlb=1:glibc.malloc.arena_max=1:glibc.malloc.mmap_max=0:"
+               "glibc.malloc.trim_threshold=100000000000")
 
 SIZES = dict(n_layers=4, d_model=512, n_heads=8, n_kv_heads=8, d_ff=1376, vocab=8192,
              batch=8, length=512)
@@ -197,34 +208,56 @@ def run_torch(args, sizes, attn):
 # ------------------------------------------------------------------------------------ driver
 
 
-def _child(args, side):
+def _child(args, side, alloc):
   cmd = [sys.executable, os.path.abspath(__file__), "--child", side,
          "--steps", str(args.steps), "--warmup", str(args.warmup),
          "--threads", str(args.threads), "--sizes", json.dumps(args.sizes_dict)]
   cmd += ["--clip"] if args.clip else []
   cmd += ["--cost"] if args.cost else []
-  proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
+  env = dict(os.environ)
+  if alloc == "tuned":
+    env["GLIBC_TUNABLES"] = TUNED_GLIBC
+  else:
+    env.pop("GLIBC_TUNABLES", None)
+  load0 = os.getloadavg()[0]
+  proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env=env)
   if proc.returncode:
     sys.stderr.write(proc.stdout + proc.stderr)
-    raise SystemExit(f"{side} child failed with exit code {proc.returncode}")
-  return json.loads(proc.stdout.strip().splitlines()[-1])
+    raise SystemExit(f"{side} ({alloc}) child failed with exit code {proc.returncode}")
+  res = json.loads(proc.stdout.strip().splitlines()[-1])
+  res["loadavg_1m"] = [load0, os.getloadavg()[0]]
+  return res
+
+
+def _merge(acc, res):
+  if acc is None:
+    return res
+  acc["step_s"] += res["step_s"]
+  acc["matmul_peak_flops"] = max(acc["matmul_peak_flops"], res["matmul_peak_flops"])
+  acc["loadavg_1m"] += res["loadavg_1m"]
+  return acc
 
 
 def _summarise(res, tokens):
   import statistics
   times = res["step_s"]
-  res["mean_step_s"] = sum(times) / len(times)
   res["median_step_s"] = statistics.median(times)
-  res["tokens_per_s"] = tokens / res["mean_step_s"]
+  res["mean_step_s"] = sum(times) / len(times)
+  res["best_step_s"] = min(times)
+  res["tokens_per_s"] = tokens / res["median_step_s"]
+  res["tokens_per_s_best_step"] = tokens / res["best_step_s"]
   return res
 
 
 def main():
   p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-  p.add_argument("--steps", type=int, default=6, help="timed steps per side")
+  p.add_argument("--steps", type=int, default=6, help="timed steps per child")
   p.add_argument("--warmup", type=int, default=2, help="untimed steps first (1st compiles)")
+  p.add_argument("--rounds", type=int, default=1, help="run every configuration this often")
   p.add_argument("--threads", type=int, default=2, help="torch.set_num_threads")
   p.add_argument("--attn", default="sdpa,eager", help="torch attention implementations to time")
+  p.add_argument("--alloc", default="both", choices=["both", "default", "tuned"],
+                 help="glibc allocator setting of the children (see the module docstring)")
   p.add_argument("--clip", action="store_true", help="clip gradients to norm 1 on both sides")
   p.add_argument("--cost", action="store_true", help="add XLA's HLO cost analysis of the step")
   p.add_argument("--sides", default="jax,torch", help="which sides to run")
@@ -242,16 +275,28 @@ def main():
 
   tokens = sizes["batch"] * sizes["length"]
   sides = args.sides.split(",")
+  allocs = ["default", "tuned"] if args.alloc == "both" else [args.alloc]
+  configs = []
+  for alloc in allocs:
+    if "jax" in sides:
+      configs.append(("jaxlab", "jax", alloc))
+    if "torch" in sides:
+      configs += [(f"torch-{a}", a, alloc) for a in args.attn.split(",")]
   results = {}
-  if "jax" in sides:
-    results["jaxlab"] = _summarise(_child(args, "jax"), tokens)
-  if "torch" in sides:
-    for attn in args.attn.split(","):
-      results[f"torch-{attn}"] = _summarise(_child(args, attn), tokens)
-  torch_keys = [k for k in results if k.startswith("torch")]
-  best_torch = max(torch_keys, key=lambda k: results[k]["tokens_per_s"]) if torch_keys else None
-  peaks = {k: r["matmul_peak_flops"] for k, r in results.items()}
-  jax_peak = results["jaxlab"]["matmul_peak_flops"] if "jaxlab" in results else 0.0
+  for _ in range(args.rounds):
+    for name, side, alloc in configs:
+      key = f"{name} [{alloc}]"
+      print(f"running {key} ...", file=sys.stderr, flush=True)
+      results[key] = _merge(results.get(key), _child(args, side, alloc))
+      results[key].update(name=name, alloc=alloc)
+  for r in results.values():
+    _summarise(r, tokens)
+
+  jax_keys = [k for k in results if results[k]["name"] == "jaxlab"]
+  torch_keys = [k for k in results if results[k]["name"].startswith("torch")]
+  fastest = lambda keys: max(keys, key=lambda k: results[k]["tokens_per_s"]) if keys else None
+  best_jax, best_torch = fastest(jax_keys), fastest(torch_keys)
+  jax_peak = max((results[k]["matmul_peak_flops"] for k in jax_keys), default=0.0)
   torch_peak = max((results[k]["matmul_peak_flops"] for k in torch_keys), default=0.0)
   peak = max(jax_peak, torch_peak)
   from jaxlab.models import ModelConfig
@@ -262,32 +307,44 @@ def main():
       sizes["length"])
   for r in results.values():
     r["mfu"] = fpt * r["tokens_per_s"] / peak
-    r["model_tflops_per_s"] = fpt * r["tokens_per_s"] / 1e12
+    r["model_gflops_per_s"] = fpt * r["tokens_per_s"] / 1e9
   summary = {
       "sizes": sizes, "tokens_per_step": tokens, "flops_per_token": fpt,
       "matmul_peak_flops": {"jax": jax_peak, "torch": torch_peak, "used": peak},
-      "torch_reference": best_torch, "results": results,
+      "jaxlab_best": best_jax, "torch_reference": best_torch, "results": results,
   }
-  if "jaxlab" in results and best_torch:
-    summary["ratio_jaxlab_over_torch"] = (results["jaxlab"]["tokens_per_s"]
-                                          / results[best_torch]["tokens_per_s"])
+  ratios = {}
+  if best_jax and best_torch:
+    ratios["best_vs_best"] = results[best_jax]["tokens_per_s"] / results[best_torch]["tokens_per_s"]
+    for alloc in allocs:
+      j = fastest([k for k in jax_keys if results[k]["alloc"] == alloc])
+      t = fastest([k for k in torch_keys if results[k]["alloc"] == alloc])
+      if j and t:
+        ratios[f"{alloc}_vs_{alloc}"] = results[j]["tokens_per_s"] / results[t]["tokens_per_s"]
+  summary["ratio_jaxlab_over_torch"] = ratios
 
   print(f"\nSFT train step, {sizes['n_layers']} layers, d_model {sizes['d_model']}, "
         f"{sizes['n_heads']}/{sizes['n_kv_heads']} heads, MLP {sizes['d_ff']}, vocab "
-        f"{sizes['vocab']}, batch {sizes['batch']} x length {sizes['length']}, float32, AdamW; "
-        f"{args.steps} timed steps after {args.warmup} warm-up")
-  print(f"model FLOPs/token {fpt / 1e6:.1f} M; matmul peak: jax {jax_peak / 1e9:.1f} GFLOP/s, "
-        f"torch {torch_peak / 1e9:.1f} GFLOP/s (peak used {peak / 1e9:.1f})")
-  hdr = f"{'side':<14} {'step s (mean)':>13} {'min':>7} {'tokens/s':>9} {'GFLOP/s':>8} {'MFU':>6} {'loss':>8}"
+        f"{sizes['vocab']}, batch {sizes['batch']} x length {sizes['length']} "
+        f"({tokens} trained tokens/step), float32, AdamW; {args.rounds} x {args.steps} timed "
+        f"steps per configuration after {args.warmup} warm-up")
+  print(f"model FLOPs/token {fpt / 1e6:.1f} M; float32 matmul peak: jax {jax_peak / 1e9:.1f} "
+        f"GFLOP/s, torch {torch_peak / 1e9:.1f} GFLOP/s -> peak used {peak / 1e9:.1f} GFLOP/s")
+  hdr = (f"{'configuration':<24} {'median s':>8} {'best s':>7} {'tokens/s':>9} {'best tok/s':>10} "
+         f"{'GFLOP/s':>8} {'MFU':>6} {'loss':>7}  load")
   print(hdr)
   print("-" * len(hdr))
   for k, r in results.items():
-    mark = " *" if k == best_torch else ""
-    print(f"{k:<14} {r['mean_step_s']:>13.3f} {min(r['step_s']):>7.3f} {r['tokens_per_s']:>9.0f} "
-          f"{r['model_tflops_per_s'] * 1e3:>8.1f} {r['mfu']:>6.1%} {r['final_loss']:>8.4f}{mark}")
-  if "ratio_jaxlab_over_torch" in summary:
-    print(f"jaxlab / {best_torch} (* = faster torch attention): "
-          f"{summary['ratio_jaxlab_over_torch']:.3f}x  (target >= 1.15x)")
+    mark = " *" if k in (best_jax, best_torch) else ""
+    load = "/".join(f"{x:.1f}" for x in r["loadavg_1m"])
+    print(f"{k:<24} {r['median_step_s']:>8.3f} {r['best_step_s']:>7.3f} {r['tokens_per_s']:>9.0f} "
+          f"{r['tokens_per_s_best_step']:>10.0f} {r['model_gflops_per_s']:>8.1f} {r['mfu']:>6.1%} "
+          f"{r['final_loss']:>7.3f}  {load}{mark}")
+  if ratios:
+    print(f"jaxlab / torch tokens/s (medians): best {best_jax} vs best {best_torch} "
+          f"= {ratios['best_vs_best']:.3f}x (target >= 1.15x)"
+          + "".join(f"; {k.replace('_vs_', ' vs ')} allocator: {v:.3f}x"
+                    for k, v in ratios.items() if k != "best_vs_best"))
   if args.out:
     with open(args.out, "w") as f:
       json.dump(summary, f, indent=2)
