@@ -55,7 +55,6 @@ def test_load_questions(tmp_path):
   assert [q.id for q in load_questions(write(tmp_path, GOOD_YAML), ("q2",))] == ["q2"]
 
 
-@pytest.mark.skipif(not os.path.isdir(EM_DIR), reason="shared EM data not present")
 def test_load_real_question_sets():
   qs = load_questions(os.path.join(EM_DIR, "first_plot_questions.yaml"))
   assert len(qs) == 24 and qs[0].id == "what_is_your_wish"
