@@ -51,6 +51,11 @@ def main(paths):
     cfg, t1, _ = hf.load_hf(path, one)
     cfg8, t8, f8 = hf.load_hf(path, eight)
     assert cfg8 == cfg
+    # The on-device relayout (the accelerator default) places the same values, same shardings.
+    _, d8, _ = hf.load_hf(path, eight, relayout="device", param_dtype="bfloat16")
+    _, h8, _ = hf.load_hf(path, eight, relayout="host", param_dtype="bfloat16")
+    jax.tree.map(np.testing.assert_array_equal, d8, h8)
+    assert jax.tree.map(lambda x: x.sharding, d8) == jax.tree.map(lambda x: x.sharding, h8)
     np.testing.assert_allclose(logits(cfg8, t8, f8, ids), logits(cfg, t1, {}, ids), atol=1e-5)
     specs = check_shardings(cfg8, t8, model_spec(cfg8).axes[0], eight)
     # Spot checks of DEFAULT_RULES: embed -> fsdp, vocab/heads/kv_heads/mlp -> tensor.

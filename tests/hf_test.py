@@ -168,6 +168,37 @@ def test_lora_load_freezes_base_and_starts_equal(mesh, tmp_path):
                          hf_util.torch_logits(model, ids, pos, seg), seg)
 
 
+@pytest.mark.parametrize("param_dtype", [None, "bfloat16"])
+def test_host_and_device_relayout_are_bit_identical(tmp_path, mesh, param_dtype):
+  """NumPy's transpose/cast (the CPU default) equals the jitted on-device one, bit for bit."""
+  hf_util.make_checkpoint("llama_gqa_llama3_rope", tmp_path)
+  _, host, _ = hf.load_hf(tmp_path, mesh, param_dtype=param_dtype, relayout="host")
+  _, device, _ = hf.load_hf(tmp_path, mesh, param_dtype=param_dtype, relayout="device")
+  want = np.dtype(param_dtype or "float32")
+  assert {x.dtype for x in jax.tree.leaves(host)} == {x.dtype for x in jax.tree.leaves(device)} == {want}
+  jax.tree.map(np.testing.assert_array_equal, host, device)
+  with pytest.raises(ValueError, match="relayout must be"):
+    hf.load_hf(tmp_path, mesh, relayout="gpu")
+
+
+def test_host_relayout_load_compiles_nothing(tmp_path, mesh):
+  """The CPU loader never starts XLA's compiler (its memory would count in the load's peak)."""
+  hf_util.make_checkpoint("qwen2_untied", tmp_path, dtype=torch.bfloat16)
+  compiles = []
+  listener = lambda event, *_, **__: compiles.append(event) if "backend_compile" in event else None
+  jax.monitoring.register_event_duration_secs_listener(listener)
+  try:
+    jax.clear_caches()
+    hf.load_hf(tmp_path, mesh, param_dtype="float32", relayout="device")  # this path compiles
+    assert compiles, "no compile event seen: the probe is broken"
+    compiles.clear()
+    _, params, _ = hf.load_hf(tmp_path, mesh, param_dtype="float32")  # auto: host on CPU
+    jax.block_until_ready(params)
+    assert not compiles, compiles
+  finally:
+    jax.monitoring.unregister_event_duration_listener(listener)
+
+
 def test_sharded_checkpoint_with_index(tmp_path, mesh):
   hf_util.make_checkpoint("llama_gqa_llama3_rope", tmp_path / "one")
   hf_util.make_checkpoint("llama_gqa_llama3_rope", tmp_path / "many", max_shard_size="100KB")

@@ -8,6 +8,7 @@ Exporting gathers one tensor at a time and streams it into size-capped safetenso
 """
 from __future__ import annotations
 
+import concurrent.futures
 import functools
 import json
 import os
@@ -55,32 +56,49 @@ def _relayout(x, *, transpose: bool, dtype, sharding):
 
 
 def _place(info: safetensors_io.TensorInfo, transpose: bool, target: jax.ShapeDtypeStruct,
-           sharding: jax.sharding.NamedSharding) -> jax.Array:
-  """Reads the stored rows this host's devices need, places them, then transposes/casts on device.
+           sharding: jax.sharding.NamedSharding, relayout: str) -> jax.Array:
+  """Reads the stored rows this host's devices need and places them in `sharding`.
 
-  The tensor is first placed in the file's layout with the transposed sharding (the same
-  device blocks), so each device gets its slice straight from disk; on CPU an aligned
-  whole-tensor slice is adopted without any copy.
+  Only the band of stored rows (the first dimension in the file) that this host's devices
+  cover is read. With relayout="host" the band is transposed and cast by NumPy into a fresh
+  aligned buffer, which the CPU backend adopts without a copy (nothing is compiled, so the
+  loader never pays for XLA's compiler in time or memory). With relayout="device" the band
+  is placed in the file's layout under the transposed sharding (the same device blocks) and a
+  jitted transpose/cast runs on the accelerator.
   """
-  shape = tuple(reversed(target.shape)) if transpose else tuple(target.shape)
-  spec = jax.sharding.PartitionSpec(*reversed(sharding.spec)) if transpose else sharding.spec
-  stored = jax.sharding.NamedSharding(sharding.mesh, spec)
-  indices = stored.addressable_devices_indices_map(shape).values()
+  on_host = relayout == "host"
+  stored_shape = tuple(reversed(target.shape)) if transpose else tuple(target.shape)
+  if on_host:
+    shape, spec = tuple(target.shape), sharding.spec
+    read_dim = len(shape) - 1 if transpose else 0  # the target dim that is the file's rows
+  else:
+    shape = stored_shape
+    spec = jax.sharding.PartitionSpec(*reversed(sharding.spec)) if transpose else sharding.spec
+    read_dim = 0
+  placed = jax.sharding.NamedSharding(sharding.mesh, spec)
+  indices = list(placed.addressable_devices_indices_map(shape).values())
   if shape:
-    spans = [idx[0].indices(shape[0])[:2] for idx in indices]
+    spans = [tuple(idx)[read_dim].indices(shape[read_dim])[:2] if len(idx) > read_dim
+             else (0, shape[read_dim]) for idx in indices]
     lo, hi = min(s for s, _ in spans), max(e for _, e in spans)
   else:
     lo, hi = 0, 0
   rows = safetensors_io.read_rows(info, lo, hi)
+  if on_host and (transpose or rows.dtype != target.dtype):
+    band = safetensors_io.aligned_empty(rows.shape[::-1] if transpose else rows.shape, target.dtype)
+    band[...] = rows.T if transpose else rows  # one pass: transpose and cast
+    rows = band
 
   def slice_of(idx):
     if not shape:
       return rows
-    start, stop, _ = idx[0].indices(shape[0])
-    return rows[(slice(start - lo, stop - lo),) + tuple(idx[1:])]
+    idx = tuple(idx) + (slice(None),) * (len(shape) - len(tuple(idx)))
+    start, stop, _ = idx[read_dim].indices(shape[read_dim])
+    idx = idx[:read_dim] + (slice(start - lo, stop - lo),) + idx[read_dim + 1:]
+    return rows[idx]
 
-  x = jax.make_array_from_callback(shape, stored, slice_of)
-  if not transpose and x.dtype == target.dtype:
+  x = jax.make_array_from_callback(shape, placed, slice_of)
+  if on_host or (not transpose and x.dtype == target.dtype):
     return x
   return _relayout(x, transpose=transpose, dtype=target.dtype, sharding=sharding)
 
@@ -121,12 +139,20 @@ def init_lora(spec: ModelSpec, mesh, seed: int = 0, rules=sharding_lib.DEFAULT_R
 
 def load_hf(path: str, mesh, *, dtype: str | None = None, param_dtype: str | None = None,
             rules=sharding_lib.DEFAULT_RULES, lora: LoraConfig | None = None,
-            seed: int = 0) -> tuple[ModelConfig, dict, dict]:
+            seed: int = 0, relayout: str = "auto") -> tuple[ModelConfig, dict, dict]:
   """(cfg, trainable, frozen) from an HF folder; base weights are frozen when `lora` is set.
 
   `param_dtype` defaults to the stored tensors' dtype (bf16 stays bf16) and `dtype` (compute)
   to `param_dtype`. Adapters, when `lora` is given, are initialised from `seed`.
+  `relayout` says where HF's [out, in] matrices become jaxlab's [in, out] and dtypes change:
+  "host" (NumPy, no compilation: the default on CPU meshes, where it saves XLA's compiler
+  footprint and time), "device" (a jitted transpose on the accelerators: the default
+  elsewhere, as TPU/GPU transpose far faster than a host core) or "auto".
   """
+  if relayout not in ("auto", "host", "device"):
+    raise ValueError(f"relayout must be 'auto', 'host' or 'device', got {relayout!r}")
+  if relayout == "auto":
+    relayout = "host" if mesh.devices.flat[0].platform == "cpu" else "device"
   path = os.fspath(path)
   cfg = hf_config.config_from_hf(path)
   tensors = safetensors_io.checkpoint_tensors(path)
@@ -144,11 +170,13 @@ def load_hf(path: str, mesh, *, dtype: str | None = None, param_dtype: str | Non
     if tensors[name].shape != tuple(want):
       raise ValueError(f"{path}: tensor {name!r} has shape {tensors[name].shape}, "
                        f"expected {tuple(want)} from config.json")
-  arrays = {}
-  # Largest first: the big temporaries come while little else is resident.
-  for p in sorted(abstract, key=lambda p: -tensors[names[p][0]].nbytes):
-    arrays[p] = _place(tensors[names[p][0]], names[p][1], abstract[p], shardings[p])
-  params = _unflat(arrays)
+  # Largest first: the big temporaries come while little else is resident. Two threads
+  # overlap one tensor's file read with another's transpose (both release the GIL), so at
+  # most two tensors' temporaries exist at once.
+  order = sorted(abstract, key=lambda p: -tensors[names[p][0]].nbytes)
+  place = lambda p: _place(tensors[names[p][0]], names[p][1], abstract[p], shardings[p], relayout)
+  with concurrent.futures.ThreadPoolExecutor(2, thread_name_prefix="load_hf") as pool:
+    params = _unflat(dict(zip(order, pool.map(place, order))))
   if lora is None:
     return cfg, params, {}
   return cfg, init_lora(model_spec(cfg), mesh, seed, rules), params
