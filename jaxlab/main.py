@@ -1,11 +1,12 @@
 """CLI: python -m jaxlab.main --config=configs/NAME.py:VARIANT --workdir=DIR [--config.key=value].
 
 The config's `job` field picks what runs ('sft' or 'eval'). On multi-host TPU
-VMs set JAXLAB_DISTRIBUTED=1 so every host calls jax.distributed.initialize().
+VMs set JAXLAB_DISTRIBUTED=1 so every host calls jax.distributed.initialize(). On the
+CPU backend the host allocator is tuned for XLA (see `jaxlab.runtime`;
+JAXLAB_HOST_MALLOC=default opts out).
 """
 from __future__ import annotations
 
-import os
 import sys
 
 from jaxlab.config import ConfigError, parse_argv
@@ -18,8 +19,8 @@ def main(argv: list[str]) -> int:
     print(f"jaxlab: {e}", file=sys.stderr)
     return 2
   import jax
-  if os.environ.get("JAXLAB_DISTRIBUTED") == "1":
-    jax.distributed.initialize()
+  from jaxlab import runtime
+  runtime.setup()
   if config.job == "sft":
     from jaxlab.train.loop import run_sft
     out = run_sft(config, workdir)

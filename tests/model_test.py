@@ -99,3 +99,37 @@ def test_llama3_rope_scaling_matches_formula():
   # High frequencies untouched, low frequencies divided by the factor.
   np.testing.assert_allclose(inv[wl < 8192 / 4], base[wl < 8192 / 4], rtol=1e-5)
   np.testing.assert_allclose(inv[wl > 8192], base[wl > 8192] / 8.0, rtol=1e-5)
+
+
+@pytest.mark.parametrize("n_kv_heads", [2, 4], ids=["gqa", "mha"])
+def test_block_skipping_causal_attention_equals_full(n_kv_heads):
+  """`attend_causal` (query blocks of 128 skip the keys above the diagonal; used past length
+  128) equals the full masked `attend` at length 300 (two full blocks and a partial one), with
+  left and right padding, packed segments and a row that is all padding; gradients too."""
+  from jaxlab.models.decoder import _CAUSAL_BLOCK, attention_mask
+  length = 300
+  assert 2 * _CAUSAL_BLOCK < length < 3 * _CAUSAL_BLOCK
+  cfg = CFG.replace(n_kv_heads=n_kv_heads)
+  spec = model_spec(cfg)
+  mesh = sharding.make_mesh((1, 1, 1), jax.devices()[:1])
+  attn = spec.merge(*init_params(spec, mesh, seed=0)).layers[0].self_attn
+  seg = np.zeros((4, length), np.int32)
+  seg[0, :] = 1                                   # one full sequence
+  seg[1, 17:] = 1                                 # left padding
+  seg[2, :100], seg[2, 100:250] = 1, 2            # packed, right-padded
+  seg[2, 250:290] = 3                             # a third segment crossing no block edge
+  rng = np.random.default_rng(0)
+  e = cfg.dim_per_head
+  q = jnp.asarray(rng.normal(size=(4, length, cfg.n_heads, e)), jnp.float32)
+  k = jnp.asarray(rng.normal(size=(4, length, n_kv_heads, e)), jnp.float32)
+  v = jnp.asarray(rng.normal(size=(4, length, n_kv_heads, e)), jnp.float32)
+  mask = attention_mask(jnp.asarray(seg))          # row 3 is all padding: no allowed key at all
+  full = jax.jit(attn.attend)(q, k, v, mask)
+  blocked = jax.jit(attn.attend_causal)(q, k, v, mask)
+  np.testing.assert_allclose(np.asarray(blocked), np.asarray(full), atol=1e-5, rtol=1e-5)
+  assert np.abs(np.asarray(full)).max() > 0.1
+  loss = lambda f: lambda q, k, v: jnp.sum(jnp.sin(f(q, k, v, mask)))
+  g_full = jax.jit(jax.grad(loss(attn.attend), argnums=(0, 1, 2)))(q, k, v)
+  g_blocked = jax.jit(jax.grad(loss(attn.attend_causal), argnums=(0, 1, 2)))(q, k, v)
+  for a, b in zip(g_blocked, g_full):
+    np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-5, rtol=1e-5)

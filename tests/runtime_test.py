@@ -1,0 +1,45 @@
+"""jaxlab.runtime: with the tuned host allocator big blocks come from the heap and are reused."""
+import json
+import os
+import subprocess
+import sys
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+CHILD = r"""
+import ctypes, json, numpy as np
+from jaxlab import runtime
+tuned = runtime.tune_host_allocator()
+libc = ctypes.CDLL("libc.so.6")
+libc.sbrk.restype, libc.sbrk.argtypes = ctypes.c_void_p, [ctypes.c_ssize_t]
+out = []
+for _ in range(4):  # what XLA:CPU does every step: malloc a big temp buffer, use it, free it
+  buf = np.empty(64 * 2**20, np.uint8)
+  buf.fill(1)
+  out.append({"addr": buf.ctypes.data, "brk": libc.sbrk(0)})
+  del buf
+print(json.dumps({"tuned": tuned, "blocks": out}))
+"""
+
+
+def _run(env_value):
+  env = {**os.environ, "PYTHONPATH": ROOT}
+  env.pop("GLIBC_TUNABLES", None)
+  env.pop("JAXLAB_HOST_MALLOC", None)
+  if env_value:
+    env["JAXLAB_HOST_MALLOC"] = env_value
+  out = subprocess.run([sys.executable, "-c", CHILD], env=env, capture_output=True, text=True,
+                       timeout=120, check=True)
+  return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def test_tuned_allocator_serves_big_blocks_from_the_heap_and_reuses_them():
+  stock = _run("default")  # the opt-out: stock glibc mmaps each 64 MiB block above the heap
+  assert not stock["tuned"]
+  assert all(b["addr"] > b["brk"] for b in stock["blocks"]), stock
+  tuned = _run(None)
+  assert tuned["tuned"]
+  blocks = tuned["blocks"]
+  assert all(b["addr"] < b["brk"] for b in blocks), tuned  # inside the heap (below the break)
+  assert len({b["addr"] for b in blocks}) == 1, tuned  # the freed block is reused every time
+  assert len({b["brk"] for b in blocks}) == 1, tuned  # and the heap neither grows nor shrinks
