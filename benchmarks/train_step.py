@@ -93,6 +93,8 @@ def jax_matmul_peak(sizes=(2048, 3072), repeats=5):
 
 
 def run_jax(args, sizes):
+  from jaxlab import runtime
+  setup = runtime.setup()  # what jaxlab.main does first: the host allocator on CPU
   import jax
   import ml_collections
   import numpy as np
@@ -104,8 +106,6 @@ def run_jax(args, sizes):
   from jaxlab.train import optim, sft
   from jaxlab.train import state as state_lib
 
-  from jaxlab import runtime
-  setup = runtime.setup()  # what jaxlab.main does first: the host allocator on CPU
   cfg = ModelConfig(vocab_size=sizes["vocab"], d_model=sizes["d_model"],
                     n_layers=sizes["n_layers"], n_heads=sizes["n_heads"],
                     n_kv_heads=sizes["n_kv_heads"], d_ff=sizes["d_ff"], norm_eps=1e-6,

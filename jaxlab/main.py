@@ -18,9 +18,9 @@ def main(argv: list[str]) -> int:
   except ConfigError as e:
     print(f"jaxlab: {e}", file=sys.stderr)
     return 2
-  import jax
   from jaxlab import runtime
-  runtime.setup()
+  runtime.setup()  # before anything starts JAX (see jaxlab.runtime)
+  import jax
   if config.job == "sft":
     from jaxlab.train.loop import run_sft
     out = run_sft(config, workdir)

@@ -10,6 +10,8 @@ the heap, one arena. Freed blocks are then reused by the next step as already-ma
 The settings equal `GLIBC_TUNABLES=glibc.malloc.mmap_max=0:glibc.malloc.trim_threshold=...:
 glibc.malloc.arena_max=1`, but need no environment variable set before the process starts.
 
+`setup()` applies it before JAX starts its thread pools (settings made afterwards do not
+reach the threads that run XLA's executables: measured, they leave the step time unchanged).
 Cost: the heap keeps its high-water mark (RSS never shrinks after a peak), which is what a
 training or eval process does anyway. It is applied only on the CPU backend: on TPU/GPU hosts
 the big buffers live on the accelerators, and host memory is better returned after checkpoint
@@ -20,6 +22,7 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import glob
 import os
 import sys
 
@@ -29,36 +32,65 @@ M_MMAP_MAX = -4
 M_ARENA_MAX = -8
 _INT_MAX = 2**31 - 1
 
+_DEFAULTS = ((M_MMAP_MAX, 65536), (M_TRIM_THRESHOLD, 128 * 1024), (M_ARENA_MAX, 0))
+_TUNED = ((M_MMAP_MAX, 0), (M_TRIM_THRESHOLD, _INT_MAX), (M_ARENA_MAX, 1))
 _tuned = False
 
 
-def tune_host_allocator() -> bool:
-  """Applies the glibc malloc settings above; True when they are in effect (idempotent)."""
-  global _tuned
-  if _tuned:
-    return True
-  if os.environ.get("JAXLAB_HOST_MALLOC", "tuned") == "default" or not sys.platform.startswith("linux"):
-    return False
+def _mallopt(settings) -> bool:
   try:
     libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
     mallopt = libc.mallopt
   except (OSError, AttributeError):  # not glibc (e.g. musl): nothing to tune
     return False
   mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
-  ok = all(mallopt(param, value) == 1 for param, value in
-           ((M_MMAP_MAX, 0), (M_TRIM_THRESHOLD, _INT_MAX), (M_ARENA_MAX, 1)))
-  _tuned = ok
-  return ok
+  return all(mallopt(param, value) == 1 for param, value in settings)
 
 
-def setup(platform: str | None = None) -> dict:
-  """Once per process, before the first computation: multi-host init, then the allocator.
+def tune_host_allocator() -> bool:
+  """Applies the glibc malloc settings above; True when they are in effect (idempotent).
 
-  `platform` defaults to JAX's default backend. Returns what was done, for logging.
+  Call it before JAX starts its backend (before `import jax` in a script): the one-arena
+  setting only binds threads created afterwards, and measured here it is the part that
+  matters (the same calls after `jax.devices()` leave the step time unchanged).
   """
-  import jax  # pylint: disable=g-import-not-at-top
+  global _tuned
+  if not _tuned and os.environ.get("JAXLAB_HOST_MALLOC", "tuned") != "default" \
+      and sys.platform.startswith("linux"):
+    _tuned = _mallopt(_TUNED)
+  return _tuned
+
+
+def restore_host_allocator() -> None:
+  """Back to glibc's defaults (e.g. when the backend turned out to be an accelerator)."""
+  global _tuned
+  if _tuned:
+    _mallopt(_DEFAULTS)
+    _tuned = False
+
+
+def cpu_backend_expected() -> bool:
+  """Whether JAX will run on CPU, judged without starting it: JAX_PLATFORMS if set, else
+  the absence of TPU (/dev/accel*, /dev/vfio/N), NVIDIA or AMD GPU device files."""
+  platforms = os.environ.get("JAX_PLATFORMS", "").strip()
+  if platforms:
+    return platforms.split(",")[0].strip() == "cpu"
+  return not any(glob.glob(p) for p in ("/dev/accel*", "/dev/vfio/[0-9]*", "/dev/nvidia[0-9]*",
+                                         "/dev/kfd"))
+
+
+def setup() -> dict:
+  """Once per process, first thing (before `import jax`): allocator, multi-host init.
+
+  The allocator is tuned when a CPU backend is expected, and put back to glibc's defaults
+  if JAX then starts on an accelerator. Returns what was done, for logging.
+  """
+  if cpu_backend_expected():
+    tune_host_allocator()
+  import jax  # pylint: disable=g-import-not-at-top  (after the allocator settings)
   if os.environ.get("JAXLAB_DISTRIBUTED") == "1":
     jax.distributed.initialize()
-  platform = platform or jax.default_backend()
-  return {"platform": platform,
-          "host_malloc_tuned": platform == "cpu" and tune_host_allocator()}
+  platform = jax.default_backend()
+  if platform != "cpu":
+    restore_host_allocator()
+  return {"platform": platform, "host_malloc_tuned": _tuned}

@@ -43,3 +43,33 @@ def test_tuned_allocator_serves_big_blocks_from_the_heap_and_reuses_them():
   assert all(b["addr"] < b["brk"] for b in blocks), tuned  # inside the heap (below the break)
   assert len({b["addr"] for b in blocks}) == 1, tuned  # the freed block is reused every time
   assert len({b["brk"] for b in blocks}) == 1, tuned  # and the heap neither grows nor shrinks
+
+
+SETUP = r"""
+import json, sys
+from jaxlab import runtime
+out = runtime.setup()
+import jax
+out["sum"] = float(jax.numpy.arange(4.0).sum())
+out["jax_before_setup"] = "jax" in sys.modules
+print(json.dumps(out))
+"""
+
+
+def test_setup_tunes_the_cpu_backend_and_respects_the_opt_out():
+  env = {**os.environ, "PYTHONPATH": ROOT, "JAX_PLATFORMS": "cpu"}
+  env.pop("JAXLAB_HOST_MALLOC", None)
+  run = lambda env: json.loads(subprocess.run(
+      [sys.executable, "-c", SETUP], env=env, capture_output=True, text=True, timeout=120,
+      check=True).stdout.strip().splitlines()[-1])
+  out = run(env)
+  assert out["platform"] == "cpu" and out["host_malloc_tuned"] and out["sum"] == 6.0
+  out = run({**env, "JAXLAB_HOST_MALLOC": "default"})
+  assert out["platform"] == "cpu" and not out["host_malloc_tuned"]
+
+
+def test_cpu_backend_expected_follows_jax_platforms(monkeypatch):
+  from jaxlab import runtime
+  for value, want in [("cpu", True), ("tpu", False), ("cuda,cpu", False), ("cpu,tpu", True)]:
+    monkeypatch.setenv("JAX_PLATFORMS", value)
+    assert runtime.cpu_backend_expected() is want, value
