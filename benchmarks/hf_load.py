@@ -5,7 +5,8 @@
 Creates (once) a random Qwen2-architecture checkpoint with Qwen2.5-0.5B shapes in bfloat16 with
 transformers, then loads it in fresh subprocesses, alternating jaxlab and transformers (page
 cache warm for both). Each child reports its RSS after imports and runtime start (baseline), its
-peak RSS (VmHWM) and the load's wall time. transformers 5 leaves weights as file-backed pages
+peak RSS (VmHWM) and the load's wall time. The jaxlab child first calls `jaxlab.runtime.setup()`,
+as `jaxlab.main` does (tuned host allocator on CPU). transformers 5 leaves weights as file-backed pages
 that are read on first use, so its child also touches every parameter (sum) and reports that
 time and peak too. Prints a JSON summary and a markdown table (best of the repeats).
 """
@@ -35,6 +36,8 @@ print(sum(p.numel() for p in model.parameters()))
 JAXLAB = r"""
 import json, sys, time
 from benchmarks.hf_load import rss
+from jaxlab import runtime
+runtime.setup()  # as jaxlab.main does (on CPU: the tuned host allocator)
 import jax
 from jaxlab import sharding
 from jaxlab.models import hf
