@@ -4,7 +4,7 @@ Host allocator (CPU backend only). XLA:CPU allocates each executable's temporari
 `malloc` on every call: about 1.7 GB per step for the benchmark model of
 `benchmarks/train_step.py`. glibc serves any request above its mmap threshold (at most 32 MiB)
 with a fresh `mmap` and returns it with `munmap`, so every step touches ~420k fresh pages,
-and the kernel zeroes each one on its first-touch fault: about 20% of a CPU training step.
+and the kernel zeroes each one on its first-touch fault: about 15% of a CPU training step.
 `tune_host_allocator` switches that off with `mallopt`: no mmap for large blocks, never trim
 the heap, one arena. Freed blocks are then reused by the next step as already-mapped memory.
 The settings equal `GLIBC_TUNABLES=glibc.malloc.mmap_max=0:glibc.malloc.trim_threshold=...:
@@ -32,7 +32,8 @@ M_MMAP_MAX = -4
 M_ARENA_MAX = -8
 _INT_MAX = 2**31 - 1
 
-_DEFAULTS = ((M_MMAP_MAX, 65536), (M_TRIM_THRESHOLD, 128 * 1024), (M_ARENA_MAX, 0))
+# glibc's defaults; the arena limit cannot be lifted again once set (it binds new threads only).
+_DEFAULTS = ((M_MMAP_MAX, 65536), (M_TRIM_THRESHOLD, 128 * 1024))
 _TUNED = ((M_MMAP_MAX, 0), (M_TRIM_THRESHOLD, _INT_MAX), (M_ARENA_MAX, 1))
 _tuned = False
 
