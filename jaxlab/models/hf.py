@@ -67,19 +67,17 @@ def _place(info: safetensors_io.TensorInfo, transpose: bool, target: jax.ShapeDt
   jitted transpose/cast runs on the accelerator.
   """
   on_host = relayout == "host"
-  stored_shape = tuple(reversed(target.shape)) if transpose else tuple(target.shape)
-  if on_host:
+  if on_host or not transpose:
     shape, spec = tuple(target.shape), sharding.spec
     read_dim = len(shape) - 1 if transpose else 0  # the target dim that is the file's rows
-  else:
-    shape = stored_shape
-    spec = jax.sharding.PartitionSpec(*reversed(sharding.spec)) if transpose else sharding.spec
+  else:  # the file's layout, under the transposed sharding
+    shape, spec = tuple(reversed(target.shape)), jax.sharding.PartitionSpec(*reversed(sharding.spec))
     read_dim = 0
   placed = jax.sharding.NamedSharding(sharding.mesh, spec)
-  indices = list(placed.addressable_devices_indices_map(shape).values())
+  full = lambda idx: tuple(idx) + (slice(None),) * (len(shape) - len(tuple(idx)))
   if shape:
-    spans = [tuple(idx)[read_dim].indices(shape[read_dim])[:2] if len(idx) > read_dim
-             else (0, shape[read_dim]) for idx in indices]
+    spans = [full(idx)[read_dim].indices(shape[read_dim])[:2]
+             for idx in placed.addressable_devices_indices_map(shape).values()]
     lo, hi = min(s for s, _ in spans), max(e for _, e in spans)
   else:
     lo, hi = 0, 0
@@ -92,7 +90,7 @@ def _place(info: safetensors_io.TensorInfo, transpose: bool, target: jax.ShapeDt
   def slice_of(idx):
     if not shape:
       return rows
-    idx = tuple(idx) + (slice(None),) * (len(shape) - len(tuple(idx)))
+    idx = full(idx)
     start, stop, _ = idx[read_dim].indices(shape[read_dim])
     idx = idx[:read_dim] + (slice(start - lo, stop - lo),) + idx[read_dim + 1:]
     return rows[idx]
