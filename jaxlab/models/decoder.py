@@ -272,6 +272,12 @@ class Decoder(nnx.Module):
 
   def __call__(self, tokens_BxL: jax.Array, positions_BxL: jax.Array | None = None,
                segment_ids_BxL: jax.Array | None = None) -> jax.Array:
+    return self.logits(self.hidden(tokens_BxL, positions_BxL, segment_ids_BxL))
+
+  def hidden(self, tokens_BxL: jax.Array, positions_BxL: jax.Array | None = None,
+             segment_ids_BxL: jax.Array | None = None) -> jax.Array:
+    """The last block's output [B, L, D] (before the final norm): losses that must not hold
+    [B, L, V] logits at once apply `logits` to slices of it (see jaxlab.train.channels)."""
     if positions_BxL is None:
       positions_BxL = jnp.broadcast_to(jnp.arange(tokens_BxL.shape[1]), tokens_BxL.shape)
     if segment_ids_BxL is None:
@@ -283,4 +289,4 @@ class Decoder(nnx.Module):
         x = nnx.remat(lambda blk, x: blk(x, positions_BxL, mask, causal=True))(block, x)
       else:
         x = block(x, positions_BxL, mask, causal=True)
-    return self.logits(x)
+    return x
