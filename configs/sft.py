@@ -29,6 +29,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
       vocab_size=0, d_model=128, n_layers=4, n_heads=4, n_kv_heads=2, d_ff=352, head_dim=None,
       rope_theta=10000.0, max_position=2048, norm_eps=1e-6, qkv_bias=False, qk_norm=False,
       tie_embeddings=True, dtype="float32", param_dtype="float32", remat=False,
+      trainable_dtype="float32",  # adapters / master weights and AdamW moments
       lora=ml_collections.ConfigDict(dict(
           enabled=False, rank=32, alpha=64.0, rslora=True,
           targets=("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"),

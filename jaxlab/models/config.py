@@ -49,6 +49,9 @@ class ModelConfig:
   tie_embeddings: bool = False
   dtype: str = "float32"        # compute dtype
   param_dtype: str = "float32"  # storage dtype
+  # Storage dtype of the trainable params (hence of the optimizer moments); None = param_dtype.
+  # Training configs set "float32": bf16 adapters/master weights round small updates to nothing.
+  trainable_dtype: str | None = None
   remat: bool = False
   lora: LoraConfig | None = None
 

@@ -25,7 +25,8 @@ from jaxlab import sharding as sharding_lib
 from jaxlab.models import hf_config, hf_tokenizer, safetensors_io
 from jaxlab.models.config import LoraConfig, ModelConfig
 from jaxlab.models.decoder import Decoder
-from jaxlab.models.params import ModelSpec, model_spec
+from jaxlab.models.params import ModelSpec, cast_trainable, model_spec
+from jaxlab.models.params import trainable_dtype as _trainable_dtype
 
 # Buffers some older checkpoints carry; recomputed by the decoder, so skipped.
 _IGNORED_SUFFIXES = (".rotary_emb.inv_freq",)
@@ -119,7 +120,7 @@ def base_layout(cfg: ModelConfig) -> tuple[dict, dict]:
   Equal to `model_spec(cfg)`'s base leaves, but traced for one layer and repeated, since
   tracing every layer's init costs seconds on big models.
   """
-  one = model_spec(cfg.replace(n_layers=1, lora=None))
+  one = model_spec(cfg.replace(n_layers=1, lora=None, trainable_dtype=None))
   abstract = _flat(one.abstract[0])
   axes = traversals.flatten_mapping(one.axes[0], is_leaf=lambda _, x: isinstance(x, tuple))
   expand = lambda p: [("layers", i) + p[2:] for i in range(cfg.n_layers)] if p[0] == "layers" else [p]
@@ -131,17 +132,21 @@ def init_lora(spec: ModelSpec, mesh, seed: int = 0, rules=sharding_lib.DEFAULT_R
   """Fresh adapters (A random, B zero) from the decoder's own init; base weights never materialise."""
   def init():
     _, lora, _ = nnx.split(Decoder(spec.cfg, rngs=nnx.Rngs(seed)), nnx.LoRAParam, ...)
-    return nnx.to_pure_dict(lora)  # the unused base-weight init is dead code under jit
+    # The unused base-weight init is dead code under jit.
+    return cast_trainable(spec.cfg, nnx.to_pure_dict(lora))
   return jax.jit(init, out_shardings=spec.shardings(mesh, rules)[0])()
 
 
 def load_hf(path: str, mesh, *, dtype: str | None = None, param_dtype: str | None = None,
             rules=sharding_lib.DEFAULT_RULES, lora: LoraConfig | None = None,
-            seed: int = 0, relayout: str = "auto") -> tuple[ModelConfig, dict, dict]:
+            seed: int = 0, relayout: str = "auto",
+            trainable_dtype: str | None = None) -> tuple[ModelConfig, dict, dict]:
   """(cfg, trainable, frozen) from an HF folder; base weights are frozen when `lora` is set.
 
   `param_dtype` defaults to the stored tensors' dtype (bf16 stays bf16) and `dtype` (compute)
   to `param_dtype`. Adapters, when `lora` is given, are initialised from `seed`.
+  `trainable_dtype` (training passes "float32") is the storage dtype of what trains: the
+  adapters, or without `lora` every weight, cast as it is read (float32 master weights).
   `relayout` says where HF's [out, in] matrices become jaxlab's [in, out] and dtypes change:
   "host" (NumPy, no compilation: the default on CPU meshes, where it saves XLA's compiler
   footprint and time), "device" (a jitted transpose on the accelerators: the default
@@ -157,8 +162,12 @@ def load_hf(path: str, mesh, *, dtype: str | None = None, param_dtype: str | Non
   embed = tensors.get("model.embed_tokens.weight")
   stored = embed.dtype.name if embed is not None else cfg.param_dtype  # trust the file over config
   param_dtype = param_dtype or stored
-  cfg = cfg.replace(param_dtype=param_dtype, dtype=dtype or param_dtype, lora=lora)
+  cfg = cfg.replace(param_dtype=param_dtype, dtype=dtype or param_dtype, lora=lora,
+                    trainable_dtype=trainable_dtype)
   abstract, axes = base_layout(cfg)
+  if lora is None:  # the base trains: read it straight into its trainable dtype
+    abstract = {p: jax.ShapeDtypeStruct(a.shape, _trainable_dtype(cfg, a.dtype))
+                for p, a in abstract.items()}
   shardings = {p: jax.sharding.NamedSharding(
       mesh, sharding_lib.logical_to_spec(axes[p], a.shape, mesh, rules)) for p, a in abstract.items()}
   names = {p: hf_name(p) for p in abstract}

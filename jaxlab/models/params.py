@@ -47,14 +47,32 @@ def _split(model: Decoder):
   return nnx.split(model, trainable, ...)
 
 
+def trainable_dtype(cfg: ModelConfig, dtype) -> Any:
+  """The storage dtype of a trainable leaf: cfg.trainable_dtype for floats, else unchanged."""
+  dtype = jnp.dtype(dtype)
+  if cfg.trainable_dtype and jnp.issubdtype(dtype, jnp.floating):
+    return jnp.dtype(cfg.trainable_dtype)
+  return dtype
+
+
+def cast_trainable(cfg: ModelConfig, trainable: dict) -> dict:
+  """`trainable` in its storage dtype (a no-op when already there or none is set)."""
+  return jax.tree.map(lambda x: x.astype(trainable_dtype(cfg, x.dtype)), trainable)
+
+
 def model_spec(cfg: ModelConfig) -> ModelSpec:
-  """Shapes, dtypes and logical axes of a model, computed without allocating it."""
+  """Shapes, dtypes and logical axes of a model, computed without allocating it.
+
+  Trainable leaves take `cfg.trainable_dtype` (the module computes in `cfg.dtype` whatever
+  the stored dtype, so only updates and optimizer moments see it).
+  """
   abstract_model = nnx.eval_shape(lambda: Decoder(cfg, rngs=nnx.Rngs(0)))
   graphdef, trainable, frozen = _split(abstract_model)
   val = lambda v: v.get_value() if hasattr(v, "get_value") else v.value
+  train_val = lambda v: jax.ShapeDtypeStruct(val(v).shape, trainable_dtype(cfg, val(v).dtype))
   return ModelSpec(
       cfg=cfg, graphdef=graphdef,
-      abstract=(_pure(trainable, val), _pure(frozen, val)),
+      abstract=(_pure(trainable, train_val), _pure(frozen, val)),
       axes=(_pure(trainable, lambda v: tuple(v.axes)), _pure(frozen, lambda v: tuple(v.axes))))
 
 
@@ -62,7 +80,7 @@ def init_params(spec: ModelSpec, mesh, seed: int, rules=sharding_lib.DEFAULT_RUL
   """Random (trainable, frozen) params created directly in their shardings."""
   def init():
     _, trainable, frozen = _split(Decoder(spec.cfg, rngs=nnx.Rngs(seed)))
-    return nnx.to_pure_dict(trainable), nnx.to_pure_dict(frozen)
+    return cast_trainable(spec.cfg, nnx.to_pure_dict(trainable)), nnx.to_pure_dict(frozen)
   return jax.jit(init, out_shardings=spec.shardings(mesh, rules))()
 
 
