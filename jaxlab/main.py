@@ -1,6 +1,7 @@
 """CLI: python -m jaxlab.main --config=configs/NAME.py:VARIANT --workdir=DIR [--config.key=value].
 
-The config's `job` field picks what runs ('sft' or 'eval'). On multi-host TPU
+The config's `job` field picks what runs: 'train' (alias 'sft': the training runner, any
+`channel`) or 'eval'. On multi-host TPU
 VMs set JAXLAB_DISTRIBUTED=1 so every host calls jax.distributed.initialize(). On the
 CPU backend the host allocator is tuned for XLA (see `jaxlab.runtime`;
 JAXLAB_HOST_MALLOC=default opts out).
@@ -21,16 +22,16 @@ def main(argv: list[str]) -> int:
   from jaxlab import runtime
   runtime.setup()  # before anything starts JAX (see jaxlab.runtime)
   import jax
-  if config.job == "sft":
-    from jaxlab.train.loop import run_sft
-    out = run_sft(config, workdir)
+  if config.job in ("sft", "train"):
+    from jaxlab.train.runner import run
+    out = run(config, workdir)
     print(f"jaxlab: finished step {int(jax.device_get(out['state'].step))}, "
           f"loss {out['metrics'].get('loss', float('nan')):.4f}; outputs in {workdir}")
   elif config.job == "eval":
     from jaxlab.evals.run import run as run_eval
     run_eval(config, workdir)
   else:
-    print(f"jaxlab: config key job={config.job!r}: expected 'sft' or 'eval'", file=sys.stderr)
+    print(f"jaxlab: config key job={config.job!r}: expected 'train' (alias 'sft') or 'eval'", file=sys.stderr)
     return 2
   return 0
 
