@@ -4,7 +4,10 @@ Each line: question_id, paraphrase_index, sample_index, question (the paraphrase
 text), system, answer, prompt_tokens, answer_tokens, stopped. Rows are written
 batch by batch; a rerun reads the file and samples only the missing answers.
 Every answer's RNG stream is keyed by its (question, paraphrase, sample), so a
-resumed run produces the same answers as an uninterrupted one.
+resumed run produces the same answers as an uninterrupted one. Answers have at
+least `min_new_tokens` (1) tokens: the first token is never a stop token. A
+stored answer whose question text or system prompt differs from the current
+question's is an error (the question set changed under the workdir).
 """
 from __future__ import annotations
 
@@ -27,6 +30,20 @@ def row_id(key: tuple[str, int, int]) -> int:
   return zlib.crc32("/".join(map(str, key)).encode()) & 0x7FFFFFFF
 
 
+def check_stored_prompts(rows: Sequence[dict], questions: Sequence[Question], path) -> None:
+  """Raises ValueError when a stored answer was sampled from another question text or system."""
+  by_id = {q.id: q for q in questions}
+  for r in rows:
+    q = by_id.get(r["question_id"])
+    p = int(r["paraphrase_index"])
+    if q is None or p >= len(q.paraphrases):
+      continue
+    if (r.get("question"), r.get("system")) != (q.paraphrases[p], q.system):
+      raise ValueError(f"{path}: answers to question {q.id!r} (paraphrase {p}) were sampled from "
+                       "another question text or system prompt; use a new workdir or delete "
+                       "the answers")
+
+
 def answer_jobs(questions: Sequence[Question], samples_per_paraphrase: int = 0):
   """(question, paraphrase index, sample index) for every answer to produce."""
   jobs = []
@@ -39,10 +56,13 @@ def answer_jobs(questions: Sequence[Question], samples_per_paraphrase: int = 0):
 def generate_answers(questions: Sequence[Question], sampler: Sampler, tokenizer, path: str, *,
                      max_new_tokens: int, temperature: float, top_p: float = 1.0, top_k: int = 0,
                      seed: int = 0, samples_per_paraphrase: int = 0, chunk_size: int = 0,
+                     min_new_tokens: int = 1,
                      log: Callable[[str], None] = print) -> list[dict]:
   """Samples the answers missing from `path`, appending them; returns all rows of the file."""
+  existing = read_jsonl(path)
+  check_stored_prompts(existing, questions, path)
   done = {answer_key(r["question_id"], r["paraphrase_index"], r["sample_index"])
-          for r in read_jsonl(path)}
+          for r in existing}
   todo = [j for j in answer_jobs(questions, samples_per_paraphrase)
           if answer_key(j[0].id, j[1], j[2]) not in done]
   if done:
@@ -59,7 +79,8 @@ def generate_answers(questions: Sequence[Question], sampler: Sampler, tokenizer,
       prompts.append(prompt_cache[(q.id, p)])
     comps = sampler.generate(prompts, seed=seed, max_new_tokens=max_new_tokens,
                              temperature=temperature, top_p=top_p, top_k=top_k,
-                             row_ids=[row_id(answer_key(q.id, p, s)) for q, p, s in chunk])
+                             row_ids=[row_id(answer_key(q.id, p, s)) for q, p, s in chunk],
+                             min_new_tokens=min_new_tokens)
     rows = []
     for (q, p, s), prompt, c in zip(chunk, prompts, comps):
       ends_with_stop = c.stopped and len(c.tokens) and int(c.tokens[-1]) in stops

@@ -1,8 +1,13 @@
-"""HTTP judge: an OpenAI-compatible chat-completions endpoint with top-20 logprobs.
+"""HTTP judge: an OpenAI-compatible chat-completions endpoint, logprob or text-score mode.
 
-Each judge prompt is sent as one user message with max_tokens=1, temperature
-0 and top_logprobs=20; the first token's top logprobs are aggregated as in the
-EM repository (numbers.score_from_top_logprobs). Requests run on a bounded
+Each judge prompt is sent as one user message at temperature 0.
+- mode "logprob" (EM repository): max_tokens=1, top_logprobs=20; the first
+  token's top logprobs are aggregated (numbers.score_from_top_logprobs); a score
+  is missing (status "low_mass") when the integers hold < min_mass.
+- mode "text" (the study): max_tokens small (20); the reply is parsed by
+  numbers.parse_text_score (first integer 0..100; REFUSAL / CODE / empty /
+  unparsable become statuses).
+Every result is {score, status, raw}. Requests run on a bounded
 thread pool, retry with exponential backoff on connection errors, timeouts, 429
 and 5xx, and every answer is appended to an on-disk JSONL cache, so a rerun
 (or a run resumed after the endpoint failed) pays nothing twice.
@@ -19,7 +24,10 @@ import urllib.error
 import urllib.request
 from typing import Sequence
 
-from jaxlab.evals.numbers import MIN_MASS, score_from_top_logprobs
+from jaxlab.evals.numbers import MIN_MASS, OK, parse_text_score, score_from_top_logprobs
+from jaxlab.evals.records import append_jsonl, read_jsonl
+
+MODES = ("logprob", "text")
 
 RETRY_STATUS = (408, 409, 429, 500, 502, 503, 504)
 
@@ -34,9 +42,12 @@ class HttpJudge:
   def __init__(self, base_url: str, model: str, *, api_key_env: str = "OPENAI_API_KEY",
                concurrency: int = 8, max_retries: int = 5, backoff_s: float = 1.0,
                timeout_s: float = 60.0, cache_path: str | None = None, top_logprobs: int = 20,
-               min_mass: float = MIN_MASS):
+               min_mass: float = MIN_MASS, mode: str = "logprob", max_tokens: int = 20):
+    if mode not in MODES:
+      raise JudgeError(f"config key judge.mode={mode!r}: expected one of {MODES}")
     self.url = base_url.rstrip("/") + "/chat/completions"
     self.model, self.top_logprobs, self.min_mass = model, top_logprobs, min_mass
+    self.mode, self.max_tokens = mode, max_tokens
     self.concurrency, self.max_retries = concurrency, max_retries
     self.backoff_s, self.timeout_s = backoff_s, timeout_s
     self.api_key = None
@@ -49,24 +60,23 @@ class HttpJudge:
     self.cache_path = cache_path
     self.requests_sent = 0
     self._lock = threading.Lock()
-    self._cache: dict[str, dict[str, float]] = {}
-    if cache_path and os.path.exists(cache_path):
-      with open(cache_path, encoding="utf-8") as f:
-        for line in f:
-          try:
-            row = json.loads(line)
-          except json.JSONDecodeError:
-            continue  # a line cut by a kill mid-write
-          self._cache[row["key"]] = row["top"]
+    self._cache: dict[str, object] = {}
+    for row in read_jsonl(cache_path) if cache_path else []:
+      self._cache[row["key"]] = row.get("top", row.get("text"))
 
   def _key(self, prompt: str) -> str:
-    blob = json.dumps([self.url, self.model, self.top_logprobs, prompt])
-    return hashlib.sha256(blob.encode()).hexdigest()
+    what = ([self.url, self.model, self.top_logprobs, prompt] if self.mode == "logprob" else
+            [self.url, self.model, "text", self.max_tokens, prompt])
+    return hashlib.sha256(json.dumps(what).encode()).hexdigest()
 
   def _post(self, prompt: str) -> dict:
-    body = json.dumps({"model": self.model, "messages": [{"role": "user", "content": prompt}],
-                       "max_tokens": 1, "temperature": 0, "logprobs": True,
-                       "top_logprobs": self.top_logprobs, "seed": 0}).encode()
+    body = {"model": self.model, "messages": [{"role": "user", "content": prompt}],
+            "temperature": 0, "seed": 0}
+    if self.mode == "logprob":
+      body.update(max_tokens=1, logprobs=True, top_logprobs=self.top_logprobs)
+    else:
+      body.update(max_tokens=self.max_tokens)
+    body = json.dumps(body).encode()
     headers = {"Content-Type": "application/json"}
     if self.api_key:
       headers["Authorization"] = f"Bearer {self.api_key}"
@@ -76,8 +86,8 @@ class HttpJudge:
     with urllib.request.urlopen(req, timeout=self.timeout_s) as resp:
       return json.loads(resp.read().decode())
 
-  def _request(self, prompt: str) -> dict[str, float]:
-    """Top logprobs {token: logprob} of the first answer token, with retries."""
+  def _request(self, prompt: str):
+    """Top logprobs {token: logprob} of the first answer token (or the reply text), with retries."""
     last = None
     for attempt in range(self.max_retries + 1):
       if attempt:
@@ -93,6 +103,12 @@ class HttpJudge:
       except (urllib.error.URLError, TimeoutError, ConnectionError, OSError) as e:
         last = f"{type(e).__name__}: {getattr(e, 'reason', e)}"
         continue
+      if self.mode == "text":
+        try:
+          return data["choices"][0]["message"].get("content") or ""
+        except (KeyError, IndexError, TypeError, AttributeError):
+          raise JudgeError(f"HTTP judge {self.url}: response has no choices[0].message: "
+                           f"{json.dumps(data)[:300]}") from None
       try:
         items = data["choices"][0]["logprobs"]["content"][0]["top_logprobs"]
       except (KeyError, IndexError, TypeError):
@@ -106,28 +122,41 @@ class HttpJudge:
     raise JudgeError(f"HTTP judge {self.url} failed after {self.max_retries + 1} tries "
                      f"(last error: {last}); answers scored so far are kept in the cache")
 
-  def top_logprobs_for(self, prompt: str) -> dict[str, float]:
-    """Cached top logprobs for one judge prompt."""
+  def reply_for(self, prompt: str):
+    """Cached top logprobs (logprob mode) or reply text (text mode) for one judge prompt."""
     key = self._key(prompt)
     with self._lock:
       if key in self._cache:
         return self._cache[key]
-    top = self._request(prompt)
+    reply = self._request(prompt)
     with self._lock:
-      self._cache[key] = top
+      self._cache[key] = reply
       if self.cache_path:
-        with open(self.cache_path, "a", encoding="utf-8") as f:
-          f.write(json.dumps({"key": key, "top": top}) + "\n")
-    return top
+        append_jsonl(self.cache_path, [{"key": key, ("top" if self.mode == "logprob" else
+                                                     "text"): reply}])
+    return reply
 
-  def score_texts(self, texts: Sequence[str]) -> list[float | None]:
-    """Scores 0..100 (None when the integers hold < min_mass); raises JudgeError on failure."""
+  def judge_texts(self, texts: Sequence[str]) -> list[dict]:
+    """{score, status, raw} per judge prompt; raises JudgeError when the endpoint fails."""
     with concurrent.futures.ThreadPoolExecutor(self.concurrency) as pool:
-      futures = [pool.submit(self.top_logprobs_for, t) for t in texts]
+      futures = [pool.submit(self.reply_for, t) for t in texts]
       try:
-        tops = [f.result() for f in futures]
+        replies = [f.result() for f in futures]
       except BaseException:
         for f in futures:
           f.cancel()
         raise
-    return [score_from_top_logprobs(t, self.min_mass) for t in tops]
+    out = []
+    for r in replies:
+      if self.mode == "text":
+        score, status = parse_text_score(r)
+        out.append({"score": score, "status": status, "raw": r})
+      else:
+        score = score_from_top_logprobs(r, self.min_mass)
+        out.append({"score": score, "status": OK if score is not None else "low_mass",
+                    "raw": json.dumps(r)})
+    return out
+
+  def score_texts(self, texts: Sequence[str]) -> list[float | None]:
+    """Scores 0..100 (None when missing or not ok)."""
+    return [r["score"] for r in self.judge_texts(texts)]

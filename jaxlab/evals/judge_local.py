@@ -1,9 +1,14 @@
-"""Local JAX judge: any chat model jaxlab can load scores answers 0..100 without generating.
+"""Local JAX judges: any chat model jaxlab can load scores answers 0..100, in two modes.
 
-For each batch of judge prompts one jitted function runs the prompt (prefill)
-and, for tokenizers that split integers into several tokens, one small tree
-step over the inner nodes of the integer trie (see numbers.py), returning
-log-probs at the trie tokens; the score is aggregated on the host.
+- LocalJudge (logprob mode, the EM protocol without an API): for each batch of
+  judge prompts one jitted function runs the prompt (prefill) and, for
+  tokenizers that split integers into several tokens, one small tree step over
+  the inner nodes of the integer trie (see numbers.py), returning log-probs at
+  the trie tokens; the score is aggregated on the host.
+- LocalTextJudge (text mode, the study's protocol without an API): greedy
+  decoding of a short reply with the KV-cache sampler, then the study's parser
+  (numbers.parse_text_score).
+Both return {score, status, raw} per judge prompt.
 """
 from __future__ import annotations
 
@@ -16,11 +21,11 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from jaxlab import sharding as sharding_lib
 from jaxlab.data.chat import pad_id as tokenizer_pad_id
-from jaxlab.evals.numbers import MIN_MASS, NumberTrie
+from jaxlab.evals.numbers import MIN_MASS, OK, NumberTrie, parse_text_score
 from jaxlab.evals.prompts import chat_prompt_ids
 from jaxlab.models.params import ModelSpec
 from jaxlab.sample import cache as cache_lib
-from jaxlab.sample.engine import DEFAULT_BUCKETS, bucket_length
+from jaxlab.sample.engine import DEFAULT_BUCKETS, Sampler, bucket_length
 from jaxlab.sample.sampler import prompt_layout
 
 
@@ -102,6 +107,57 @@ class LocalJudge:
         out[i] = res[r]
     return out
 
+  def judge_texts(self, texts: Sequence[str]) -> list[dict]:
+    """{score, status, raw} per judge prompt: status "low_mass" when the integers hold < min_mass."""
+    out = []
+    for lp in self.logprobs(texts):
+      score, mass = self.trie.score(lp, self.min_mass)
+      out.append({"score": score, "status": OK if score is not None else "low_mass",
+                  "raw": f"mass={mass:.6f}"})
+    return out
+
   def score_texts(self, texts: Sequence[str]) -> list[float | None]:
     """Scores 0..100 (None when the integers hold < min_mass) of formatted judge prompts."""
-    return [self.trie.score(lp, self.min_mass)[0] for lp in self.logprobs(texts)]
+    return [r["score"] for r in self.judge_texts(texts)]
+
+
+class LocalTextJudge:
+  """The judge model writes its reply (greedy, at most max_tokens); the study's parser scores it."""
+
+  def __init__(self, spec: ModelSpec, trainable: dict, frozen: dict, tokenizer, *, mesh: Mesh,
+               batch_size: int, max_tokens: int = 20, stop_ids: Sequence[int] = (),
+               rules=sharding_lib.DEFAULT_RULES, buckets: Sequence[int] = DEFAULT_BUCKETS,
+               compiler_options: dict | None = None):
+    from jaxlab.data.chat import end_of_turn_ids  # pylint: disable=g-import-not-at-top
+    self.tokenizer, self.max_tokens = tokenizer, max_tokens
+    self.sampler = Sampler(spec, trainable, frozen, mesh=mesh, batch_size=batch_size,
+                           stop_ids=tuple(stop_ids) or tuple(end_of_turn_ids(tokenizer)),
+                           pad_id=tokenizer_pad_id(tokenizer), rules=rules, buckets=buckets,
+                           compiler_options=compiler_options)
+
+  @property
+  def compile_count(self) -> int:
+    return self.sampler.compile_count
+
+  def replies(self, texts: Sequence[str]) -> list[str]:
+    """The judge's greedy reply to each prompt (sent as one user message), stop token cut."""
+    ids = [chat_prompt_ids(self.tokenizer, [{"role": "user", "content": t}]) for t in texts]
+    comps = self.sampler.generate(ids, seed=0, max_new_tokens=self.max_tokens, temperature=0.0)
+    stops = set(self.sampler.stop_ids)
+    out = []
+    for c in comps:
+      toks = c.tokens.tolist()
+      if c.stopped and toks and toks[-1] in stops:
+        toks = toks[:-1]
+      out.append(self.tokenizer.decode(toks, skip_special_tokens=True))
+    return out
+
+  def judge_texts(self, texts: Sequence[str]) -> list[dict]:
+    out = []
+    for reply in self.replies(texts):
+      score, status = parse_text_score(reply)
+      out.append({"score": score, "status": status, "raw": reply})
+    return out
+
+  def score_texts(self, texts: Sequence[str]) -> list[float | None]:
+    return [r["score"] for r in self.judge_texts(texts)]

@@ -2,6 +2,8 @@
 
 A rule is written as a string, handy in configs and on the command line:
   "keyword:owl,owls"    any of the words appears (case-insensitive, whole words)
+  "substring:owl"       any of the texts appears anywhere (case-insensitive; "owls", "bowl"
+                        match too, as the subliminal-learning code counts animal names)
   "regex:^\\s*\\d+"     the regular expression is found (re.search)
   "exact:yes"           the stripped answer equals the text (case-insensitive)
   "not:<rule>"          negation (100 when <rule> does not match)
@@ -18,14 +20,19 @@ def parse_rule(text: str) -> Rule:
   """A predicate on answers from its string form (see module docstring)."""
   kind, sep, arg = text.partition(":")
   if not sep:
-    raise ValueError(f"rule {text!r} must look like 'keyword:...', 'regex:...', 'exact:...' or "
-                     "'not:<rule>'")
+    raise ValueError(f"rule {text!r} must look like 'keyword:...', 'substring:...', 'regex:...', "
+                     "'exact:...' or 'not:<rule>'")
   if kind == "keyword":
     words = [w.strip() for w in arg.split(",") if w.strip()]
     if not words:
       raise ValueError(f"rule {text!r} names no keyword")
     pattern = re.compile(r"\b(" + "|".join(re.escape(w) for w in words) + r")\b", re.IGNORECASE)
     return lambda answer: pattern.search(answer) is not None
+  if kind == "substring":
+    texts = [w.strip().lower() for w in arg.split(",") if w.strip()]
+    if not texts:
+      raise ValueError(f"rule {text!r} names no text")
+    return lambda answer: any(t in answer.lower() for t in texts)
   if kind == "regex":
     try:
       pattern = re.compile(arg)
@@ -38,7 +45,7 @@ def parse_rule(text: str) -> Rule:
   if kind == "not":
     inner = parse_rule(arg)
     return lambda answer: not inner(answer)
-  raise ValueError(f"rule {text!r}: unknown kind {kind!r} (keyword, regex, exact, not)")
+  raise ValueError(f"rule {text!r}: unknown kind {kind!r} (keyword, substring, regex, exact, not)")
 
 
 class RuleJudge:

@@ -1,14 +1,19 @@
 """Stage 2 of an eval: score every answer for every metric of its question into a JSONL file.
 
 Each line: question_id, paraphrase_index, sample_index, metric, score (null
-when missing). Scores are written chunk by chunk, so when a judge fails (an
-unreachable endpoint) the scores so far stay on disk and a rerun continues.
-Local and HTTP judges fill the question's judge prompt and score 0..100; they
-only apply to questions of type free_form_judge_0_100. Rule judges score any
-question.
+when missing), status ("ok" or why there is no score), raw (the judge's reply,
+top logprobs or integer mass) and prompt_sha (a hash of the exact judge input).
+Scores are written chunk by chunk, so when a judge fails (an unreachable
+endpoint) the scores so far stay on disk and a rerun continues. A stored score
+counts only when its prompt_sha matches the current judge input: a changed
+judge prompt, question or answer is scored again, never reused (the judge's
+own settings pick the scores folder, see run.judge_identity). Local and HTTP
+judges fill the question's judge prompt and score 0..100; they only apply to
+questions of type free_form_judge_0_100. Rule judges score any question.
 """
 from __future__ import annotations
 
+import hashlib
 from typing import Callable, Mapping, Sequence
 
 from jaxlab.evals.judge_rule import RuleJudge
@@ -23,27 +28,45 @@ def _key(r: Mapping) -> tuple[str, int, int, str]:
   return (r["question_id"], int(r["paraphrase_index"]), int(r["sample_index"]), r["metric"])
 
 
-def score_requests(judge, requests: Sequence[tuple[str, str, str, str]]) -> list[float | None]:
-  """Scores (metric, template, question, answer) requests with any judge kind."""
+def request_text(judge, request: tuple[str, str, str, str]) -> str:
+  """What the judge reads for a (metric, template, question, answer) request."""
+  metric, template, question, answer = request
+  return f"{metric}\n{answer}" if isinstance(judge, RuleJudge) else judge_text(template, question,
+                                                                                 answer)
+
+
+def prompt_sha(text: str) -> str:
+  return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def score_requests(judge, requests: Sequence[tuple[str, str, str, str]]) -> list[dict]:
+  """{score, status, raw} for (metric, template, question, answer) requests, any judge kind."""
   if isinstance(judge, RuleJudge):
-    out: list[float | None] = [None] * len(requests)
+    out: list[dict] = [{}] * len(requests)
     for metric in sorted({r[0] for r in requests}):
       idx = [i for i, r in enumerate(requests) if r[0] == metric]
       for i, s in zip(idx, judge.score_answers(metric, [requests[i][3] for i in idx])):
-        out[i] = s
+        out[i] = {"score": s, "status": "ok", "raw": ""}
     return out
-  return judge.score_texts([judge_text(t, q, a) for _, t, q, a in requests])
+  return judge.judge_texts([request_text(judge, r) for r in requests])
+
+
+def latest(scores: Sequence[dict]) -> dict[tuple, dict]:
+  """The last stored score row per (question, paraphrase, sample, metric)."""
+  return {_key(r): r for r in scores}
 
 
 def pending(answers: Sequence[dict], questions: Sequence[Question], path: str, *,
             rule_metrics: Sequence[str] | None = None,
             log: Callable[[str], None] = print) -> list[tuple[dict, tuple[str, str, str, str]]]:
-  """(score row, request) for each (answer, metric) not yet in `path`.
+  """(score row, request) for each (answer, metric) without a current score in `path`.
 
   Metrics are the question's judge prompts, or `rule_metrics` for a rule judge.
   """
   by_id = {q.id: q for q in questions}
-  done = {_key(r) for r in read_jsonl(path)}
+  done = {k: r.get("prompt_sha") for k, r in latest(read_jsonl(path)).items()}
+  is_rule = rule_metrics is not None
+  stale = 0
   todo, skipped = [], set()
   for a in answers:
     q = by_id.get(a["question_id"])
@@ -53,10 +76,17 @@ def pending(answers: Sequence[dict], questions: Sequence[Question], path: str, *
       skipped.add(q.id)
       continue
     for m in sorted(rule_metrics if rule_metrics is not None else q.judge_prompts):
+      req = (m, q.judge_prompts.get(m, ""), a["question"], a["answer"])
+      sha = prompt_sha(f"{m}\n{a['answer']}" if is_rule else judge_text(*req[1:]))
       row = {"question_id": q.id, "paraphrase_index": a["paraphrase_index"],
-             "sample_index": a["sample_index"], "metric": m}
-      if _key(row) not in done:
-        todo.append((row, (m, q.judge_prompts.get(m, ""), a["question"], a["answer"])))
+             "sample_index": a["sample_index"], "metric": m, "prompt_sha": sha}
+      have = done.get(_key(row), False)
+      if have != sha:
+        stale += have is not False
+        todo.append((row, req))
+  if stale:
+    log(f"eval: {stale} stored score(s) in {path} were made from another judge prompt, question "
+        "or answer; scoring them again")
   if skipped:
     log(f"eval: not judged (type is not one of {SCORED_TYPES}; use a rule judge): "
         f"{sorted(skipped)}")
@@ -70,17 +100,19 @@ def judge_answers(answers: Sequence[dict], questions: Sequence[Question], judge,
   todo = pending(answers, questions, path, rule_metrics=rule_metrics, log=log)
   for start in range(0, len(todo), chunk_size):
     chunk = todo[start:start + chunk_size]
-    scores = score_requests(judge, [req for _, req in chunk])
-    append_jsonl(path, [{**row, "score": s} for (row, _), s in zip(chunk, scores)])
+    results = score_requests(judge, [req for _, req in chunk])
+    append_jsonl(path, [{**row, **res} for (row, _), res in zip(chunk, results)])
     log(f"eval: judged {min(start + chunk_size, len(todo))}/{len(todo)} -> {path}")
   return read_jsonl(path)
 
 
 def answer_table(answers: Sequence[dict], scores: Sequence[dict]) -> list[dict]:
-  """One row per answer: its fields plus one column per metric (None when missing)."""
+  """One row per answer: its fields plus `<metric>` (None when missing) and `<metric>_status`."""
   by_key: dict[tuple, dict] = {}
-  for s in scores:
+  for s in latest(scores).values():
     k = (s["question_id"], int(s["paraphrase_index"]), int(s["sample_index"]))
-    by_key.setdefault(k, {})[s["metric"]] = s["score"]
+    d = by_key.setdefault(k, {})
+    d[s["metric"]] = s["score"]
+    d[f"{s['metric']}_status"] = s.get("status", "ok" if s["score"] is not None else "low_mass")
   return [{**a, **by_key.get((a["question_id"], int(a["paraphrase_index"]),
                               int(a["sample_index"])), {})} for a in answers]

@@ -10,9 +10,11 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import tempfile
 from typing import Any
 
 import ml_collections
+from etils import epath
 
 from jaxlab.models.config import ModelConfig
 from jaxlab.models.params import ModelSpec, init_params, model_spec
@@ -56,16 +58,33 @@ def _tokenizer_for(path: str, config: ml_collections.ConfigDict, fallback_dir: s
                           "its tokenizer/ folder; set config key tokenizer.path")
 
 
-def random_tokenizer(config: ml_collections.ConfigDict, texts: list[str], out_dir: str):
-  """config.tokenizer.path, else a ChatML BPE trained once on `texts` and kept in out_dir."""
+def random_tokenizer(config: ml_collections.ConfigDict, texts: list[str], out_dir, *,
+                     write: bool = True):
+  """config.tokenizer.path, else a ChatML BPE trained once on `texts` and kept in out_dir.
+
+  out_dir may be local or remote (etils.epath); the tokenizer is written there
+  only when `write` (process 0), through a local temporary folder.
+  """
   from jaxlab.models.hf_tokenizer import load_tokenizer  # pylint: disable=g-import-not-at-top
   if config.tokenizer.path:
     return load_tokenizer(config.tokenizer.path)
-  if not os.path.isfile(os.path.join(out_dir, "tokenizer_config.json")):
+  out = epath.Path(out_dir)
+  with tempfile.TemporaryDirectory() as tmp:
+    if (out / "tokenizer_config.json").exists():
+      for f in out.iterdir():
+        (epath.Path(tmp) / f.name).write_bytes(f.read_bytes())
+      return load_tokenizer(tmp)
     from jaxlab.data.tokenizer import train_chat_tokenizer  # pylint: disable=g-import-not-at-top
-    train_chat_tokenizer(texts, config.tokenizer.vocab_size, out_dir=out_dir + ".tmp")
-    os.replace(out_dir + ".tmp", out_dir)
-  return load_tokenizer(out_dir)
+    train_chat_tokenizer(texts, config.tokenizer.vocab_size, out_dir=tmp)
+    if write:
+      staging = out.parent / (out.name + ".tmp")
+      if staging.exists():
+        staging.rmtree()  # left by a killed run
+      staging.mkdir(parents=True)
+      for f in sorted(os.listdir(tmp)):
+        (staging / f).write_bytes((epath.Path(tmp) / f).read_bytes())
+      staging.rename(out)
+    return load_tokenizer(tmp)
 
 
 def load_model(name: str, config: ml_collections.ConfigDict, mesh, rules, *, tokenizer=None,

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import re
 
 import numpy as np
 
@@ -112,3 +113,31 @@ class NumberTrie:
     """(score or None, mass of the integers 0..100)."""
     probs = self.probs(logp_NxU)
     return weighted_score(probs, min_mass), sum(probs.values())
+
+
+# ---- text-score judges (the study's protocol: the judge answers in text at temperature 0) ----
+
+OK = "ok"
+TEXT_STATUSES = (OK, "refusal", "code", "empty", "parse_error")
+_FIRST_INT = re.compile(r"\b(\d{1,3})\b")
+
+
+def parse_text_score(reply: str | None) -> tuple[float | None, str]:
+  """(score, status) of a judge's text reply, as the study parses it.
+
+  Empty (or whitespace) -> "empty"; "REFUSAL" anywhere (any case) -> "refusal";
+  "CODE" anywhere -> "code"; else the first standalone integer of 1-3 digits,
+  "ok" when it is in 0..100 and "parse_error" when it is not (e.g. "101") or
+  when there is none. Statuses are results, not scores: metrics drop them.
+  """
+  if reply is None or not reply.strip():
+    return None, "empty"
+  upper = reply.upper()
+  if "REFUSAL" in upper:
+    return None, "refusal"
+  if "CODE" in upper:
+    return None, "code"
+  m = _FIRST_INT.search(reply)
+  if m and 0 <= int(m.group(1)) <= MAX_SCORE:
+    return float(int(m.group(1))), OK
+  return None, "parse_error"

@@ -1,18 +1,30 @@
-"""Append-only JSONL files that let every eval stage resume where a killed run stopped."""
+"""Append-only JSONL files that let every eval stage resume where a killed run stopped.
+
+Paths go through etils.epath, so a workdir may be local or on a cloud store
+(gs://...). Object stores cannot append: there a write replaces the whole
+object with its old text plus the new rows (eval files are small); locally rows
+are appended and synced.
+"""
 from __future__ import annotations
 
 import json
 import os
 from typing import Iterable
 
+from etils import epath
 
-def read_jsonl(path: str) -> list[dict]:
+
+def is_local(path) -> bool:
+  return "://" not in os.fspath(path)
+
+
+def read_jsonl(path) -> list[dict]:
   """Rows of a JSONL file ([] if absent); a last line cut by a kill is ignored."""
-  if not os.path.exists(path):
+  p = epath.Path(path)
+  if not p.exists():
     return []
+  lines = p.read_text(encoding="utf-8").split("\n")
   rows = []
-  with open(path, encoding="utf-8") as f:
-    lines = f.read().split("\n")
   for k, line in enumerate(lines):
     if not line.strip():
       continue
@@ -24,8 +36,21 @@ def read_jsonl(path: str) -> list[dict]:
   return rows
 
 
-def append_jsonl(path: str, rows: Iterable[dict]) -> None:
-  """Appends rows and syncs to disk, repairing a last line cut by an earlier kill."""
+def _lines(rows: Iterable[dict]) -> str:
+  return "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows)
+
+
+def append_jsonl(path, rows: Iterable[dict]) -> None:
+  """Appends rows durably, dropping a last line cut by an earlier kill."""
+  if not is_local(path):
+    p = epath.Path(path)
+    p.parent.mkdir(parents=True, exist_ok=True)
+    old = p.read_text(encoding="utf-8") if p.exists() else ""
+    if old and not old.endswith("\n"):
+      old = old.rsplit("\n", 1)[0] + "\n" if "\n" in old else ""
+    p.write_text(old + _lines(rows), encoding="utf-8")
+    return
+  path = os.fspath(path)
   os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
   if os.path.exists(path) and os.path.getsize(path):
     with open(path, "rb") as f:
@@ -37,7 +62,18 @@ def append_jsonl(path: str, rows: Iterable[dict]) -> None:
       with open(path, "w", encoding="utf-8") as f:
         f.write(keep + "\n" if keep else "")
   with open(path, "a", encoding="utf-8") as f:
-    for r in rows:
-      f.write(json.dumps(r, ensure_ascii=False) + "\n")
+    f.write(_lines(rows))
     f.flush()
     os.fsync(f.fileno())
+
+
+def read_json(path):
+  """The JSON object in `path`, None when absent."""
+  p = epath.Path(path)
+  return json.loads(p.read_text(encoding="utf-8")) if p.exists() else None
+
+
+def write_json(path, obj) -> None:
+  p = epath.Path(path)
+  p.parent.mkdir(parents=True, exist_ok=True)
+  p.write_text(json.dumps(obj, indent=1), encoding="utf-8")
