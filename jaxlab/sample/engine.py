@@ -62,14 +62,17 @@ class Sampler:
     """Swaps in other weights of the same architecture (another checkpoint) without recompiling."""
     self.trainable, self.frozen = jax.device_put((trainable, frozen), self.param_shardings)
 
-  def _fn(self, p: int, max_new_tokens: int, temperature: float, top_p: float, top_k: int):
-    key = (self.batch_size, p, max_new_tokens, float(temperature), float(top_p), int(top_k))
+  def _fn(self, p: int, max_new_tokens: int, temperature: float, top_p: float, top_k: int,
+          min_new_tokens: int = 0):
+    key = (self.batch_size, p, max_new_tokens, float(temperature), float(top_p), int(top_k),
+           int(min_new_tokens))
     if key not in self._compiled:
       def fn(trainable, frozen, prompts, lengths, seed, row_ids):
         return sample(self.spec, trainable, frozen, prompts, lengths, jax.random.key(seed),
                       max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
                       top_k=top_k, stop_ids=self.stop_ids, pad_id=self.pad_id, padding="left",
-                      row_ids_B=row_ids, mesh=self.mesh, rules=self.rules)
+                      row_ids_B=row_ids, mesh=self.mesh, rules=self.rules,
+                      min_new_tokens=min_new_tokens)
       rows = NamedSharding(self.mesh, sharding_lib.logical_to_spec(
           ("batch", None), (self.batch_size, p), self.mesh, self.rules))
       rows1 = NamedSharding(self.mesh, P(*rows.spec[:1]))
@@ -85,8 +88,11 @@ class Sampler:
 
   def generate(self, prompts: Sequence[Sequence[int]], *, seed: int, max_new_tokens: int,
                temperature: float = 1.0, top_p: float = 1.0, top_k: int = 0,
-               row_ids: Sequence[int] | None = None) -> list[Completion]:
-    """One Completion per prompt, in order; row_ids (default: the index) key each row's RNG."""
+               row_ids: Sequence[int] | None = None, min_new_tokens: int = 0) -> list[Completion]:
+    """One Completion per prompt, in order; row_ids (default: the index) key each row's RNG.
+
+    The first `min_new_tokens` tokens are never stop ids (1: no empty answers).
+    """
     prompts = [np.asarray(x, np.int32) for x in prompts]
     if any(len(x) == 0 for x in prompts):
       raise ValueError("every prompt needs at least one token")
@@ -96,7 +102,7 @@ class Sampler:
     for start in range(0, len(order), self.batch_size):
       idx = order[start:start + self.batch_size]
       p = bucket_length(max(len(prompts[i]) for i in idx), self.buckets)
-      fn, rows, rows1 = self._fn(p, max_new_tokens, temperature, top_p, top_k)
+      fn, rows, rows1 = self._fn(p, max_new_tokens, temperature, top_p, top_k, min_new_tokens)
       tok = np.full((self.batch_size, p), self.pad_id, np.int32)
       lengths = np.ones((self.batch_size,), np.int32)
       ids = np.zeros((self.batch_size,), np.int32)

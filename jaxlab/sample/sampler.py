@@ -76,13 +76,15 @@ def sample(spec: ModelSpec, trainable: dict, frozen: dict, prompt_tokens_BxP: ja
            temperature: float = 1.0, top_p: float = 1.0, top_k: int = 0,
            stop_ids: Sequence[int] = (), pad_id: int = 0, padding: str = "left",
            row_ids_B: jax.Array | None = None, mesh: Mesh | None = None,
-           rules=sharding_lib.DEFAULT_RULES) -> SampleOutput:
+           rules=sharding_lib.DEFAULT_RULES, min_new_tokens: int = 0) -> SampleOutput:
   """Samples up to max_new_tokens per row after each prompt (pure; jit it or call it under jit).
 
   Row b draws with key fold_in(rng, row_ids_B[b]) (default b), folded with the
   step index, so its tokens depend only on its prompt, its row id and rng.
   With a mesh the cache and batch arrays are constrained to batch-over-
-  ('data','fsdp') and kv-heads-over-'tensor' shardings.
+  ('data','fsdp') and kv-heads-over-'tensor' shardings. The first
+  `min_new_tokens` steps cannot draw a stop id (as HF's min_new_tokens: their
+  logits are -inf, so log-probs at those steps exclude the stop ids).
   """
   if max_new_tokens < 1:
     raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
@@ -96,8 +98,14 @@ def sample(spec: ModelSpec, trainable: dict, frozen: dict, prompt_tokens_BxP: ja
   row_ids_B = jnp.arange(b, dtype=jnp.int32) if row_ids_B is None else row_ids_B
   keys_B = row_keys(rng, row_ids_B.astype(jnp.uint32))
   step_keys = lambda t: jax.vmap(jax.random.fold_in, (0, None))(keys_B, t)
-  pick = lambda logits, t: select(logits, step_keys(t), temperature=temperature, top_k=top_k,
-                                  top_p=top_p)
+  ban_V = None
+  if min_new_tokens > 0 and stop_ids:
+    ban_V = jnp.zeros((spec.cfg.vocab_size,), bool).at[stop_K].set(True)
+
+  def pick(logits, t):
+    if ban_V is not None:
+      logits = jnp.where(ban_V[None, :logits.shape[-1]] & (t < min_new_tokens), -jnp.inf, logits)
+    return select(logits, step_keys(t), temperature=temperature, top_k=top_k, top_p=top_p)
   sh = None if mesh is None else cache_lib.cache_sharding(cfg, b, s, mesh, rules)
 
   # Prefill: the prompt attends to itself; its k/v land in slots [0, P).
