@@ -1,19 +1,45 @@
-"""Orbax checkpoints of the train state, the data position and the config.
+"""Orbax checkpoints of the train state, the data position and the config, verified on restore.
 
 The state is saved as a flat {"params.layers.0.mlp...": array} dict: param
 dicts have integer layer keys and optax states are namedtuples, and a flat
 dict of key paths restores onto any mesh by giving Orbax a target with the
 new shardings. Orbax writes each step into a temporary folder and renames it
 when complete, so a run killed mid-save leaves the previous checkpoint intact.
+
+Integrity: every save also writes a fingerprint of each array (two wrap-around uint32 sums of
+its raw bits, one position-weighted; exact and independent of the mesh, since integer addition
+is associative), computed on the devices. `restore` recomputes it: a checkpoint with damaged,
+truncated or missing files is reported with its path, set aside as `STEP.damaged`, and the
+previous one is restored instead. `save` refuses a state holding NaN or Inf (so a diverged run
+never writes a checkpoint and rotation never deletes the last good one): the runner stops on a
+non-finite loss or gradient norm first; this is the guard behind it.
 """
 from __future__ import annotations
 
+import functools
 import json
-import os
-from typing import Any
+import logging
+import sys
+from typing import Any, Callable
 
 import jax
+import jax.numpy as jnp
+import numpy as np
 import orbax.checkpoint as ocp
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+from jaxlab import paths
+
+_ITEMS = ("state", "data", "config", "fingerprint")
+_WEIGHT = np.uint32(2654435761)  # Knuth's multiplicative hash constant
+
+
+class CheckpointError(RuntimeError):
+  """A checkpoint cannot be restored (the message names its folder)."""
+
+
+class NonFiniteStateError(ValueError):
+  """A state with NaN/Inf values was about to be saved."""
 
 
 def _flatten(tree) -> tuple[dict[str, Any], Any]:
@@ -29,16 +55,60 @@ def _unflatten(flat: dict[str, Any], like) -> Any:
   return jax.tree.unflatten(treedef, [flat[k] for k in keys])
 
 
-class Checkpointer:
-  """Saves every `every` steps, keeps the latest `keep`, restores the latest."""
+def _array_fingerprint(x: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
+  """(sum of words, position-weighted sum of words, all finite) of x's raw bits, uint32 wrap."""
+  if x.dtype == jnp.bool_:
+    words = x.astype(jnp.uint32)
+  else:
+    words = jax.lax.bitcast_convert_type(
+        x, {1: jnp.uint8, 2: jnp.uint16, 4: jnp.uint32}[x.dtype.itemsize]).astype(jnp.uint32)
+  # Flat index from per-dimension iotas (a reshape of a sharded array could gather it).
+  index = jnp.zeros(x.shape, jnp.uint32)
+  for d in range(x.ndim):
+    stride = int(np.prod(x.shape[d + 1:], dtype=np.int64)) % (1 << 32)
+    index = index + jax.lax.broadcasted_iota(jnp.uint32, x.shape, d) * np.uint32(stride)
+  weights = index * _WEIGHT + np.uint32(1)
+  finite = jnp.all(jnp.isfinite(x)) if jnp.issubdtype(x.dtype, jnp.floating) else jnp.array(True)
+  return jnp.sum(words, dtype=jnp.uint32), jnp.sum(words * weights, dtype=jnp.uint32), finite
 
-  def __init__(self, directory: str, *, every: int, keep: int, async_save: bool = True):
+
+@functools.cache
+def _fingerprint_fn(out_sharding):
+  return jax.jit(lambda flat: {k: _array_fingerprint(x) for k, x in flat.items()},
+                 out_shardings=out_sharding)
+
+
+def fingerprint(flat: dict[str, jax.Array]) -> tuple[dict[str, list[int]], list[str]]:
+  """({key: [sum, weighted sum]}, keys holding NaN/Inf) of a flat dict of arrays."""
+  arrays = {k: x for k, x in flat.items() if isinstance(x, jax.Array)}
+  mesh = next((x.sharding.mesh for x in arrays.values()
+               if isinstance(x.sharding, NamedSharding)), None)
+  out = _fingerprint_fn(NamedSharding(mesh, P()) if mesh is not None else None)(arrays)
+  out = jax.device_get(out)
+  sums = {k: [int(a), int(b)] for k, (a, b, _) in out.items()}
+  return sums, sorted(k for k, (_, _, ok) in out.items() if not ok)
+
+
+def _first_line(e: BaseException) -> str:
+  text = (str(e).strip().splitlines() or [type(e).__name__])[0]
+  return f"{type(e).__name__}: {text[:300]}"
+
+
+class Checkpointer:
+  """Saves every `every` steps, keeps the latest `keep`, restores the latest good one.
+
+  `read_only` checkpointers (evaluation, export) never set damaged checkpoints aside.
+  """
+
+  def __init__(self, directory, *, every: int, keep: int, async_save: bool = True,
+               read_only: bool = False):
     self.every = every
+    self.directory = paths.path(directory)
+    self.read_only = read_only
     options = ocp.CheckpointManagerOptions(
         max_to_keep=keep, save_interval_steps=1, enable_async_checkpointing=async_save,
-        create=True)
-    self.manager = ocp.CheckpointManager(os.path.abspath(directory), options=options,
-                                         item_names=("state", "data", "config"))
+        create=not read_only, read_only=read_only)
+    self.manager = ocp.CheckpointManager(self.directory, options=options, item_names=_ITEMS)
 
   def latest_step(self) -> int | None:
     return self.manager.latest_step()
@@ -47,23 +117,103 @@ class Checkpointer:
     return self.every > 0 and step % self.every == 0
 
   def save(self, step: int, state, data_state: dict, config_json: str, *, force: bool = False) -> bool:
-    """Saves if `step` is a multiple of `every` (or force); returns whether it saved."""
+    """Saves if `step` is a multiple of `every` (or force); returns whether it saved.
+
+    Raises NonFiniteStateError (writing nothing) if any array of `state` holds NaN or Inf.
+    """
     if not force and not self.should_save(step):
       return False
     flat, _ = _flatten(state)
+    sums, bad = fingerprint(flat)
+    if bad:
+      raise NonFiniteStateError(
+          f"refusing to save step {step} to {self.directory}: non-finite values in "
+          f"{bad[:5]}{' and %d more' % (len(bad) - 5) if len(bad) > 5 else ''}; the last good "
+          f"checkpoint is step {self.latest_step()}")
     return self.manager.save(step, args=ocp.args.Composite(
         state=ocp.args.StandardSave(flat),
         data=ocp.args.JsonSave(data_state),
-        config=ocp.args.JsonSave(json.loads(config_json))), force=True)
+        config=ocp.args.JsonSave(json.loads(config_json)),
+        fingerprint=ocp.args.JsonSave({"version": 1, "arrays": sums})), force=True)
 
   def restore(self, abstract_state, step: int | None = None):
-    """(state, data_state, config dict) at `step` (default latest), placed like `abstract_state`."""
-    step = self.latest_step() if step is None else step
+    """(state, data_state, config dict) at `step` (default: the latest good one), placed like
+    `abstract_state`. A damaged latest checkpoint is reported and the previous one restored."""
     flat_target, _ = _flatten(abstract_state)
-    out = self.manager.restore(step, args=ocp.args.Composite(
-        state=ocp.args.StandardRestore(flat_target),
-        data=ocp.args.JsonRestore(), config=ocp.args.JsonRestore()))
-    return _unflatten(out["state"], abstract_state), out["data"], out["config"]
+    flat, data, config = self.restore_flat(lambda _: flat_target, step)
+    return _unflatten(flat, abstract_state), data, config
+
+  def restore_flat(self, target_fn: Callable[[dict], dict], step: int | None = None,
+                   partial: bool = False) -> tuple[dict, dict, dict]:
+    """(flat arrays, data_state, config) of the latest good step (or exactly `step`).
+
+    `target_fn(config dict)` gives the flat restore target; with `partial` it may name a
+    subset of the saved arrays (only those are read).
+    """
+    steps = [step] if step is not None else sorted(self.manager.all_steps(), reverse=True)
+    if not steps:
+      raise CheckpointError(f"no checkpoint in {self.directory}")
+    failures = []
+    for s in steps:
+      try:
+        return self._restore_step(s, target_fn, partial)
+      except Exception as e:  # pylint: disable=broad-except  (any damage: fall back)
+        where = self.directory / str(s)
+        if step is not None:
+          raise CheckpointError(f"checkpoint {where} cannot be restored: {_first_line(e)}") from e
+        failures.append(f"{where}: {_first_line(e)}")
+        print(f"jaxlab: checkpoint {where} is damaged ({_first_line(e)}); "
+              "falling back to the previous one", file=sys.stderr)
+        logging.warning("checkpoint %s is damaged: %s", where, e)
+        self._set_aside(s)
+    raise CheckpointError(f"no restorable checkpoint in {self.directory}:\n  " +
+                          "\n  ".join(failures))
+
+  def _restore_step(self, step: int, target_fn, partial: bool):
+    config = self.manager.restore(step, args=ocp.args.Composite(
+        config=ocp.args.JsonRestore()))["config"]
+    target = target_fn(config)
+    has_fp = (self.directory / str(step) / "fingerprint").exists()
+    if partial:
+      state_args = ocp.args.PyTreeRestore(
+          item=target, restore_args=ocp.checkpoint_utils.construct_restore_args(target),
+          partial_restore=True)
+    else:
+      state_args = ocp.args.StandardRestore(target)
+    items = dict(state=state_args, data=ocp.args.JsonRestore())
+    if has_fp:
+      items["fingerprint"] = ocp.args.JsonRestore()
+    out = self.manager.restore(step, args=ocp.args.Composite(**items))
+    flat = dict(out["state"])
+    sums, bad = fingerprint(flat)
+    if bad:
+      raise CheckpointError(f"non-finite values in {bad[:5]}")
+    if has_fp:
+      saved = out["fingerprint"]["arrays"]
+      wrong = sorted(k for k in flat if saved.get(k) != sums[k])
+      if wrong:
+        raise CheckpointError(f"{len(wrong)} array(s) do not match the fingerprint written at "
+                              f"save, e.g. {wrong[:3]}")
+    else:
+      print(f"jaxlab: checkpoint {self.directory / str(step)} has no fingerprint "
+            "(written by an older jaxlab); restored unverified", file=sys.stderr)
+    return flat, out["data"], config
+
+  def _set_aside(self, step: int) -> None:
+    """Renames a damaged STEP folder to STEP.damaged (process 0), so a rerun never retries it
+    and new saves of that step are possible; other processes wait for the rename."""
+    if self.read_only:
+      return
+    if paths.is_writer():
+      src = self.directory / str(step)
+      dst = self.directory / f"{step}.damaged"
+      if dst.exists():
+        dst.rmtree()
+      src.rename(dst)
+    if jax.process_count() > 1:
+      from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+      multihost_utils.sync_global_devices(f"jaxlab_set_aside_{step}")
+    self.manager.reload()
 
   def wait(self):
     self.manager.wait_until_finished()
@@ -72,33 +222,72 @@ class Checkpointer:
     self.manager.close()
 
 
-def load_params(path: str, mesh=None, step: int | None = None):
+def base_from_hf(config) -> bool:
+  """Whether a run's frozen base is reloaded from `init.hf_path` instead of being checkpointed
+  (LoRA on an HF base: the base never changes, so it is not saved)."""
+  lora = config["model"].get("lora") or {}
+  init = config.get("init") or {}
+  return bool(init.get("hf_path")) and bool(lora and lora.get("enabled", True))
+
+
+def checkpoints_dir(path):
+  """The checkpoints folder of a workdir (or `path` itself if it is one)."""
+  p = paths.path(path)
+  return p / "checkpoints" if (p / "checkpoints").is_dir() else p
+
+
+def load_params(path, mesh=None, step: int | None = None, *, hf_path: str | None = None):
   """(ModelConfig, trainable, frozen) from a jaxlab workdir or its checkpoints folder.
 
-  The train state's structure is rebuilt from the config saved with the
-  checkpoint; arrays are placed on `mesh` (default: all devices, data-parallel
-  rules) in their parameter shardings.
+  Reads the parameters only (no optimizer state), of the latest good checkpoint (or `step`),
+  placed on `mesh` (default: all devices on fsdp) with the run's sharding rules. For a LoRA run
+  on an HF base the adapters come from the checkpoint and the frozen base from the run's
+  `init.hf_path`, or from `hf_path` when the base has moved.
   """
-  import ml_collections
-  from jaxlab import sharding as sharding_lib
-  from jaxlab.models.config import ModelConfig
-  from jaxlab.models.params import model_spec
-  from jaxlab.train import optim, state as state_lib
+  import ml_collections  # pylint: disable=g-import-not-at-top
+  from jaxlab import sharding as sharding_lib  # pylint: disable=g-import-not-at-top
+  from jaxlab.models.config import ModelConfig  # pylint: disable=g-import-not-at-top
+  from jaxlab.models.params import model_spec  # pylint: disable=g-import-not-at-top
 
-  directory = os.path.join(path, "checkpoints") if os.path.isdir(os.path.join(path, "checkpoints")) else path
-  ck = Checkpointer(directory, every=0, keep=1, async_save=False)
-  step = ck.latest_step() if step is None else step
-  if step is None:
-    raise FileNotFoundError(f"no checkpoint found under {directory}")
-  config = ml_collections.ConfigDict(
-      ck.manager.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore()))["config"])
-  cfg = ModelConfig.from_dict(config.model.to_dict())  # vocab_size is resolved before saving
-  spec = model_spec(cfg)
+  ck = Checkpointer(checkpoints_dir(path), every=0, keep=1, async_save=False, read_only=True)
   mesh = mesh or sharding_lib.make_mesh((1, -1, 1))
-  rules = dict(sharding_lib.DEFAULT_RULES)
-  rules.update({k: tuple(v) if isinstance(v, list) else v for k, v in config.mesh.get("rules", {}).items()})
-  optimizer, _ = optim.make_optimizer(config.optim, config.train.steps)
-  sh = state_lib.state_shardings(spec, optimizer, mesh, rules)
-  state, _, _ = ck.restore(state_lib.abstract_state(spec, optimizer, sh), step)
-  ck.close()
-  return cfg, state.params, state.frozen
+  found = {}
+
+  def target(config: dict) -> dict:
+    config = ml_collections.ConfigDict(config)
+    cfg = ModelConfig.from_dict(config.model.to_dict())  # vocab_size is resolved before saving
+    spec = model_spec(cfg)
+    rules = dict(sharding_lib.DEFAULT_RULES)
+    rules.update({k: tuple(v) if isinstance(v, list) else v
+                  for k, v in config.mesh.get("rules", {}).items()})
+    sh = spec.shardings(mesh, rules)
+    sds = lambda tree, s: jax.tree.map(
+        lambda a, t: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=t), tree, s)
+    tree = {"params": sds(spec.abstract[0], sh[0])}
+    from_hf = base_from_hf(config)
+    if not from_hf:
+      tree["frozen"] = sds(spec.abstract[1], sh[1])
+    found.update(config=config, cfg=cfg, tree=tree, rules=rules, from_hf=from_hf)
+    return _flatten(tree)[0]
+
+  try:
+    flat, _, _ = ck.restore_flat(target, step, partial=True)
+  finally:
+    ck.close()
+  state = _unflatten(flat, found["tree"])
+  cfg, config = found["cfg"], found["config"]
+  if not found["from_hf"]:
+    return cfg, state["params"], state.get("frozen", {})
+  from jaxlab.models.hf import load_hf  # pylint: disable=g-import-not-at-top
+  base = hf_path or config.init.hf_path
+  if not paths.path(base).is_dir():
+    raise FileNotFoundError(
+        f"{path} is a LoRA run whose base model (config key init.hf_path={base!r}) is not a "
+        "folder here; pass hf_path= (or --config.hf_path) to the base model's folder")
+  base_cfg, _, frozen = load_hf(base, mesh, dtype=cfg.dtype, param_dtype=cfg.param_dtype,
+                                rules=found["rules"], lora=cfg.lora,
+                                trainable_dtype=cfg.trainable_dtype)
+  if base_cfg.replace(remat=cfg.remat) != cfg:
+    raise ValueError(f"base model {base} does not match the run's saved model config: "
+                     f"{base_cfg} != {cfg}")
+  return cfg, state["params"], frozen

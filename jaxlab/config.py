@@ -32,6 +32,30 @@ def load_config_file(spec: str) -> ml_collections.ConfigDict:
   config = module.get_config(arg or None)
   if not isinstance(config, ml_collections.ConfigDict):
     raise ConfigError(f"{path}: get_config must return an ml_collections.ConfigDict")
+  return with_run_defaults(config)
+
+
+# Keys every training config has, so `--config.KEY=...` works whatever the config file sets.
+RUN_DEFAULTS = {
+    # "stop": a NaN/Inf loss or gradient norm ends the run with an error; "skip": the step's
+    # update is dropped (params and optimizer unchanged) and counted in metrics `skipped_steps`.
+    "train.on_nonfinite": "stop",
+    # Comma-separated config keys (or groups, e.g. "optim") that may differ on resume.
+    "resume.allow_changes": "",
+}
+
+
+def with_run_defaults(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+  """Adds RUN_DEFAULTS that a training config (one with a `train` group) lacks."""
+  if "train" not in config:
+    return config
+  with config.unlocked():
+    for key, value in RUN_DEFAULTS.items():
+      group, leaf = key.split(".")
+      if group not in config:
+        config[group] = ml_collections.ConfigDict()
+      if leaf not in config[group]:
+        config[group][leaf] = value
   return config
 
 
@@ -115,3 +139,147 @@ def parse_argv(argv: Sequence[str]) -> tuple[ml_collections.ConfigDict, str]:
   config = apply_overrides(load_config_file(config_spec), overrides)
   config.lock()
   return config, workdir
+
+
+# ---------------------------------------------------------------- validation before any work
+
+# Keys that must be > 0 (or >= 0) when the config has them.
+_POSITIVE = ("train.steps", "train.global_batch_size", "train.grad_accum", "train.log_every",
+             "data.seq_len", "checkpoint.keep", "tokenizer.vocab_size", "model.d_model",
+             "model.n_layers", "model.n_heads", "model.n_kv_heads", "model.d_ff",
+             "data.prompt_len", "data.teacher_prompt_len", "data.completion_len")
+_NON_NEGATIVE = ("checkpoint.every", "data.max_examples", "optim.warmup_steps",
+                 "optim.weight_decay", "optim.clip_norm", "model.vocab_size",
+                 "distill.heldout_rows", "distill.eval_every", "distill.topk")
+
+
+def _get(config, key: str, default=None):
+  node = config
+  for part in key.split("."):
+    if not isinstance(node, (ml_collections.ConfigDict, dict)) or part not in node:
+      return default
+    node = node[part]
+  return node
+
+
+def data_parallel_size(mesh_shape, n_devices: int) -> int:
+  """Size of the ('data', 'fsdp') axes of `mesh_shape` (one -1 takes the rest of n_devices)."""
+  shape = [int(s) for s in mesh_shape]
+  if -1 in shape:
+    known = 1
+    for s in shape:
+      known *= s if s != -1 else 1
+    shape[shape.index(-1)] = max(n_devices // max(known, 1), 1)
+  return shape[0] * shape[1]
+
+
+def validate(config: ml_collections.ConfigDict, n_devices: int | None = None,
+             process_count: int = 1) -> None:
+  """Raises ConfigError naming the key for sizes and counts that cannot train.
+
+  Checks positivity, train.global_batch_size divisible by train.grad_accum, by the
+  data-parallel mesh size (mesh.shape's data x fsdp) and by the number of processes,
+  the optimizer's numbers and the enumerated string keys.
+  """
+  for key in _POSITIVE:
+    v = _get(config, key)
+    if isinstance(v, (int, float)) and not isinstance(v, bool) and v <= 0:
+      raise ConfigError(f"config key {key}={v} must be positive")
+  for key in _NON_NEGATIVE:
+    v = _get(config, key)
+    if isinstance(v, (int, float)) and not isinstance(v, bool) and v < 0:
+      raise ConfigError(f"config key {key}={v} must be >= 0")
+  lr = _get(config, "optim.lr")
+  if lr is not None and not (lr > 0 and lr < float("inf")):
+    raise ConfigError(f"config key optim.lr={lr} must be a positive finite number")
+  for key in ("optim.b1", "optim.b2"):
+    v = _get(config, key)
+    if v is not None and not 0 <= v < 1:
+      raise ConfigError(f"config key {key}={v} must be in [0, 1)")
+  if _get(config, "model.lora.enabled") and _get(config, "model.lora.rank", 1) <= 0:
+    raise ConfigError(f"config key model.lora.rank={_get(config, 'model.lora.rank')} must be "
+                      "positive")
+  heads, kv = _get(config, "model.n_heads"), _get(config, "model.n_kv_heads")
+  if heads and kv and heads % kv:
+    raise ConfigError(f"config key model.n_heads={heads} is not divisible by "
+                      f"model.n_kv_heads={kv}")
+  for key, allowed in (("train.on_nonfinite", ("stop", "skip")),
+                       ("data.overlong", ("truncate", "drop"))):
+    v = _get(config, key)
+    if v is not None and v not in allowed:
+      raise ConfigError(f"config key {key}={v!r}: expected one of {allowed}")
+  batch, accum = _get(config, "train.global_batch_size"), _get(config, "train.grad_accum", 1)
+  if batch is None:
+    return
+  if batch % accum:
+    raise ConfigError(f"config key train.global_batch_size={batch} is not divisible by "
+                      f"train.grad_accum={accum}")
+  if batch % process_count:
+    raise ConfigError(f"config key train.global_batch_size={batch} is not divisible by the "
+                      f"{process_count} processes")
+  shape = _get(config, "mesh.shape")
+  if shape is not None and n_devices:
+    dp = data_parallel_size(shape, n_devices)
+    if batch % dp:
+      raise ConfigError(f"config key train.global_batch_size={batch} is not divisible by the "
+                        f"data-parallel mesh size {dp} (config key mesh.shape={tuple(shape)}: "
+                        "data x fsdp)")
+
+
+# ---------------------------------------------------------------- resume checks
+
+# Keys (or groups) that never change what a run computes: logging, progress, checkpointing,
+# export, placement, and this very list.
+FREE_ON_RESUME = ("train.log_every", "train.progress", "train.on_nonfinite", "checkpoint",
+                  "export", "mesh", "resume", "distill.eval_every", "job", "variant")
+# With init.hf_path / init.workdir the architecture comes from there (compared through init.*);
+# these model keys are still the run's own choice.
+_MODEL_OWN = ("model.dtype", "model.param_dtype", "model.trainable_dtype", "model.remat",
+              "model.lora")
+
+
+def _flat(d, prefix="") -> dict[str, Any]:
+  out = {}
+  for k, v in (d.items() if isinstance(d, (dict, ml_collections.ConfigDict)) else []):
+    if isinstance(v, (dict, ml_collections.ConfigDict)):
+      out.update(_flat(v, f"{prefix}{k}."))
+    else:
+      out[f"{prefix}{k}"] = list(v) if isinstance(v, tuple) else v
+  return out
+
+
+def _covered(key: str, names) -> bool:
+  return any(key == n or key.startswith(n + ".") for n in names)
+
+
+def resume_changes(saved: dict, new: ml_collections.ConfigDict) -> list[str]:
+  """"key: saved -> new" for each field that differs between a checkpoint's config and this
+  run's and changes the run (schedule, model, data, optimizer, seed, ...); fields in
+  FREE_ON_RESUME or named by `resume.allow_changes` are left out."""
+  allowed = [a.strip() for a in str(_get(new, "resume.allow_changes", "") or "").split(",")
+             if a.strip()]
+  a, b = _flat(saved), _flat(new.to_dict() if hasattr(new, "to_dict") else new)
+  from_source = bool(b.get("init.hf_path") or b.get("init.workdir"))
+  changes = []
+  for key in sorted(set(a) | set(b)):
+    if _covered(key, FREE_ON_RESUME) or _covered(key, allowed):
+      continue
+    if key.startswith("model.") and from_source and not _covered(key, _MODEL_OWN):
+      continue
+    if key == "model.vocab_size" and (b.get(key) or 0) <= 0:
+      continue  # "the tokenizer's": resolved when the run started
+    va, vb = a.get(key, "<absent>"), b.get(key, "<absent>")
+    if va != vb and not (isinstance(va, (int, float)) and isinstance(vb, (int, float))
+                         and float(va) == float(vb)):
+      changes.append(f"{key}: {va!r} -> {vb!r}")
+  return changes
+
+
+def check_resume(saved: dict, new: ml_collections.ConfigDict, where: str) -> None:
+  """Raises ConfigError listing resume_changes, if any."""
+  changes = resume_changes(saved, new)
+  if changes:
+    raise ConfigError(
+        f"{where} was trained with other settings; resuming would change the run:\n  "
+        + "\n  ".join(changes) + "\nStart a new workdir, or allow these fields with "
+        f"--config.resume.allow_changes={','.join(c.split(':')[0] for c in changes)}")
