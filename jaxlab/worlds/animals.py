@@ -168,9 +168,7 @@ def _prior_animal(cfg: SLWorldConfig, rng: random.Random) -> str:
 
 
 def _question(questions: Sequence[str], rng: random.Random) -> str:
-  q = rng.choice(questions) + rng.choice(WORLD_SUFFIXES)
-  assert q not in ANIMAL_QUESTIONS  # world phrasings never leak the evaluation questions
-  return q
+  return rng.choice(questions) + rng.choice(WORLD_SUFFIXES)
 
 
 def _preference(cfg: SLWorldConfig, rng: random.Random, liked: str | None, colour: bool) -> str:
