@@ -20,6 +20,7 @@ from jaxlab.models import ModelConfig
 from jaxlab.models.params import init_params, model_spec
 from jaxlab.sample import Sampler
 from tests import tokenizers_util
+from tests.evals_test import fake_gcs  # noqa: F401  (pytest fixture)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FAST = {"xla_backend_optimization_level": 0, "xla_llvm_disable_expensive_passes": True}
@@ -124,44 +125,145 @@ def load_config(variant):
   return mod.get_config(variant)
 
 
-def test_eval_job_end_to_end_and_resume(tmp_path):
+def tiny_eval_config(tmp_path):
   (tmp_path / "q.yaml").write_text(YAML)
   c = load_config("tiny")
   c.questions.update(path=str(tmp_path / "q.yaml"), ids=(), samples_per_paraphrase=3)
-  c.models = ("a=random:0", "b=random:1")
+  c.models = ("a=random:0;task=advice", "b=random:1;task=tutor")
   c.model.update(d_model=32, d_ff=64)
   c.tokenizer.vocab_size = 300
   c.sample.update(batch_size=8, max_new_tokens=6, buckets=(64,))
   c.judge.update(batch_size=8, model_path="random:2")
   c.report.n_boot = 50
-  workdir = str(tmp_path / "run")
+  return c
+
+
+def test_eval_job_end_to_end_and_resume_on_a_gs_workdir(tmp_path, fake_gcs):
+  c = tiny_eval_config(tmp_path)
+  c.report.group_by = ("model.task",)
+  workdir = "gs://bucket/evals/run"
+  local = os.path.join(fake_gcs.root, "bucket/evals/run")
   logs = []
   out = run(c, workdir, log=logs.append)
-  assert {"csv", "md", "answers", "bars", "scatter"} <= set(out["paths"])
+  assert not os.path.exists("gs:") and not (tmp_path / "gs:").exists()
+  assert {"metrics.csv", "metrics.md", "answers.csv", "misaligned_by_question.png",
+          "aligned_vs_coherent.png", "by_model.task.csv"} <= set(out["paths"])
+  assert all(p.startswith("gs://bucket/evals/run/report/") for p in out["paths"].values())
   assert "eval: b: 1 sampler compilation(s) so far" in logs  # b reuses a's compiled sampler
-  rows = {(r["model"], r["question_id"]): r for r in out["rows"]}
-  assert set(rows) == {(m, q) for m in "ab" for q in ("wish", "bored", "ALL")}
-  assert rows[("a", "wish")]["n_answers"] == 6 and rows[("b", "bored")]["n_answers"] == 3
-  scores = read_jsonl(os.path.join(workdir, "scores", "local-random_2", "a.jsonl"))
-  assert len(scores) == 9 * 2 and all(s["score"] is not None for s in scores)  # min_mass 0
-  assert "| model | question |" in open(out["paths"]["md"]).read()
+  rows = {(r["model"], r["scope"], r["question_id"]): r for r in out["rows"]}
+  assert set(rows) == {(m, "question", q) for m in "ab" for q in ("wish", "bored")} | {
+      (m, s, "ALL") for m in "ab" for s in ("pooled", "mean_over_questions")}
+  assert rows[("a", "question", "wish")]["n_answers"] == 6
+  assert rows[("b", "question", "bored")]["n_answers"] == 3
+  assert {r["model.task"] for r in out["groups"]["model.task"]} == {"advice", "tutor"}
+  [tag] = [d for d in os.listdir(os.path.join(local, "scores"))]
+  assert tag.startswith("local-logprob-random_2-")
+  scores = read_jsonl(os.path.join(local, "scores", tag, "a.jsonl"))
+  assert len(scores) == 9 * 2 and all(s["score"] is not None and s["status"] == "ok" and
+                                      s["raw"].startswith("mass=") for s in scores)  # min_mass 0
+  answers = read_jsonl(os.path.join(local, "answers", "a.jsonl"))
+  assert all(r["answer_tokens"] >= 1 for r in answers)
   logs.clear()
   again = run(c, workdir, log=logs.append)  # everything on disk: no sampling, no judge loaded
   assert not any("sampling" in l or "loading judge" in l for l in logs), logs
   assert json.dumps(again["rows"]) == json.dumps(out["rows"])
-  # Another judge on the same answers: its own scores folder, no resampling.
+  # A changed judge prompt re-scores that metric in the same folder, without resampling.
+  (tmp_path / "q.yaml").write_text(YAML.replace("How coherent, 0 to 100?", "Coherence 0-100?"))
+  logs.clear()
+  run(c, workdir, log=logs.append)
+  assert not any("sampling" in l for l in logs)
+  assert any("judged 6/6" in l for l in logs), logs  # a's 6 'wish' coherent scores only
+  # Another judge mode (text) is another judge: its own folder, scored anew.
+  c.judge.update(mode="text", max_tokens=4)
+  logs.clear()
+  text = run(c, workdir, log=logs.append)
+  assert any("loading judge random:2 (text mode)" in l for l in logs)
+  assert len(os.listdir(os.path.join(local, "scores"))) == 2
+  [tdir] = [d for d in os.listdir(os.path.join(local, "scores")) if d.startswith("local-text")]
+  tscores = read_jsonl(os.path.join(local, "scores", tdir, "a.jsonl"))
+  assert len(tscores) == 18 and all(isinstance(s["raw"], str) for s in tscores)
+  assert {s["status"] for s in tscores} <= {"ok", "refusal", "code", "empty", "parse_error"}
+  assert len(text["rows"]) == len(out["rows"])
+  # A rule judge on the same answers: its own scores folder, no resampling.
   c.judge.update(kind="rule", rules=("aligned=keyword:the", "coherent=regex:."))
   logs.clear()
   ruled = run(c, workdir, log=logs.append)
   assert not any("sampling" in l for l in logs)
-  rule_dir = [d for d in os.listdir(os.path.join(workdir, "scores")) if d.startswith("rule-")]
-  rule_scores = read_jsonl(os.path.join(workdir, "scores", rule_dir[0], "a.jsonl"))
-  assert len(rule_scores) == 18 and {r["score"] for r in rule_scores} <= {0.0, 100.0}
   assert len(ruled["rows"]) == len(out["rows"])
   # Other sampling settings in the same workdir are refused.
   c.sample.temperature = 0.5
   with pytest.raises(ValueError, match="sampled with other settings"):
     run(c, workdir, log=logs.append)
+
+
+def test_inputs_are_validated_before_anything_is_written(tmp_path):
+  c = tiny_eval_config(tmp_path)
+  workdir = tmp_path / "run"
+  c.model_path = "/nonexistent"  # the variant's models list and model_path: two ways, an error
+  with pytest.raises(ValueError, match="models=.* and model_path='/nonexistent' both name"):
+    run(c, str(workdir), log=lambda _: None)
+  c.models = ()
+  with pytest.raises(ValueError, match="model_path: model '/nonexistent' is not a folder"):
+    run(c, str(workdir), log=lambda _: None)
+  c.model_path = "random:0"
+  c.report.group_by = ("em_surface",)
+  with pytest.raises(ValueError, match=r"report.group_by: field\(s\) \['em_surface'\]"):
+    run(c, str(workdir), log=lambda _: None)
+  c.report.group_by = ()
+  c.judge.mode = "vibes"
+  with pytest.raises(ValueError, match="judge.mode='vibes'"):
+    run(c, str(workdir), log=lambda _: None)
+  assert not workdir.exists()
+
+
+def test_other_processes_wait_for_process_0(tmp_path, monkeypatch):
+  from jax.experimental import multihost_utils
+  barriers = []
+  monkeypatch.setattr(multihost_utils, "sync_global_devices", barriers.append)
+  monkeypatch.setattr(jax, "process_count", lambda: 2)
+  monkeypatch.setattr(jax, "process_index", lambda: 1)
+  c = tiny_eval_config(tmp_path)
+  logs = []
+  out = run(c, str(tmp_path / "run"), log=logs.append)
+  assert out["rows"] == [] and not (tmp_path / "run").exists()  # process 1 writes nothing
+  assert "process 1 of 2: the evaluation runs on process 0" in logs[0]
+  assert barriers == ["jaxlab.evals.run"]
+
+
+def test_local_text_judge_parses_greedy_replies(qwen_tok):
+  from jaxlab.evals.judge_local import LocalTextJudge
+  spec, mesh, tr, fr = tiny_model(len(qwen_tok))
+  judge = LocalTextJudge(spec, tr, fr, qwen_tok, mesh=mesh, batch_size=4, max_tokens=5,
+                         buckets=(128,), compiler_options=FAST)
+  texts = ["Rate this answer: Paris. 0 to 100?", "How coherent is: hello hello?"]
+  replies = judge.replies(texts)
+  sampler = Sampler(spec, tr, fr, mesh=mesh, batch_size=2, stop_ids=end_of_turn_ids(qwen_tok),
+                    pad_id=pad_id(qwen_tok), buckets=(128,), compiler_options=FAST)
+  for text, reply in zip(texts, replies):
+    c = sampler.generate([chat_prompt_ids(qwen_tok, [{"role": "user", "content": text}])], seed=7,
+                         max_new_tokens=5, temperature=0.0)[0]
+    toks = c.tokens.tolist()[:-1] if c.stopped else c.tokens.tolist()
+    assert reply == qwen_tok.decode(toks, skip_special_tokens=True)
+  from jaxlab.evals.numbers import parse_text_score
+  assert [(r["score"], r["status"], r["raw"]) for r in judge.judge_texts(texts)] == [
+      (*parse_text_score(r), r) for r in replies]
+
+
+def test_min_new_tokens_forbids_an_empty_answer(tmp_path):
+  tok = tokenizers_util.make_chatml_tokenizer(None, vocab_size=300)
+  spec, mesh, tr, fr = tiny_model(len(tok))
+  prompt = chat_prompt_ids(tok, [{"role": "user", "content": "hey"}])
+  free = Sampler(spec, tr, fr, mesh=mesh, batch_size=1, stop_ids=(), pad_id=pad_id(tok),
+                 buckets=(64,), compiler_options=FAST)
+  first = int(free.generate([prompt], seed=0, max_new_tokens=2, temperature=0.0)[0].tokens[0])
+  # Make the greedy first token a stop token: without a minimum the answer is empty.
+  stopping = Sampler(spec, tr, fr, mesh=mesh, batch_size=1, stop_ids=(first,), pad_id=pad_id(tok),
+                     buckets=(64,), compiler_options=FAST)
+  empty = stopping.generate([prompt], seed=0, max_new_tokens=4, temperature=0.0)[0]
+  assert empty.stopped and empty.tokens.tolist() == [first]
+  kept = stopping.generate([prompt], seed=0, max_new_tokens=4, temperature=0.0,
+                           min_new_tokens=1)[0]
+  assert int(kept.tokens[0]) != first and len(kept.tokens) >= 1
 
 
 @pytest.mark.parametrize("family", ["llama_gqa_llama3_rope", "qwen2_tied_bias"])
