@@ -15,7 +15,9 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import math
 import os
+import sys
 import time
 from typing import Any
 
@@ -24,6 +26,8 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
+from jaxlab import config as config_lib
+from jaxlab import paths
 from jaxlab import sharding as sharding_lib
 from jaxlab.checkpoint import Checkpointer
 from jaxlab.data import prompt_completion as pc
@@ -45,21 +49,7 @@ def mesh_and_rules(config: ml_collections.ConfigDict):
   return sharding_lib.make_mesh(config.mesh.shape), rules
 
 
-def load_or_train_tokenizer(config: ml_collections.ConfigDict, workdir: str):
-  """config.tokenizer.path (an HF folder) or a small BPE trained on the train set, kept in workdir."""
-  from transformers import AutoTokenizer
-  if config.tokenizer.path:
-    return AutoTokenizer.from_pretrained(config.tokenizer.path, local_files_only=True)
-  out_dir = os.path.join(workdir, "tokenizer")
-  if os.path.exists(os.path.join(out_dir, "tokenizer.json")):
-    return AutoTokenizer.from_pretrained(out_dir, local_files_only=True)
-  from jaxlab.data.chat import read_chat_jsonl
-  from jaxlab.data.tokenizer import train_chat_tokenizer
-  convs = read_chat_jsonl(config.data.train_path)
-  texts = [m["content"] for c in convs[:config.data.max_examples or None] for m in c.messages]
-  tok = train_chat_tokenizer(texts, config.tokenizer.vocab_size, out_dir=out_dir + ".tmp")
-  os.replace(out_dir + ".tmp", out_dir)  # atomic: a killed run never leaves half a tokenizer
-  return tok
+from jaxlab.data.tokenizer import load_or_train_tokenizer  # noqa: E402,F401  (re-exported)
 
 
 def model_config(config: ml_collections.ConfigDict, vocab_size: int) -> ModelConfig:
@@ -75,24 +65,26 @@ def _is_workdir(path: str) -> bool:
 
 
 def load_model(path: str, mesh, rules, *, key: str, dtype: str | None = None,
-               param_dtype: str | None = None, lora=None, seed: int = 0):
+               param_dtype: str | None = None, lora=None, seed: int = 0,
+               trainable_dtype: str | None = None):
   """(cfg, trainable, frozen) from an HF folder or a jaxlab workdir; `key` names the config key
-  in errors. With `lora`, the loaded weights are the frozen base and fresh adapters train."""
+  in errors. With `lora`, the loaded weights are the frozen base and fresh adapters train;
+  what trains is stored in `trainable_dtype` (None: as loaded)."""
   from jaxlab.checkpoint import load_params
   from jaxlab.models.hf import init_lora, load_hf
-  from jaxlab.models.params import merge_lora
+  from jaxlab.models.params import cast_trainable, merge_lora
   if _is_workdir(path):
     cfg, trainable, frozen = load_params(path, mesh)
     params = merge_lora(trainable, frozen, cfg)
-    cfg = cfg.replace(lora=lora)
+    cfg = cfg.replace(lora=lora, trainable_dtype=trainable_dtype)
     if dtype:
       cfg = cfg.replace(dtype=dtype)
     if lora is None:
-      return cfg, params, {}
+      return cfg, cast_trainable(cfg, params), {}
     return cfg, init_lora(model_spec(cfg), mesh, seed, rules), params
   if os.path.isfile(os.path.join(path, "config.json")):
     return load_hf(path, mesh, dtype=dtype, param_dtype=param_dtype, rules=rules, lora=lora,
-                   seed=seed)
+                   seed=seed, trainable_dtype=trainable_dtype)
   raise ValueError(f"config key {key}={path!r} is neither a Hugging Face checkpoint folder "
                    "(config.json + *.safetensors) nor a jaxlab workdir (checkpoints/)")
 
@@ -107,7 +99,8 @@ def init_student(config, tokenizer, mesh, rules):
     return model_config(config, len(tokenizer)), None, False
   key = "init.hf_path" if config.init.hf_path else "init.workdir"
   cfg, *params = load_model(source, mesh, rules, key=key, dtype=config.model.dtype,
-                            param_dtype=config.model.param_dtype, lora=lora, seed=config.seed)
+                            param_dtype=config.model.param_dtype, lora=lora, seed=config.seed,
+                            trainable_dtype=config.model.get("trainable_dtype") or None)
   cfg = cfg.replace(remat=config.model.remat)
   with config.unlocked():  # the saved config describes the model actually trained
     config.model.update({k: v for k, v in dataclasses.asdict(cfg).items()
@@ -225,17 +218,18 @@ def load_or_compute_topk(config, path: str, examples, ids, tokenizer, teacher_sp
   fn = teacher_topk_fn(ctx, int(config.distill.topk))
   lengths = dict(prompt_len=config.data.prompt_len, teacher_prompt_len=config.data.teacher_prompt_len,
                  completion_len=config.data.completion_len)
-  bs = config.train.global_batch_size
-  all_ids, all_lp = [], []
-  for s in range(0, len(examples), bs):
-    chunk = list(range(s, min(s + bs, len(examples))))
+  bs, k, c = config.train.global_batch_size, int(config.distill.topk), lengths["completion_len"]
+  # Rows that do not fit the lengths are never trained on: their entries stay empty.
+  out = {"topk_ids": np.zeros((len(examples), c, k), np.int32),
+         "topk_logp": np.full((len(examples), c, k), -np.inf, np.float32)}
+  for s in range(0, len(ids), bs):
+    chunk = list(ids[s:s + bs])
     rows = [examples[i] for i in chunk] + [examples[chunk[0]]] * (bs - len(chunk))
     batch = pc.make_batch(rows, pad_id=ctx.pad_id, **lengths)
     batch = {k: v for k, v in batch.items() if k.startswith("teacher_") or k == "completion"}
     i, lp = jax.device_get(fn(teacher, batch))
-    all_ids.append(i[:len(chunk)])
-    all_lp.append(lp[:len(chunk)].astype(np.float32))
-  out = {"topk_ids": np.concatenate(all_ids), "topk_logp": np.concatenate(all_lp)}
+    out["topk_ids"][chunk] = i[:len(chunk)]
+    out["topk_logp"][chunk] = lp[:len(chunk)]
   if jax.process_index() == 0:
     file.parent.mkdir(parents=True, exist_ok=True)
     tmp = file.parent / (file.name + ".tmp")
@@ -267,16 +261,29 @@ def make_prompt_completion_data(config, channel, tokenizer, extras_fn=None):
 def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   """Trains config.channel to config.train.steps (resuming if a checkpoint exists)."""
   channel = channels.get(config.get("channel", "sft"))
-  os.makedirs(workdir, exist_ok=True)
-  if not config.data.train_path or not os.path.isfile(config.data.train_path):
+  # Everything that can be checked is checked before anything is loaded or written.
+  config_lib.validate(config, jax.device_count(), jax.process_count())
+  if not config.data.train_path or not paths.path(config.data.train_path).is_file():
     raise ValueError(f"config key data.train_path={config.data.train_path!r} is not a file: "
                      "point it at a chat JSONL file")
   mesh, rules = mesh_and_rules(config)
+  ckpt = Checkpointer(paths.path(workdir, "checkpoints"), every=config.checkpoint.every,
+                      keep=config.checkpoint.keep, async_save=config.checkpoint.async_save)
+  saved = ckpt.saved_config() if ckpt.latest_step() is not None else None
+  if saved is not None:
+    config_lib.check_resume(saved, config, str(paths.path(workdir)))
+  total = config.train.steps
+  if saved is not None and ckpt.latest_step() >= total:
+    return _finished(config, workdir, ckpt, saved, mesh, rules)
   tokenizer = load_or_train_tokenizer(config, workdir)
-  cfg, init_params, external_base = init_student(config, tokenizer, mesh, rules)
-  if cfg.vocab_size < len(tokenizer):
-    raise ValueError(f"config key model.vocab_size={cfg.vocab_size} is smaller than the "
-                     f"tokenizer's {len(tokenizer)} tokens")
+  if saved is None:
+    cfg, init_params, external_base = init_student(config, tokenizer, mesh, rules)
+  else:  # resuming: the model is the checkpoint's; only an external frozen base is reloaded
+    cfg, init_params, external_base = _resume_student(config, saved, mesh, rules)
+  from jaxlab.data.tokenizer import check_vocab
+  check_vocab(tokenizer, cfg.vocab_size, repr(getattr(tokenizer, "name_or_path", "")),
+              repr(config.init.hf_path or config.init.get("workdir", "") or "config.model")
+              + " (config key model.vocab_size)")
   config.model.vocab_size = cfg.vocab_size  # the saved config is the resolved one
   spec = model_spec(cfg)
   use_cache = channel.DATA == "prompt_completion" and int(config.distill.get("topk", 0)) > 0
@@ -287,8 +294,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
       if channel.DATA == "prompt_completion" else common.Context(
           spec=spec, loss_chunk=int(config.get("distill", {}).get("loss_chunk", 0)))
   config_json = config.to_json_best_effort(indent=2)
-  with open(os.path.join(workdir, "config.json"), "w") as f:
-    f.write(config_json)
+  paths.write_text(paths.path(workdir, "config.json"), config_json)
 
   held_batch = None
   if channel.DATA == "packed":
@@ -302,7 +308,8 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     extras = None
     if use_cache:
       path = config.distill.get("topk_path", "") or os.path.join(workdir, "teacher_topk.npz")
-      extras = load_or_compute_topk(config, path, examples, train_ids, tokenizer, teacher_spec,
+      extras = load_or_compute_topk(config, path, examples, list(train_ids) + list(held_ids),
+                                    tokenizer, teacher_spec,
                                     teacher, ctx, mesh, rules)
       stats["topk_path"] = path
     batches = pc.PromptCompletionBatches(
@@ -314,11 +321,8 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     data_metrics = {"data_truncated": stats["truncated"],
                     "data_dropped": stats["examples_total"] - stats["examples_kept"]}
 
-  total = config.train.steps
   optimizer, schedule = optim.make_optimizer(config.optim, total)
   state_sh = state_lib.state_shardings(spec, optimizer, mesh, rules)
-  ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), every=config.checkpoint.every,
-                      keep=config.checkpoint.keep, async_save=config.checkpoint.async_save)
   # Base weights loaded from an HF folder / workdir with LoRA are not saved: they reload from there.
   frozen_external = external_base
   if ckpt.latest_step() is not None:
@@ -339,15 +343,15 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   else:
     ndims = dict.fromkeys(("inputs", "targets", "positions", "segment_ids", "loss_mask"), 2)
   batch_sh = {k: sharding_lib.batch_sharding(mesh, n, rules=rules) for k, n in ndims.items()}
-  teacher_sh = teacher_spec.shardings(mesh, rules) if teacher is not None else None
-  step_fn = step_lib.jit_step(
-      step_lib.make_step(channel, ctx, optimizer, schedule, config.train.grad_accum),
-      state_sh, batch_sh, mesh, teacher_sh)
   if use_cache:
-    teacher = None  # the cache replaces the live teacher in the step
-    step_fn_call = lambda st, b: step_fn(st, b, None)
-  else:
-    step_fn_call = lambda st, b: step_fn(st, b, teacher)
+    teacher = None  # the cache replaces the live teacher in the step (and frees it)
+  teacher_sh = teacher_spec.shardings(mesh, rules) if teacher is not None else None
+  skip_nonfinite = config.train.get("on_nonfinite", "stop") == "skip"
+  step_fn = step_lib.jit_step(
+      _guard_nonfinite(step_lib.make_step(channel, ctx, optimizer, schedule,
+                                          config.train.grad_accum), skip_nonfinite),
+      state_sh, batch_sh, mesh, teacher_sh)
+  step_fn_call = lambda st, b: step_fn(st, b, teacher)
   heldout_fn = None
   if held_batch is not None and (teacher is not None or use_cache):
     heldout_fn = jax.jit(heldout_kl_fn(ctx))
@@ -365,10 +369,9 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
                 estimator=ctx.estimator if info["channel"] == "onpolicy" else None,
                 lmbda=ctx.lmbda if info["channel"] == "gkd" else None,
                 teacher=config.teacher.path, teacher_cache=bool(use_cache))
-  if jax.process_index() == 0:
-    with open(os.path.join(workdir, "channel.json"), "w") as f:
-      json.dump(info, f, indent=2)
+  paths.write_text(paths.path(workdir, "channel.json"), json.dumps(info, indent=2))
   pending, last, t_last = None, {}, time.perf_counter()
+  skipped = int(_last_row(workdir, start).get("skipped_steps", 0))
 
   def heldout_metrics(state):
     if heldout_fn is None:
@@ -389,40 +392,140 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     t_last = now
     if "kl" in info:
       metrics[f"loss_{info['kl']}"] = metrics["loss"]
-    if step % config.train.log_every == 0 or step == total or extra:
+    nonlocal skipped
+    finite = math.isfinite(metrics["loss"]) and math.isfinite(metrics.get("grad_norm", 0.0))
+    if skip_nonfinite:
+      skipped += int(metrics.pop("skipped"))
+      metrics["skipped_steps"] = skipped
+    if step % config.train.log_every == 0 or step == total or extra or not finite:
       writer.write(step, {**metrics, **data_metrics, **extra})
+    if not finite and not skip_nonfinite:
+      raise NonFiniteError(
+          f"step {step}: loss {metrics['loss']}, grad_norm {metrics.get('grad_norm')}: the run "
+          f"stopped (nothing non-finite is saved; last good checkpoint: step "
+          f"{ckpt.latest_step()} in {ckpt.directory}). Lower optim.lr, check the data, or set "
+          "--config.train.on_nonfinite=skip to drop such steps and count them")
     return metrics
 
-  for step in range(start, total):
-    batch = sharding_lib.host_local_to_global(next(batches), mesh, rules=rules)
-    state, metrics = step_fn_call(state, batch)
-    extra = heldout_metrics(state) if eval_every and ((step + 1) % eval_every == 0
-                                                      or step + 1 == total) else {}
+  try:
+    for step in range(start, total):
+      batch = sharding_lib.host_local_to_global(next(batches), mesh, rules=rules)
+      state, metrics = step_fn_call(state, batch)
+      extra = heldout_metrics(state) if eval_every and ((step + 1) % eval_every == 0
+                                                        or step + 1 == total) else {}
+      if pending is not None:
+        last = flush(pending)
+      pending = (step + 1, metrics, extra)
+      if ckpt.should_save(step + 1) or step + 1 == total:
+        # Metrics of a checkpointed step are on disk before its checkpoint, so a killed
+        # and resumed run has every row; a non-finite step stops here, before saving.
+        last, pending = flush(pending), None
+        writer.flush()
+        ckpt.save(step + 1, state.replace(frozen={}) if frozen_external else state,
+                  batches.get_state(), config_json, force=True)
     if pending is not None:
       last = flush(pending)
-    pending = (step + 1, metrics, extra)
-    if ckpt.should_save(step + 1) or step + 1 == total:
-      # Metrics of a checkpointed step are on disk before its checkpoint, so a killed
-      # and resumed run has every row.
-      last, pending = flush(pending), None
-      ckpt.save(step + 1, state.replace(frozen={}) if frozen_external else state,
-                batches.get_state(), config_json, force=True)
-  if pending is not None:
-    last = flush(pending)
-  ckpt.wait()
-  ckpt.close()
-  writer.close()
-  if jax.process_index() == 0:
-    with open(os.path.join(workdir, "data_stats.json"), "w") as f:
-      json.dump(stats, f)
+  finally:  # an error still leaves every finished checkpoint and metric row on disk
+    ckpt.wait()
+    ckpt.close()
+    writer.close()
+  paths.write_text(paths.path(workdir, "data_stats.json"), json.dumps(stats))
   if config.export.hf_dir:
-    from jaxlab.models.hf import export_hf
-    from jaxlab.models.params import merge_lora
-    export_hf(config.export.hf_dir, cfg, merge_lora(state.params, state.frozen, cfg),
-              tokenizer_dir=config.tokenizer.path or os.path.join(workdir, "tokenizer"),
-              dtype=config.export.dtype)
+    _export(config, workdir, cfg, state)
   return {"state": state, "metrics": last, "spec": spec, "tokenizer": tokenizer,
           "teacher": teacher, "teacher_spec": teacher_spec}
+
+
+class NonFiniteError(FloatingPointError):
+  """The loss or gradient norm became NaN/Inf (train.on_nonfinite='stop')."""
+
+
+def _guard_nonfinite(step_fn, skip: bool):
+  """With `skip`, a step whose loss or gradient norm is not finite keeps the previous params and
+  optimizer state (the step counter still advances) and reports metrics["skipped"] = 1."""
+  if not skip:
+    return step_fn
+
+  def guarded(state, batch, *extra):
+    new, metrics = step_fn(state, batch, *extra)
+    ok = jnp.isfinite(metrics["loss"]) & jnp.isfinite(metrics["grad_norm"])
+    kept = jax.tree.map(lambda n, o: jnp.where(ok, n, o), new, state)
+    return kept.replace(step=new.step), {**metrics, "skipped": 1 - ok.astype(jnp.int32)}
+  return guarded
+
+
+def _last_row(workdir, step: int) -> dict:
+  """The metrics row logged at `step` (for counters that continue across a resume)."""
+  from jaxlab.metrics import read_metrics
+  rows = [r for r in read_metrics(workdir) if r["step"] <= step] if step else []
+  return rows[-1] if rows else {}
+
+
+def _resume_student(config, saved: dict, mesh, rules):
+  """(cfg, (adapters placeholder, frozen base) or None, base_is_external) when resuming.
+
+  The model config is the checkpoint's (resolved when the run started): a full fine-tune's
+  weights all come from the checkpoint, so the HF model is not loaded a second time; only a
+  LoRA run's frozen base, which checkpoints leave out, is reloaded from its source.
+  """
+  from jaxlab.checkpoint import base_from_hf
+  d = dict(saved["model"])
+  cfg = ModelConfig.from_dict(d)
+  with config.unlocked():
+    config.model.update({k: v for k, v in d.items() if k in config.model and k != "lora"})
+  external = base_from_hf(saved) or bool(config.init.get("workdir", "") and cfg.lora is not None)
+  if not external:
+    return cfg, None, False
+  source = config.init.hf_path or config.init.get("workdir", "")
+  _, _, frozen = load_model(source, mesh, rules, key="init.hf_path", dtype=cfg.dtype,
+                            param_dtype=cfg.param_dtype, lora=cfg.lora, seed=config.seed,
+                            trainable_dtype=cfg.trainable_dtype)
+  return cfg, ({}, frozen), True
+
+
+def _export(config, workdir, cfg, state) -> None:
+  """Writes the merged model to export.hf_dir (every process calls it; process 0 writes)."""
+  from jaxlab.models.hf import export_hf
+  from jaxlab.models.params import merge_lora
+  export_hf(config.export.hf_dir, cfg, merge_lora(state.params, state.frozen, cfg),
+            tokenizer_dir=config.tokenizer.path or config.init.hf_path
+            or os.path.join(workdir, "tokenizer"), dtype=config.export.dtype)
+
+
+def _export_done(config) -> bool:
+  d = paths.path(config.export.hf_dir)
+  return (d / "config.json").exists() and (d / "model.safetensors.index.json").exists()
+
+
+def _finished(config, workdir, ckpt, saved: dict, mesh, rules) -> dict[str, Any]:
+  """A rerun of a finished run: nothing is trained or rewritten; only a missing export is made.
+  Returns what `run` returns, with the final state read from the last checkpoint."""
+  from jaxlab.metrics import read_metrics
+  step = ckpt.latest_step()
+  print(f"jaxlab: {paths.path(workdir)} already finished step {step}; nothing to train",
+        file=sys.stderr)
+  tokenizer = load_or_train_tokenizer(config, workdir)
+  cfg, init_params, external = _resume_student(config, saved, mesh, rules) \
+      if config.export.hf_dir and not _export_done(config) else (
+          ModelConfig.from_dict(dict(saved["model"])), None, False)
+  from jaxlab.checkpoint import base_from_hf
+  spec = model_spec(cfg)
+  sh = spec.shardings(mesh, rules)
+  sds = lambda tree, s: jax.tree.map(
+      lambda a, t: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=t), tree, s)
+  target = {"params": sds(spec.abstract[0], sh[0])}
+  if not base_from_hf(saved):
+    target["frozen"] = sds(spec.abstract[1], sh[1])
+  got, _, _ = ckpt.restore_partial(target)  # params only: no optimizer state is read
+  ckpt.close()
+  state = state_lib.TrainState(step=jnp.int32(ckpt.restored_step), params=got["params"],
+                               frozen=init_params[1] if external else got.get("frozen", {}),
+                               opt_state=None, rng=None)
+  if config.export.hf_dir and not _export_done(config):
+    _export(config, workdir, cfg, state)
+  rows = read_metrics(workdir)
+  return {"state": state, "metrics": rows[-1] if rows else {}, "spec": spec,
+          "tokenizer": tokenizer, "teacher": None, "teacher_spec": None, "finished_before": True}
 
 
 def heldout_kl_fn(ctx: common.Context):
