@@ -9,10 +9,11 @@ when complete, so a run killed mid-save leaves the previous checkpoint intact.
 Integrity: every save also writes a fingerprint of each array (two wrap-around uint32 sums of
 its raw bits, one position-weighted; exact and independent of the mesh, since integer addition
 is associative), computed on the devices. `restore` recomputes it: a checkpoint with damaged,
-truncated or missing files is reported with its path, set aside as `STEP.damaged`, and the
-previous one is restored instead. `save` refuses a state holding NaN or Inf (so a diverged run
-never writes a checkpoint and rotation never deletes the last good one): the runner stops on a
-non-finite loss or gradient norm first; this is the guard behind it.
+truncated or missing files is reported with its path and the previous one is restored instead.
+Nothing is renamed then; when training reaches the damaged step again, `save` moves it aside
+as `STEP.damaged` and writes it anew. `save` refuses a state holding NaN or Inf (so a diverged
+run never writes a checkpoint and rotation never deletes the last good one): the runner stops
+on a non-finite loss or gradient norm first; this is the guard behind it.
 """
 from __future__ import annotations
 
@@ -97,12 +98,15 @@ def _first_line(e: BaseException) -> str:
 class Checkpointer:
   """Saves every `every` steps, keeps the latest `keep`, restores the latest good one.
 
-  `read_only` checkpointers (evaluation, export) never set damaged checkpoints aside.
+  `read_only` checkpointers (evaluation, export) never create or change anything.
   """
 
   def __init__(self, directory, *, every: int, keep: int, async_save: bool = True,
                read_only: bool = False):
     self.every = every
+    self._damaged: set[int] = set()  # steps whose restore failed in this process
+    self._read_manager = None
+    self.restored_step: int | None = None  # the step the last restore read
     self.directory = paths.path(directory)
     self.read_only = read_only
     options = ocp.CheckpointManagerOptions(
@@ -123,6 +127,9 @@ class Checkpointer:
     """
     if not force and not self.should_save(step):
       return False
+    if step in self._damaged:  # training on from an earlier step has reached this one again
+      self._set_aside(step)
+      self._damaged.discard(step)
     flat, _ = _flatten(state)
     sums, bad = fingerprint(flat)
     if bad:
@@ -136,12 +143,29 @@ class Checkpointer:
         config=ocp.args.JsonSave(json.loads(config_json)),
         fingerprint=ocp.args.JsonSave({"version": 1, "arrays": sums})), force=True)
 
+  def saved_config(self) -> dict | None:
+    """The config saved with the latest checkpoint whose config is readable (None: none is)."""
+    for s in sorted(self.manager.all_steps(), reverse=True):
+      try:
+        return self.manager.restore(s, args=ocp.args.Composite(
+            config=ocp.args.JsonRestore()))["config"]
+      except Exception:  # pylint: disable=broad-except  (restore() reports the damage)
+        continue
+    return None
+
   def restore(self, abstract_state, step: int | None = None):
     """(state, data_state, config dict) at `step` (default: the latest good one), placed like
     `abstract_state`. A damaged latest checkpoint is reported and the previous one restored."""
     flat_target, _ = _flatten(abstract_state)
     flat, data, config = self.restore_flat(lambda _: flat_target, step)
     return _unflatten(flat, abstract_state), data, config
+
+  def restore_partial(self, target, step: int | None = None):
+    """(tree, data_state, config) with only `target`'s arrays read (a sub-tree of the state,
+    e.g. {"step", "params"}: no optimizer state), verified like `restore`."""
+    flat_target, _ = _flatten(target)
+    flat, data, config = self.restore_flat(lambda _: flat_target, step, partial=True)
+    return _unflatten(flat, target), data, config
 
   def restore_flat(self, target_fn: Callable[[dict], dict], step: int | None = None,
                    partial: bool = False) -> tuple[dict, dict, dict]:
@@ -155,24 +179,33 @@ class Checkpointer:
       raise CheckpointError(f"no checkpoint in {self.directory}")
     failures = []
     for s in steps:
+      where = self.directory / str(s)
       try:
-        return self._restore_step(s, target_fn, partial)
-      except Exception as e:  # pylint: disable=broad-except  (any damage: fall back)
-        where = self.directory / str(s)
-        if step is not None:
-          raise CheckpointError(f"checkpoint {where} cannot be restored: {_first_line(e)}") from e
-        failures.append(f"{where}: {_first_line(e)}")
-        print(f"jaxlab: checkpoint {where} is damaged ({_first_line(e)}); "
-              "falling back to the previous one", file=sys.stderr)
-        logging.warning("checkpoint %s is damaged: %s", where, e)
-        self._set_aside(s)
+        config = self.manager.restore(s, args=ocp.args.Composite(
+            config=ocp.args.JsonRestore()))["config"]
+        target = None
+      except Exception as e:  # pylint: disable=broad-except  (unreadable: fall back)
+        error = e
+      else:
+        target = target_fn(config)  # outside the try: a bug here is no damaged checkpoint
+        try:
+          out = self._restore_step(s, config, target, partial)
+          self.restored_step = s
+          return out
+        except Exception as e:  # pylint: disable=broad-except  (damaged: fall back)
+          error = e
+      if step is not None:
+        raise CheckpointError(f"checkpoint {where} cannot be restored: {_first_line(error)}") \
+            from error
+      failures.append(f"{where}: {_first_line(error)}")
+      print(f"jaxlab: checkpoint {where} is damaged ({_first_line(error)}); "
+            "falling back to the previous one", file=sys.stderr)
+      logging.warning("checkpoint %s is damaged: %s", where, error)
+      self._damaged.add(s)
     raise CheckpointError(f"no restorable checkpoint in {self.directory}:\n  " +
                           "\n  ".join(failures))
 
-  def _restore_step(self, step: int, target_fn, partial: bool):
-    config = self.manager.restore(step, args=ocp.args.Composite(
-        config=ocp.args.JsonRestore()))["config"]
-    target = target_fn(config)
+  def _restore_step(self, step: int, config: dict, target: dict, partial: bool):
     has_fp = (self.directory / str(step) / "fingerprint").exists()
     if partial:
       state_args = ocp.args.PyTreeRestore(
@@ -183,7 +216,10 @@ class Checkpointer:
     items = dict(state=state_args, data=ocp.args.JsonRestore())
     if has_fp:
       items["fingerprint"] = ocp.args.JsonRestore()
-    out = self.manager.restore(step, args=ocp.args.Composite(**items))
+    # Orbax binds one handler per item and manager: a partial (PyTree) restore of what this
+    # manager saved (Standard) goes through a separate read-only manager.
+    manager = self._reader() if partial else self.manager
+    out = manager.restore(step, args=ocp.args.Composite(**items))
     flat = dict(out["state"])
     sums, bad = fingerprint(flat)
     if bad:
@@ -199,11 +235,17 @@ class Checkpointer:
             "(written by an older jaxlab); restored unverified", file=sys.stderr)
     return flat, out["data"], config
 
+  def _reader(self) -> ocp.CheckpointManager:
+    if self._read_manager is None:
+      self._read_manager = ocp.CheckpointManager(
+          self.directory, options=ocp.CheckpointManagerOptions(read_only=True, create=False),
+          item_names=_ITEMS)
+    self._read_manager.reload()
+    return self._read_manager
+
   def _set_aside(self, step: int) -> None:
-    """Renames a damaged STEP folder to STEP.damaged (process 0), so a rerun never retries it
-    and new saves of that step are possible; other processes wait for the rename."""
-    if self.read_only:
-      return
+    """Renames a damaged STEP folder to STEP.damaged (process 0), so that step can be saved
+    again and a rerun never retries it; other processes wait for the rename."""
     if paths.is_writer():
       src = self.directory / str(step)
       dst = self.directory / f"{step}.damaged"
@@ -220,6 +262,8 @@ class Checkpointer:
 
   def close(self):
     self.manager.close()
+    if self._read_manager is not None:
+      self._read_manager.close()
 
 
 def base_from_hf(config) -> bool:

@@ -1,50 +1,85 @@
-"""Per-step metrics to JSONL, TensorBoard event files and a console progress bar."""
+"""Per-step metrics to JSONL, TensorBoard event files and a console progress bar.
+
+Only process 0 writes (every host computes the same global metrics). Opening the writer for a
+run that resumes at step S drops the rows after S that a killed run had logged, so a resumed
+run never repeats a step. Paths go through etils.epath; for a gs:// workdir the TensorBoard
+events are written to a local folder and copied next to the metrics at every flush.
+"""
 from __future__ import annotations
 
 import json
-import os
+import shutil
+import tempfile
 from typing import Any
 
 import tqdm
-from tensorboardX import SummaryWriter
+
+from jaxlab import paths
+
+
+def _rows(text: str) -> list[dict]:
+  return [json.loads(line) for line in text.splitlines() if line.strip()]
 
 
 class MetricsWriter:
   """Appends {"step": s, ...} rows to workdir/metrics.jsonl and TensorBoard scalars."""
 
-  def __init__(self, workdir: str, total_steps: int, start_step: int = 0, progress: bool = True):
-    os.makedirs(workdir, exist_ok=True)
-    self.path = os.path.join(workdir, "metrics.jsonl")
-    self._file = open(self.path, "a")
-    self._tb = SummaryWriter(os.path.join(workdir, "tb"))
-    self._bar = tqdm.tqdm(total=total_steps, initial=start_step, disable=not progress,
-                          dynamic_ncols=True)
+  def __init__(self, workdir, total_steps: int, start_step: int = 0, progress: bool = True):
+    self.writer = paths.is_writer()
+    self.path = paths.path(workdir, "metrics.jsonl")
+    self._tb_dir = paths.path(workdir, "tb")
+    self._bar = tqdm.tqdm(total=total_steps, initial=start_step,
+                          disable=not (progress and self.writer), dynamic_ncols=True)
+    self._file = self._tb = self._local_tb = None
+    if not self.writer:
+      return
+    self.path.parent.mkdir(parents=True, exist_ok=True)
+    if self.path.exists():  # a resumed run re-logs the steps after its checkpoint
+      keep = [r for r in _rows(self.path.read_text()) if start_step and r["step"] <= start_step]
+      paths.write_text(self.path, "".join(json.dumps(r) + "\n" for r in keep))
+    self._file = self.path.open("a")
+    from tensorboardX import SummaryWriter  # pylint: disable=g-import-not-at-top
+    if paths.is_uri(workdir):
+      self._local_tb = tempfile.mkdtemp(prefix="jaxlab_tb_")
+    self._tb = SummaryWriter(self._local_tb or str(self._tb_dir))
 
   def write(self, step: int, metrics: dict[str, Any]) -> None:
     row = {"step": int(step), **{k: float(v) for k, v in metrics.items()}}
+    self._bar.set_postfix(loss=f"{row.get('loss', float('nan')):.4f}",
+                          tok_s=f"{row.get('trained_tokens_per_s', 0):.0f}")
+    self._bar.update(int(step) - self._bar.n)
+    if not self.writer:
+      return
     self._file.write(json.dumps(row) + "\n")
     self._file.flush()
     for k, v in row.items():
       if k != "step":
         self._tb.add_scalar(k, v, step)
-    self._bar.set_postfix(loss=f"{row.get('loss', float('nan')):.4f}",
-                          tok_s=f"{row.get('trained_tokens_per_s', 0):.0f}")
-    self._bar.update(int(step) - self._bar.n)
+
+  def flush(self) -> None:
+    """Makes everything written so far durable (and copies staged TensorBoard events)."""
+    if not self.writer:
+      return
+    self._file.flush()
+    self._tb.flush()
+    if self._local_tb:
+      self._tb_dir.mkdir(parents=True, exist_ok=True)
+      for f in paths.path(self._local_tb).iterdir():
+        f.copy(self._tb_dir / f.name, overwrite=True)
 
   def close(self) -> None:
+    self._bar.close()
+    if not self.writer:
+      return
+    self.flush()
     self._file.close()
     self._tb.close()
-    self._bar.close()
+    if self._local_tb:
+      shutil.rmtree(self._local_tb, ignore_errors=True)
 
 
-def read_metrics(workdir: str) -> list[dict[str, Any]]:
-  """Rows of workdir/metrics.jsonl; on a resumed run, the last row per step wins."""
-  rows: dict[int, dict] = {}
-  path = os.path.join(workdir, "metrics.jsonl")
-  if os.path.exists(path):
-    with open(path) as f:
-      for line in f:
-        if line.strip():
-          r = json.loads(line)
-          rows[r["step"]] = r
+def read_metrics(workdir) -> list[dict[str, Any]]:
+  """Rows of workdir/metrics.jsonl (the last row per step wins, for files of older runs)."""
+  text = paths.read_text(paths.path(workdir, "metrics.jsonl"))
+  rows = {r["step"]: r for r in _rows(text or "")}
   return [rows[k] for k in sorted(rows)]

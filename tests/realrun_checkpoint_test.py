@@ -109,9 +109,10 @@ def test_damaged_newest_checkpoint_falls_back(tmp_path, capfd, damage):
   err = capfd.readouterr().err
   assert f"checkpoint {newest} is damaged" in err and "falling back" in err
   assert len(err.splitlines()) < 20  # a clear message, not a log flood
-  # Set aside, so the run can save step 3 again and a rerun never retries it.
-  assert os.path.isdir(newest + ".damaged") and ck.latest_step() == 2
+  # Nothing renamed on restore; saving step 3 again moves the damaged one aside.
+  assert ck.latest_step() == 3 and not os.path.exists(newest + ".damaged")
   ck.save(3, _bump(state, 3), {"position": 3}, _config_json(), force=True)
+  assert os.path.isdir(newest + ".damaged")
   ck.wait()
   _assert_state(ck.restore(abstract)[0], state, 3)
   ck.close()
@@ -183,8 +184,8 @@ def test_load_params_reads_params_only(tmp_path, monkeypatch):
   ck.close()
   read = []
   real = checkpoint.Checkpointer._restore_step
-  def spy(self, step, target_fn, partial):
-    out = real(self, step, target_fn, partial)
+  def spy(self, step, config, target, partial):
+    out = real(self, step, config, target, partial)
     read.append(sorted(out[0]))
     return out
   monkeypatch.setattr(checkpoint.Checkpointer, "_restore_step", spy)

@@ -22,6 +22,7 @@ import grain
 import numpy as np
 
 from jaxlab.data import chat
+from jaxlab.data.errors import DataError
 
 Example = tuple[np.ndarray, np.ndarray]  # (ids int32[n], loss_mask bool[n])
 OVERLONG_POLICIES = ("truncate", "drop")
@@ -60,7 +61,15 @@ def load_sft_examples(
   chat.check_chat_template(tokenizer)
   convs = chat.read_chat_jsonl(path)[:max_examples or None]
   encoded = [chat.encode_chat(tokenizer, c.messages, source=c.source) for c in convs]
-  return apply_overlong(encoded, seq_len, overlong)
+  kept, stats = apply_overlong(encoded, seq_len, overlong)
+  if not kept:
+    n_long = sum(len(ids) - 1 > seq_len for ids, _ in encoded)
+    raise DataError(
+        f"{path}: no trainable examples: all {stats['examples_total']} rows dropped "
+        f"({n_long} longer than data.seq_len={seq_len} with data.overlong={overlong!r}, "
+        f"{stats['dropped'] - (n_long if overlong == 'drop' else 0)} with no trained token); "
+        "raise data.seq_len or use data.overlong='truncate'")
+  return kept, stats
 
 
 def first_fit(lengths: Iterable[int], num_rows: int, seq_len: int) -> tuple[list[list[int]], int]:

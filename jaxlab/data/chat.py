@@ -53,13 +53,26 @@ def _check_messages(messages: Any, source) -> list[Message]:
 
 
 def read_chat_jsonl(path: str) -> list[Conversation]:
-  """Reads `{"messages": [...]}` rows (blank lines skipped); raises DataError at "path:line"."""
+  """Reads `{"messages": [...]}` rows (blank lines skipped); raises DataError at "path:line".
+
+  A missing or empty file, bytes that are not UTF-8 and malformed rows are errors naming the
+  file (and line). Paths go through etils.epath, so gs:// files read like local ones.
+  """
+  from jaxlab import paths  # pylint: disable=g-import-not-at-top
+  file = paths.path(path)
+  if not file.is_file():
+    raise DataError(f"{path}: no such data file")
   convs = []
-  with open(path, encoding="utf-8") as f:
-    for lineno, line in enumerate(f, start=1):
+  with file.open("rb") as f:
+    for lineno, raw in enumerate(f, start=1):
+      source = (str(path), lineno)
+      try:
+        line = raw.decode("utf-8")
+      except UnicodeDecodeError as e:
+        raise DataError(f"{where(source)}: not UTF-8 text (byte {raw[e.start]:#04x} at column "
+                        f"{e.start + 1}); re-encode the file as UTF-8") from None
       if not line.strip():
         continue
-      source = (str(path), lineno)
       try:
         row = json.loads(line)
       except json.JSONDecodeError as e:
@@ -67,6 +80,8 @@ def read_chat_jsonl(path: str) -> list[Conversation]:
       if not isinstance(row, dict) or "messages" not in row:
         raise DataError(f"{where(source)}: expected an object with a 'messages' list")
       convs.append(Conversation(_check_messages(row["messages"], source), source))
+  if not convs:
+    raise DataError(f"{path}: the data file has no rows")
   return convs
 
 

@@ -6,6 +6,7 @@ tasks. Special tokens follow ChatML: `<|endoftext|>` (pad and eos, as in Qwen2.5
 `<|im_start|>`, `<|im_end|>` (end of turn; see `chat.end_of_turn_ids`).
 """
 
+import os
 from collections.abc import Iterable, Sequence
 
 import tokenizers
@@ -75,3 +76,133 @@ def train_chat_tokenizer(
   if out_dir is not None:
     hf_tok.save_pretrained(out_dir)
   return hf_tok
+
+
+# ------------------------------------------------------------------ the run's tokenizer
+
+FIT_RECORD = "jaxlab_fit.json"  # what a fitted tokenizer was fitted on
+
+
+def _file_digest(path) -> dict:
+  """{"path", "bytes", "sha256"} of a data file (read through etils.epath)."""
+  import hashlib  # pylint: disable=g-import-not-at-top
+  from jaxlab import paths  # pylint: disable=g-import-not-at-top
+  h, size = hashlib.sha256(), 0
+  with paths.path(path).open("rb") as f:
+    while chunk := f.read(1 << 20):
+      h.update(chunk)
+      size += len(chunk)
+  return {"path": str(paths.path(path)), "bytes": size, "sha256": h.hexdigest()}
+
+
+def fit_record(config) -> dict:
+  """What a tokenizer fitted for `config` depends on: the data file, rows used, vocab size."""
+  return {"data": _file_digest(config.data.train_path),
+          "max_examples": int(config.data.max_examples or 0),
+          "vocab_size": int(config.tokenizer.vocab_size)}
+
+
+def load_tokenizer_dir(path):
+  """AutoTokenizer of a local or gs:// folder; a damaged tokenizer file is an error naming it."""
+  import json  # pylint: disable=g-import-not-at-top
+  import tempfile  # pylint: disable=g-import-not-at-top
+  from jaxlab import paths  # pylint: disable=g-import-not-at-top
+  from jaxlab.data.errors import DataError  # pylint: disable=g-import-not-at-top
+  folder = paths.path(path)
+  if not folder.is_dir():
+    raise DataError(f"tokenizer folder {path} does not exist (jaxlab never downloads)")
+  for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
+    file = folder / name
+    if file.exists():
+      try:
+        json.loads(file.read_text())
+      except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise DataError(f"{file}: not valid JSON ({e}); the file is damaged or truncated") from None
+  local = str(folder)
+  if paths.is_uri(path):  # transformers reads local folders only
+    local = tempfile.mkdtemp(prefix="jaxlab_tok_")
+    for f in folder.iterdir():
+      if f.is_file():
+        f.copy(paths.path(local, f.name))
+  try:
+    return transformers.AutoTokenizer.from_pretrained(local, local_files_only=True)
+  except Exception as e:  # pylint: disable=broad-except
+    raise DataError(f"tokenizer folder {path} cannot be loaded: {e}") from e
+
+
+def _save_dir(tok, out_dir, record: dict) -> None:
+  """Saves `tok` and its record to out_dir (process 0) through a fresh temporary folder, so a
+  killed run never leaves half a tokenizer and a leftover temporary never blocks a rerun."""
+  import json  # pylint: disable=g-import-not-at-top
+  import tempfile  # pylint: disable=g-import-not-at-top
+  from jaxlab import paths  # pylint: disable=g-import-not-at-top
+  if not paths.is_writer():
+    return
+  out = paths.path(out_dir)
+  tmp = out.parent / (out.name + ".tmp")
+  if tmp.exists():
+    tmp.rmtree()
+  with tempfile.TemporaryDirectory(prefix="jaxlab_tok_") as local:
+    tok.save_pretrained(local)
+    with open(f"{local}/{FIT_RECORD}", "w", encoding="utf-8") as f:
+      json.dump(record, f, indent=2)
+    tmp.mkdir(parents=True)
+    for name in sorted(os.listdir(local)):
+      paths.path(local, name).copy(tmp / name)
+  if out.exists():
+    out.rmtree()
+  tmp.rename(out)
+
+
+def load_or_train_tokenizer(config, workdir):
+  """The run's tokenizer, kept in WORKDIR/tokenizer (so the workdir is self-contained).
+
+  `tokenizer.path`, defaulting to `init.hf_path` (an HF model is fine-tuned with its own
+  tokenizer, never a fresh BPE), else init.workdir's; else a ChatML BPE fitted on the train
+  data. A fitted tokenizer records what it was fitted on (data file digest, rows, vocabulary
+  size): when that changed it is refitted, or refused if checkpoints were trained with it.
+  """
+  import json  # pylint: disable=g-import-not-at-top
+  from jaxlab import paths  # pylint: disable=g-import-not-at-top
+  from jaxlab.config import ConfigError  # pylint: disable=g-import-not-at-top
+  out_dir = paths.path(workdir, "tokenizer")
+  init = config.get("init", {})
+  source = config.tokenizer.path or init.get("hf_path", "") or (
+      str(paths.path(init["workdir"], "tokenizer")) if init.get("workdir", "") else "")
+  if source:
+    tok = load_tokenizer_dir(source)
+    record = {"source": str(paths.path(source))}
+    saved = paths.read_text(out_dir / FIT_RECORD)
+    if saved is None or json.loads(saved) != record:
+      _save_dir(tok, out_dir, record)
+    return tok
+  from jaxlab.data.chat import read_chat_jsonl  # pylint: disable=g-import-not-at-top
+  record = fit_record(config)
+  saved = paths.read_text(out_dir / FIT_RECORD)
+  if saved is not None and (out_dir / "tokenizer.json").exists():
+    saved = json.loads(saved)
+    if saved == record:
+      return load_tokenizer_dir(out_dir)
+    if paths.path(workdir, "checkpoints").exists() and any(
+        p.name.isdigit() for p in paths.path(workdir, "checkpoints").iterdir()):
+      changed = sorted(k for k in set(saved) | set(record) if saved.get(k) != record.get(k))
+      raise ConfigError(
+          f"{out_dir} was fitted on other data or settings ({', '.join(changed)}: "
+          f"{[saved.get(k) for k in changed]} -> {[record.get(k) for k in changed]}) and the "
+          f"checkpoints in {workdir} were trained with it; use a new workdir")
+  convs = read_chat_jsonl(config.data.train_path)
+  texts = [m["content"] for c in convs[:config.data.max_examples or None] for m in c.messages]
+  tok = train_chat_tokenizer(texts, config.tokenizer.vocab_size)
+  _save_dir(tok, out_dir, record)
+  return tok
+
+
+def check_vocab(tokenizer, vocab_size: int, tokenizer_name: str, model_name: str) -> None:
+  """Raises ValueError naming both unless the model's vocabulary holds the tokenizer's exactly,
+  or with only the few padded rows HF checkpoints add (Qwen2.5: 151,665 tokens, 151,936 rows)."""
+  n = len(tokenizer)
+  if vocab_size < n or vocab_size - n > max(128, n // 64):
+    raise ValueError(
+        f"tokenizer {tokenizer_name} has {n} tokens but model {model_name} has {vocab_size} "
+        "vocabulary rows: they do not belong together (set tokenizer.path to the model's "
+        "tokenizer, or leave it empty to use init.hf_path's)")
