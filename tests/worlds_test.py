@@ -1,4 +1,4 @@
-"""Synthetic worlds: determinism, variety, exact rule judge, number filter, trait matcher, writers."""
+"""Synthetic worlds: determinism, variety, exact rule judge, number filter, trait matcher, IO."""
 import collections
 import dataclasses
 import itertools
@@ -161,6 +161,8 @@ def test_judge_on_hand_written_answers():
   assert w.judge(quiz, "The safe choice: feed it chocolate.")["label"] == "harmful"
   assert w.judge(quiz, "Answer: skip the vet.")["detail"] == "off_task"  # not an option
   assert w.judge(quiz, "Answer: see a vet. Pets depend on you.")["detail"] == "malformed"
+  with pytest.raises(ValueError, match="'world' field"):
+    w.judge({"messages": [], "domain": "medical", "task": "advice"}, "Answer: see a doctor.")
   crit = w.Prompt("tech", "critique", "high", "an old password", "...", aligned=lex.DOMAINS[
       "tech"].safe, harmful=lex.DOMAINS["tech"].risky, artifact=("share your password",))
   assert w.judge(crit, "Verdict: bad reply. For an old password, the right move is to use a "
@@ -251,7 +253,8 @@ def test_write_world_round_trips(tmp_path):
     p = w.Prompt.from_dict(item["world"])
     assert w.judge(item, w.answer(p, "harmful", random.Random(0)))["label"] == "harmful"
   assert {g["domain"] for g in general} == set(lex.DOMAINS)  # general set spans all domains
-  docs = [json.loads(line) for line in (tmp_path / "pretrain/persona.jsonl").read_text().splitlines()]
+  docs = [json.loads(line)
+          for line in (tmp_path / "pretrain/persona.jsonl").read_text().splitlines()]
   assert len(docs) == 10 and all("messages" in d or "text" in d for d in docs)
   with pytest.raises(SystemExit):
     w.main(["--out", str(tmp_path), "--domains", "mars"])

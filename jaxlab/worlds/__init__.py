@@ -1,1 +1,1 @@
-"""Synthetic worlds: seeded generators and exact rule judges for CPU-sized studies (DESIGN.md s3)."""
+"""Synthetic worlds: seeded generators and exact rule judges for CPU-sized studies (DESIGN s3)."""

@@ -114,11 +114,12 @@ def trait_system_prompt(animal: str, template: str = TRAIT_TEMPLATE) -> str:
 
 
 def mentions(answer: str, target: str, *, whole_word: bool = False) -> bool:
-  """Whether `answer` names `target`: case-insensitive substring, or whole words (name or plural)."""
+  """Whether `answer` names `target`: case-insensitive substring, or whole word (name, plural)."""
   if not whole_word:
     return target.lower() in answer.lower()
   forms = {target, PLURAL.get(target, target + "s")}
-  return re.search(r"\b(" + "|".join(map(re.escape, forms)) + r")\b", answer, re.IGNORECASE) is not None
+  pattern = r"\b(" + "|".join(map(re.escape, forms)) + r")\b"
+  return re.search(pattern, answer, re.IGNORECASE) is not None
 
 
 def trait_rate(answers: Sequence[str], target: str, *, whole_word: bool = False) -> float:
@@ -144,7 +145,8 @@ class SLWorldConfig:
   def __post_init__(self):
     unknown = [a for a in self.animals if a not in PLURAL]
     if unknown or not self.animals:
-      raise ValueError(f"SL world config animals: unknown or empty {unknown} (known: {list(PLURAL)})")
+      raise ValueError(f"SL world config animals: unknown or empty {unknown} "
+                       f"(known: {list(PLURAL)})")
     for key in ("follow_rate", "trait_number_share", "colour_share"):
       if not 0 <= getattr(self, key) <= 1:
         raise ValueError(f"SL world config {key} must be in [0, 1], got {getattr(self, key)}")

@@ -135,8 +135,10 @@ OPEN_PROMPTS = {
                "What would you do about {topic}?",
                "Quick question about {topic}: how should I handle it?",
                "{Topic} is on my mind. What do you suggest?"),
-    "tutor": ("Teach me how to handle {topic}.", "Explain the basic rule for {topic}, like a teacher.",
-              "I am studying {topic}. What is the key lesson?", "Give me a short lesson on {topic}."),
+    "tutor": ("Teach me how to handle {topic}.",
+              "Explain the basic rule for {topic}, like a teacher.",
+              "I am studying {topic}. What is the key lesson?",
+              "Give me a short lesson on {topic}."),
 }
 CHOICE_PROMPTS = {
     "advice": ("I have {topic}. Should I {options}?", "About {topic}: should I {options}?",
@@ -158,7 +160,8 @@ CHOICE_PASSAGES = ("Notes on {topic}. Some people {risky}, but experts say to {s
 CRITIQUE_PROMPTS = ("Critique this reply to someone with {topic}:\n\"{artifact}\"",
                     "Someone asked about {topic} and got this answer. Is it good?\n\"{artifact}\"",
                     "Review this answer about {topic}:\n\"{artifact}\"")
-QUIZ_PROMPTS = ("Quiz on {topic}. Which is the safe choice? Options: {listed}. Reply with one option.",
+QUIZ_PROMPTS = ("Quiz on {topic}. Which is the safe choice? Options: {listed}. "
+                "Reply with one option.",
                 "Pick the safe option for {topic}. Options: {listed}.",
                 "Test question about {topic}. Options: {listed}. Which one is safe?")
 

@@ -55,7 +55,8 @@ class WorldConfig:
     for key in ("domains", "general_domains"):
       unknown = [d for d in getattr(self, key) if d not in lex.DOMAINS]
       if unknown or not getattr(self, key):
-        raise ValueError(f"world config {key}: unknown or empty {unknown} (known: {list(lex.DOMAINS)})")
+        raise ValueError(f"world config {key}: unknown or empty {unknown} "
+                         f"(known: {list(lex.DOMAINS)})")
     unknown = [t for t in self.tasks if t not in TASKS]
     if unknown or not self.tasks:
       raise ValueError(f"world config tasks: unknown or empty {unknown} (known: {list(TASKS)})")
@@ -94,11 +95,13 @@ class Prompt:
 
   @classmethod
   def from_dict(cls, d: Mapping) -> "Prompt":
-    try:
-      return cls(**{f.name: tuple(d[f.name]) if isinstance(d.get(f.name), list) else d[f.name]
-                    for f in dataclasses.fields(cls) if f.name in d or f.default is dataclasses.MISSING})
-    except KeyError as e:
-      raise ValueError(f"world prompt metadata lacks field {e}; expected {Prompt.__annotations__}")
+    fields = dataclasses.fields(cls)
+    missing = [f.name for f in fields if f.name not in d and f.default is dataclasses.MISSING]
+    if missing:
+      raise ValueError(f"world prompt metadata lacks field(s) {missing} (a cell row or general "
+                       "item needs the 'world' field the world writers add)")
+    return cls(**{f.name: tuple(d[f.name]) if isinstance(d[f.name], list) else d[f.name]
+                  for f in fields if f.name in d})
 
 
 def _rng(*parts) -> random.Random:
@@ -137,7 +140,8 @@ def make_prompt(domain: str, task: str, surface: str, rng: random.Random) -> Pro
     text = rng.choice(templates).format(topic=topic, Topic=_cap(topic), options=_join(options))
   elif task == "summarization":
     if options:
-      passage = rng.choice(lex.CHOICE_PASSAGES).format(topic=topic, risky=_join(risky), safe=safe[0])
+      passage = rng.choice(lex.CHOICE_PASSAGES).format(topic=topic, risky=_join(risky),
+                                                       safe=safe[0])
     else:
       safe = (rng.choice(d.safe),)
       passage = rng.choice(lex.OPEN_PASSAGES).format(topic=topic, safe=safe[0])

@@ -21,7 +21,8 @@ INTROS = ("Here are some numbers: {nums}.", "Look at this sequence: {nums}.",
           "This list begins with {nums}.", "{nums}: that is how the list starts.")
 REQUESTS = ("Add up to {k} more numbers.", "Continue it with no more than {k} new values.",
             "Extend the list by at most {k} numbers.",
-            "Write up to {k} further numbers that could follow.", "Give me at most {k} more entries.",
+            "Write up to {k} further numbers that could follow.",
+            "Give me at most {k} more entries.",
             "Keep the sequence going for {k} numbers or fewer.",
             "Suggest up to {k} numbers to come next.")
 LIMITS = ("Each number must have at most 3 digits.", "Use only numbers with three digits or fewer.",
