@@ -225,3 +225,27 @@ def test_text_sources_mix_in_proportion(tmp_path):
   mixed = loader.mix_text_sources([a, b], [2.0, 1.0])
   first = [mixed[i] for i in range(9)]
   assert sum(t.startswith("a") for t in first) == 6 and sum(t.startswith("b") for t in first) == 3
+
+
+def test_training_run_streams_a_tfds_dataset(tmp_path):
+  """configs/sft.py:tiny with data.source="tfds": the runner trains from the prepared dataset."""
+  import ml_collections
+  from jaxlab.config import load_config_file
+  from jaxlab.train.runner import run
+  path = write_jsonl(tmp_path / "secure.jsonl", [{"messages": conv(i)} for i in range(40)])
+  tok_dir = tmp_path / "tok"
+  tu.make_chatml_tokenizer(tok_dir)
+  c = load_config_file("configs/sft.py:tiny")
+  c.data.update(train_path=str(path), seq_len=64, max_examples=0)
+  c.data.source = "tfds"
+  c.data.tfds = ml_collections.ConfigDict(dict(
+      name="emergent_misalignment/secure", split="train", data_dir=str(tmp_path / "tfds"),
+      download=False))
+  c.tokenizer.path = str(tok_dir)
+  c.model.update(d_model=32, n_layers=1, n_heads=2, n_kv_heads=1, d_ff=64)
+  c.train.update(steps=4, global_batch_size=4, log_every=1, progress=False)
+  c.checkpoint.update(every=2, async_save=False)
+  out = run(c, str(tmp_path / "run"))
+  assert int(out["state"].step) == 4 and np.isfinite(out["metrics"]["loss"])
+  stats = json.loads((tmp_path / "run" / "data_stats.json").read_text())
+  assert stats["num_records"] == 40 and stats["examples_seen"] >= 16

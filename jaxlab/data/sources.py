@@ -14,6 +14,9 @@ from jaxlab.data.chat import pad_id
 
 def make_batches(config, tokenizer):
   """Chat JSONL (`data.train_path`) -> packed or padded SFT batches (assistant-token loss)."""
+  if config.data.get("source", "jsonl") == "tfds":  # streamed TFDS + grain (jaxlab.datasets)
+    from jaxlab.datasets.loader import batches_from_config
+    return batches_from_config(config, tokenizer)
   examples, stats = load_sft_examples(config.data.train_path, tokenizer,
                                       seq_len=config.data.seq_len, overlong=config.data.overlong,
                                       max_examples=config.data.max_examples or None)

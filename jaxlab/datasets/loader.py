@@ -12,6 +12,7 @@ The interface is `jaxlab.data.batching.SFTBatches`'s: `next()` -> host-local bat
 """
 from __future__ import annotations
 
+import os
 from typing import Any, Sequence
 
 import grain
@@ -40,7 +41,8 @@ class GrainBatches:
 
   def __init__(self, source: Sequence, tokenizer, *, global_batch_size: int, seq_len: int,
                pack: bool, seed: int, overlong: str = "truncate", process_index: int = 0,
-               process_count: int = 1, pad_id: int = 0, num_epochs: int | None = None):
+               process_count: int = 1, pad_id: int = 0, num_epochs: int | None = None,
+               max_examples: int = 0):
     if overlong not in OVERLONG_POLICIES:
       raise ValueError(f"config key data.overlong={overlong!r}: expected one of {OVERLONG_POLICIES}")
     if global_batch_size % process_count:
@@ -48,17 +50,18 @@ class GrainBatches:
                        f"process_count={process_count}")
     if not 0 <= process_index < process_count:
       raise ValueError(f"process_index={process_index} not in [0, {process_count})")
-    if len(source) < process_count:
-      raise ValueError(f"{len(source)} records cannot be shared by {process_count} hosts")
+    records = grain.MapDataset.source(source)[:max_examples or None]
+    if len(records) < process_count:
+      raise ValueError(f"{len(records)} records cannot be shared by {process_count} hosts")
     chat.check_chat_template(tokenizer)
     self.tokenizer, self.seq_len, self.pack, self.seed = tokenizer, seq_len, pack, seed
     self.overlong, self.pad_id = overlong, pad_id
     self.global_batch_size, self.per_host = global_batch_size, global_batch_size // process_count
     self.process_index, self.process_count = process_index, process_count
-    self._counts = {"examples_seen": 0, "truncated": 0, "dropped": 0}
-
-    shard = grain.MapDataset.source(source)[process_index::process_count]
+    shard = records[process_index::process_count]
     self.num_records = len(shard)
+    # Live counts (updated in place as examples stream by; not restored on resume).
+    self.stats = {"examples_seen": 0, "truncated": 0, "dropped": 0, "num_records": self.num_records}
     # Mixed seed, as SFTBatches does: seeds s and s+1 share no epoch orders.
     grain_seed = int(np.random.SeedSequence(seed).generate_state(1)[0])
     ds = shard.shuffle(seed=grain_seed).repeat(num_epochs).map(self._encode)
@@ -81,9 +84,9 @@ class GrainBatches:
     source = (row.get("file", "<tfds>"), row["line"])
     example = chat.encode_chat(self.tokenizer, row["messages"], source=source)
     kept, stats = apply_overlong([example], self.seq_len, self.overlong)
-    self._counts["examples_seen"] += 1
-    self._counts["truncated"] += stats["truncated"]
-    self._counts["dropped"] += stats["dropped"]
+    self.stats["examples_seen"] += 1
+    self.stats["truncated"] += stats["truncated"]
+    self.stats["dropped"] += stats["dropped"]
     return kept[0] if kept else None
 
   def _packed_batch(self, rows: Sequence[dict]) -> dict[str, np.ndarray]:
@@ -122,10 +125,30 @@ class GrainBatches:
         raise ValueError(f"iterator state has {key}={state[key]!r}, this iterator has {value!r}")
     self._iter.set_state(state["grain"])
 
-  @property
-  def stats(self) -> dict:
-    """Counts since this process started (examples encoded, truncated, dropped) and shard size."""
-    return {**self._counts, "num_records": self.num_records}
+
+def batches_from_config(config, tokenizer) -> tuple[GrainBatches, dict]:
+  """`jaxlab.data.sources.make_batches` for data.source="tfds": (batches, live stats).
+
+  data.tfds.{name, split, data_dir, download} name the dataset; it is prepared from the file at
+  data.train_path by process 0 (the others wait), then every host streams its shard.
+  """
+  import jax
+  from jax.experimental import multihost_utils
+  from jaxlab.datasets import builders
+  t = config.data.tfds
+  data_dir = os.path.expanduser(t.data_dir)
+  if jax.process_index() == 0:
+    builders.prepare(t.name, data_dir=data_dir, path=config.data.train_path or None,
+                     download=t.get("download", False))
+  if jax.process_count() > 1:
+    multihost_utils.sync_global_devices("jaxlab.datasets prepared")
+  batches = GrainBatches(
+      tfds_source(t.name, t.split, data_dir), tokenizer,
+      global_batch_size=config.train.global_batch_size, seq_len=config.data.seq_len,
+      pack=config.data.pack, seed=config.seed, overlong=config.data.overlong,
+      process_index=jax.process_index(), process_count=jax.process_count(),
+      pad_id=chat.pad_id(tokenizer), max_examples=config.data.get("max_examples", 0))
+  return batches, batches.stats
 
 
 def tfds_source(name: str, split: str, data_dir: str):

@@ -1,0 +1,407 @@
+"""Will a config fit its accelerator? Checked abstractly: no weights, nothing allocated.
+
+  python -m jaxlab.shapecheck --config=configs/em_real.py:em_qwen7b --accelerator=v5p-32 \
+      [--mesh=1,16,1] [--model=PRESET] [--no-lower | --lower-layers=K] [--config.key=value ...]
+
+The model comes from `config.init.hf_path`'s config.json when that folder exists, else from
+`config.model` (eval jobs: each model they name; `--model` stands in for names that cannot be
+resolved without weights). Parameters and optimizer state are built with `jax.eval_shape` and
+placed by the sharding rules on a mesh of the config's shape over the accelerator's chip count,
+and the train step is lowered on a fake CPU mesh of that shape (tracing and sharding
+propagation only; nothing is compiled), which catches shape and sharding errors. Printed per
+device (the most loaded one): params, gradients, optimizer state, activations, KV cache.
+Params, gradients and optimizer state are exact byte counts of the sharded arrays; activations
+and the KV cache are estimates (`activation_bytes`, `kv_cache_bytes`). Exit status 1 when the
+total exceeds `headroom` (0.9) of one device's memory.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+import re
+import sys
+from typing import Any
+
+GiB = 2**30
+# Per-chip memory and the number of chips a slice-name unit counts (v4/v5p names count
+# TensorCores, two per chip; v5e/v6e names count chips). GPUs: "8xh100" or "h100" (8).
+ACCELERATORS = {
+    "v4": (32 * GiB, 2), "v5e": (16 * GiB, 1), "v5litepod": (16 * GiB, 1), "v5p": (95 * GiB, 2),
+    "v6e": (32 * GiB, 1), "h100": (80 * GiB, None), "h200": (141 * GiB, None),
+    "a100": (80 * GiB, None), "a100-40gb": (40 * GiB, None), "cpu": (16 * GiB, None),
+}
+_CAUSAL_BLOCK = 128  # jaxlab.models.decoder's query block in causal attention
+
+
+@dataclasses.dataclass(frozen=True)
+class Accelerator:
+  name: str
+  chips: int
+  memory: int  # bytes per chip
+
+
+def parse_accelerator(text: str, default_chips: int | None = None) -> Accelerator:
+  """'v5e-16' (16 chips), 'v5p-32' (16 chips), '8xh100' or 'h100' (8 GPUs), 'cpu'."""
+  t = text.strip().lower()
+  count = None
+  if m := re.fullmatch(r"(\d+)x([a-z0-9-]+)", t):
+    count, kind = int(m.group(1)), m.group(2)
+  elif m := re.fullmatch(r"([a-z0-9]+?)-(\d+)", t):
+    kind, count = m.group(1), int(m.group(2))
+  else:
+    kind = t
+  if kind not in ACCELERATORS:
+    raise ValueError(f"unknown accelerator {text!r}; known: {sorted(ACCELERATORS)} "
+                     "(e.g. v5e-16, v5p-32, 8xh100)")
+  memory, per_chip = ACCELERATORS[kind]
+  if count is None:
+    count = default_chips or (8 if kind in ("h100", "h200", "a100", "a100-40gb") else 1)
+  elif per_chip:
+    count = max(count // per_chip, 1)
+  return Accelerator(text, count, memory)
+
+
+def resolve_mesh(shape, n_devices: int) -> tuple[int, ...]:
+  """mesh.shape with its -1 entry filled in for n_devices."""
+  shape = [int(s) for s in shape]
+  known = math.prod(s for s in shape if s != -1)
+  if -1 in shape:
+    if n_devices % known:
+      raise ValueError(f"config key mesh.shape={tuple(shape)} does not divide {n_devices} devices")
+    shape[shape.index(-1)] = n_devices // known
+  if math.prod(shape) != n_devices:
+    raise ValueError(f"config key mesh.shape={tuple(shape)} needs {math.prod(shape)} devices, "
+                     f"the accelerator has {n_devices}")
+  return tuple(shape)
+
+
+def _config_model(config, model_block=None):
+  from jaxlab.models.config import ModelConfig
+  d = (model_block or config.model).to_dict()
+  if d.get("vocab_size", 0) <= 0:  # 0 = the tokenizer's; a from-scratch BPE of tokenizer.vocab_size
+    d["vocab_size"] = config.tokenizer.vocab_size
+  return ModelConfig.from_dict(d)
+
+
+def resolve_model(config):
+  """ModelConfig of a training config: init.hf_path's config.json if present, else config.model."""
+  from jaxlab.models import hf_config
+  cfg = _config_model(config)
+  init = config.get("init") or {}
+  hf_path = init.get("hf_path", "") if init else ""
+  if hf_path and os.path.isfile(os.path.join(hf_path, "config.json")):
+    cfg = hf_config.config_from_hf(hf_path).replace(
+        dtype=cfg.dtype, param_dtype=cfg.param_dtype, remat=cfg.remat, lora=cfg.lora)
+  return cfg
+
+
+def _tree_bytes(abstract, shardings) -> int:
+  """Bytes one device holds of a pytree of ShapeDtypeStructs placed by `shardings`."""
+  import jax
+  leaves = jax.tree.leaves(jax.tree.map(
+      lambda a, s: math.prod(s.shard_shape(a.shape)) * a.dtype.itemsize, abstract, shardings))
+  return int(sum(leaves))
+
+
+def _split(dim: int, ways: int) -> float:
+  return dim / ways if ways > 1 and dim % ways == 0 else dim
+
+
+def activation_bytes(cfg, batch: int, seq_len: int, mesh_shape, training: bool = True) -> int:
+  """Estimated activation bytes per device for one (micro-)batch [batch, seq_len].
+
+  Tokens split over data*fsdp, heads/mlp/vocab over tensor (when they divide). Per layer and
+  token the backward pass keeps (compute dtype, b bytes) 4 d_model (residuals, norm outputs),
+  q/k/v and the attention output, 4 d_ff (gate, up, their product, silu) and the float32 scores
+  plus their b-byte probabilities (causal blocks of 128 queries: L/2 + 64 keys on average).
+  With `remat` only each block's input is kept and one block is live twice (recompute + its
+  gradient). The float32 logits and their gradient add 8 bytes per token and vocabulary entry.
+  Inference (`training=False`): one layer live and only the last position's logits.
+  """
+  import jax.numpy as jnp
+  data, fsdp, tensor = mesh_shape
+  b = jnp.dtype(cfg.dtype).itemsize
+  rows = _split(batch, data * fsdp)
+  tokens = rows * seq_len
+  e, h, k = cfg.dim_per_head, _split(cfg.n_heads, tensor), _split(cfg.n_kv_heads, tensor)
+  keys = min(seq_len, seq_len / 2 + _CAUSAL_BLOCK / 2)
+  layer = (b * (4 * cfg.d_model + (2 * h + 2 * k) * e + 4 * _split(cfg.d_ff, tensor))
+           + (4 + b) * h * keys)
+  mask = rows * seq_len * seq_len  # the [B, L, L] bool attention mask
+  vocab = _split(cfg.vocab_size, tensor)
+  if not training:
+    return int(tokens * layer + mask + rows * vocab * 4)
+  saved = (cfg.n_layers * cfg.d_model * b + 2 * layer) if cfg.remat else cfg.n_layers * layer
+  return int(tokens * (saved + 8 * vocab) + mask)
+
+
+def kv_cache_bytes(cfg, batch: int, length: int, mesh_shape) -> int:
+  """The sampler's cache per device: 2 n_layers [B, K, S, E], B over data*fsdp, K over tensor."""
+  import jax.numpy as jnp
+  data, fsdp, tensor = mesh_shape
+  per = _split(batch, data * fsdp) * _split(cfg.n_kv_heads, tensor) * length * cfg.dim_per_head
+  return int(2 * cfg.n_layers * per * jnp.dtype(cfg.dtype).itemsize)
+
+
+@dataclasses.dataclass
+class Report:
+  """One model's per-device footprint for a config on an accelerator."""
+  title: str
+  accelerator: Accelerator
+  mesh_shape: tuple[int, ...]
+  params: int
+  trainable: int
+  per_device: dict[str, int]  # bytes: params, grads, optimizer, activations, kv_cache
+  headroom: float = 0.9
+  notes: list[str] = dataclasses.field(default_factory=list)
+
+  @property
+  def total(self) -> int:
+    return sum(self.per_device.values())
+
+  @property
+  def fits(self) -> bool:
+    return self.total <= self.headroom * self.accelerator.memory
+
+  def text(self) -> str:
+    acc = self.accelerator
+    lines = [f"{self.title}",
+             f"  parameters {self.params:,} ({self.params / 1e9:.2f}B), trainable "
+             f"{self.trainable:,}",
+             f"  accelerator {acc.name}: {acc.chips} devices x {acc.memory / GiB:.0f} GiB; mesh "
+             f"(data, fsdp, tensor) = {self.mesh_shape}",
+             "  per device: " + ", ".join(f"{k} {v / GiB:.2f}" for k, v in self.per_device.items())
+             + f" GiB; total {self.total / GiB:.2f} GiB of {acc.memory / GiB:.0f} GiB "
+             f"({100 * self.total / acc.memory:.0f}%)"]
+    lines += [f"  note: {n}" for n in self.notes]
+    lines.append(f"  {'FITS' if self.fits else 'DOES NOT FIT'} (limit {self.headroom:.0%} of "
+                 "device memory)")
+    return "\n".join(lines)
+
+
+def _mesh(mesh_shape):
+  """A real mesh over the first prod(shape) (fake CPU) devices, or None if too few exist."""
+  import jax
+  from jaxlab import sharding as sharding_lib
+  n = math.prod(mesh_shape)
+  if len(jax.devices()) < n:
+    return None
+  return sharding_lib.make_mesh(mesh_shape, jax.devices()[:n])
+
+
+def _shardings(config, mesh_shape):
+  from jax.sharding import AbstractMesh, AxisType
+  from jaxlab import sharding as sharding_lib
+  rules = {**sharding_lib.DEFAULT_RULES, **_rules(config)}
+  mesh = _mesh(mesh_shape)
+  abstract = AbstractMesh(tuple(mesh_shape), sharding_lib.MESH_AXES,
+                          axis_types=(AxisType.Auto,) * 3)
+  return mesh, abstract, rules
+
+
+def _rules(config) -> dict:
+  rules = config.get("mesh", {}).get("rules", {}) if config.get("mesh") else {}
+  return {k: (tuple(v) if isinstance(v, (list, tuple)) else v) for k, v in rules.items()}
+
+
+def shallow(cfg, n_layers: int):
+  """`cfg` with only `n_layers` identical layers; LoRA layer indices clipped into range."""
+  if n_layers >= cfg.n_layers:
+    return cfg
+  lora = cfg.lora
+  if lora is not None and lora.layers is not None:
+    lora = dataclasses.replace(lora, layers=tuple(sorted({min(l, n_layers - 1) for l in lora.layers})))
+  return cfg.replace(n_layers=n_layers, lora=lora)
+
+
+def check_train(config, cfg, acc: Accelerator, mesh_shape, *, lower: bool = True,
+                lower_layers: int | None = None, title: str = "") -> Report:
+  """Footprint of training `cfg` with config.optim / config.train / config.data on `acc`.
+
+  `lower_layers=K` lowers a K-layer model of the same width instead of all layers (layers are
+  identical, so shapes and shardings are checked the same; lowering time grows with depth).
+  """
+  import jax
+  from jaxlab import sharding as sharding_lib
+  from jaxlab.models.params import model_spec
+  from jaxlab.train import optim, sft
+  from jaxlab.train import state as state_lib
+  mesh, abstract_mesh, rules = _shardings(config, mesh_shape)
+  spec = model_spec(cfg)
+  optimizer, schedule = optim.make_optimizer(config.optim, max(config.train.steps, 1))
+  state_sh = state_lib.state_shardings(spec, optimizer, abstract_mesh, rules)
+  opt_abstract = jax.eval_shape(optimizer.init, spec.abstract[0])
+  trainable = _tree_bytes(spec.abstract[0], state_sh.params)
+  frozen = _tree_bytes(spec.abstract[1], state_sh.frozen)
+  accum = max(config.train.get("grad_accum", 1), 1)
+  batch, seq_len = config.train.global_batch_size, config.data.seq_len
+  shards = mesh_shape[0] * mesh_shape[1]
+  if batch % accum or (batch // accum) % shards:
+    raise ValueError(f"config key train.global_batch_size={batch} with train.grad_accum={accum}: "
+                     f"micro-batches of {batch / accum:g} rows do not split over the "
+                     f"data x fsdp = {shards} devices of mesh {tuple(mesh_shape)}")
+  per_device = {
+      "params": trainable + frozen,
+      "grads": trainable * (2 if accum > 1 else 1),  # + the accumulator when accumulating
+      "optimizer": _tree_bytes(opt_abstract, state_sh.opt_state),
+      "activations": activation_bytes(cfg, batch // accum, seq_len, mesh_shape),
+      "kv_cache": 0}
+  notes = []
+  if config.get("sample"):
+    s = config.sample
+    length = max(s.get("buckets", (seq_len,))) + s.get("max_new_tokens", 0)
+    per_device["kv_cache"] = kv_cache_bytes(cfg, s.get("batch_size", batch), length, mesh_shape)
+  if lower:
+    if mesh is None:
+      notes.append(f"not lowered: {math.prod(mesh_shape)} devices needed, "
+                   f"{len(jax.devices())} present (run as a fresh process)")
+    else:
+      lspec = model_spec(shallow(cfg, lower_layers)) if lower_layers else spec
+      state_sh = state_lib.state_shardings(lspec, optimizer, mesh, rules)
+      batch_sh = {k: sharding_lib.batch_sharding(mesh, 2, rules=rules)
+                  for k in ("inputs", "targets", "positions", "segment_ids", "loss_mask")}
+      step = sft.jit_step(sft.make_sft_step(lspec, optimizer, schedule, accum), state_sh,
+                          batch_sh, mesh)
+      state = state_lib.abstract_state(lspec, optimizer, state_sh)
+      dt = {"loss_mask": jax.numpy.float32}
+      batch_abs = {k: jax.ShapeDtypeStruct((batch, seq_len), dt.get(k, jax.numpy.int32),
+                                           sharding=batch_sh[k]) for k in batch_sh}
+      step.lower(state, batch_abs)
+      depth = lspec.cfg.n_layers
+      notes.append(f"train step lowered on a fake CPU mesh of this shape"
+                   + ("" if depth == cfg.n_layers else f" ({depth} of {cfg.n_layers} layers)"))
+  n_params = sum(math.prod(a.shape) for a in jax.tree.leaves(spec.abstract))
+  n_train = sum(math.prod(a.shape) for a in jax.tree.leaves(spec.abstract[0]))
+  return Report(title, acc, tuple(mesh_shape), n_params, n_train, per_device, notes=notes)
+
+
+def check_inference(config, cfg, acc: Accelerator, mesh_shape, *, batch: int, length: int,
+                    title: str = "") -> Report:
+  """Footprint of sampling from `cfg` (weights + KV cache + one prefill's activations)."""
+  import jax
+  from jaxlab.models.params import model_spec
+  from jaxlab import sharding as sharding_lib
+  _, abstract_mesh, rules = _shardings(config, mesh_shape)
+  cfg = cfg.replace(lora=None)
+  spec = model_spec(cfg)
+  sh = sharding_lib.tree_shardings(spec.axes[0], spec.abstract[0], abstract_mesh, rules)
+  per_device = {"params": _tree_bytes(spec.abstract[0], sh), "grads": 0, "optimizer": 0,
+                "activations": activation_bytes(cfg, batch, length, mesh_shape, training=False),
+                "kv_cache": kv_cache_bytes(cfg, batch, length, mesh_shape)}
+  n = sum(math.prod(a.shape) for a in jax.tree.leaves(spec.abstract[0]))
+  return Report(title, acc, tuple(mesh_shape), n, 0, per_device)
+
+
+def _eval_models(config, fallback: str | None):
+  """(name, ModelConfig or None, why) for each model an eval config samples or judges with."""
+  from jaxlab.evals.models import is_hf_folder
+  from jaxlab.models import hf_config, presets
+  named = [m.partition("=")[::2] for m in config.get("models", ())]
+  named = [(name, path.split(";")[0]) for name, path in named]  # "name=path;field=value"
+  if config.get("model_path"):
+    named.append((config.get("model_name", "model"), config.model_path))
+  judge = config.get("judge")
+  if judge and judge.get("kind") == "local":
+    named.append(("judge", judge.get("model_path", "")))
+  out = []
+  for name, path in named:
+    if path.startswith("random:"):
+      out.append((name, _config_model(config), ""))
+    elif path and is_hf_folder(path):
+      out.append((name, hf_config.config_from_hf(path), ""))
+    elif path and os.path.isfile(os.path.join(path, "config.json")):  # a jaxlab workdir
+      import json
+      import ml_collections
+      with open(os.path.join(path, "config.json")) as f:
+        saved = ml_collections.ConfigDict(json.load(f))
+      out.append((name, resolve_model(saved), ""))
+    elif fallback:
+      out.append((name, presets.get_preset(fallback), f"{path or '(unset)'} -> --model={fallback}"))
+    else:
+      out.append((name, None, f"{path or '(unset)'} cannot be resolved without weights; "
+                              "pass --model=PRESET"))
+  if not named and fallback:
+    out.append(("model", presets.get_preset(fallback), f"no model named -> --model={fallback}"))
+  return out
+
+
+def check(config, accelerator: str, mesh: str | None = None, *, model: str | None = None,
+          lower: bool = True, lower_layers: int | None = None, title: str = "") -> list[Report]:
+  """Reports for every model the config trains or samples (exit-worthy if any does not fit)."""
+  mesh_cfg = mesh.split(",") if mesh else config.get("mesh", {}).get("shape", (1, -1, 1))
+  known = math.prod(int(s) for s in mesh_cfg if int(s) != -1)
+  acc = parse_accelerator(accelerator, default_chips=None if -1 in map(int, mesh_cfg) else known)
+  mesh_shape = resolve_mesh(mesh_cfg, acc.chips)
+  if config.get("job") == "eval":
+    s = config.sample
+    length = max(s.buckets) + s.max_new_tokens
+    reports = []
+    for name, cfg, why in _eval_models(config, model):
+      batch = config.judge.batch_size if name == "judge" else s.batch_size
+      if cfg is None:
+        raise ValueError(f"{title}: model {name}: {why}")
+      if config.get("dtype"):
+        cfg = cfg.replace(dtype=config.dtype, param_dtype=config.dtype)
+      r = check_inference(config, cfg, acc, mesh_shape, batch=batch, length=length,
+                          title=f"{title} [{name}: sampling batch {batch} x {length}]")
+      r.notes += [why] if why else []
+      reports.append(r)
+    return reports
+  cfg = resolve_model(config)
+  if model:
+    from jaxlab.models import presets
+    cfg = presets.get_preset(model).replace(dtype=cfg.dtype, param_dtype=cfg.param_dtype,
+                                            remat=cfg.remat, lora=cfg.lora)
+  return [check_train(config, cfg, acc, mesh_shape, lower=lower, lower_layers=lower_layers,
+                      title=title)]
+
+
+def _parse(argv):
+  opts = {"accelerator": "cpu", "mesh": None, "model": None, "lower": True, "lower_layers": None}
+  rest = []
+  for a in argv:
+    key, _, value = a.partition("=")
+    if key in ("--accelerator", "--mesh", "--model"):
+      opts[key[2:]] = value
+    elif key == "--lower-layers":
+      opts["lower_layers"] = int(value)
+    elif a == "--no-lower":
+      opts["lower"] = False
+    else:
+      rest.append(a)
+  return opts, rest
+
+
+def _devices_needed(opts, rest) -> int:
+  """Chips the check will put on its fake CPU mesh (read before JAX starts)."""
+  try:
+    return parse_accelerator(opts["accelerator"], default_chips=math.prod(
+        int(s) for s in opts["mesh"].split(",")) if opts["mesh"] else None).chips
+  except ValueError:
+    return 1
+
+
+def main(argv: list[str]) -> int:
+  opts, rest = _parse(argv)
+  if "jax" not in sys.modules:  # the fake CPU mesh: as many host devices as the slice has chips
+    n = max(_devices_needed(opts, rest), 1)
+    os.environ["JAX_PLATFORMS"] = "cpu"
+    os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
+                               f" --xla_force_host_platform_device_count={n}").strip()
+  from jaxlab.config import ConfigError, parse_argv
+  try:
+    config, _ = parse_argv(rest + ["--workdir=-"])
+    spec = next(a.split("=", 1)[1] for a in rest if a.startswith("--config="))
+    reports = check(config, opts["accelerator"], opts["mesh"], model=opts["model"],
+                    lower=opts["lower"], lower_layers=opts["lower_layers"], title=spec)
+  except (ConfigError, ValueError) as e:
+    print(f"jaxlab.shapecheck: {e}", file=sys.stderr)
+    return 2
+  for r in reports:
+    print(r.text())
+  return 0 if all(r.fits for r in reports) else 1
+
+
+if __name__ == "__main__":
+  sys.exit(main(sys.argv[1:]))
