@@ -90,7 +90,11 @@ def setup() -> dict:
     tune_host_allocator()
   import jax  # pylint: disable=g-import-not-at-top  (after the allocator settings)
   if os.environ.get("JAXLAB_DISTRIBUTED") == "1":
-    jax.distributed.initialize()
+    # TPU VMs and SLURM are auto-detected; plain GPU nodes (launch/gpu.sh) name their rank here
+    # and the coordinator in JAX_COORDINATOR_ADDRESS.
+    jax.distributed.initialize(**{k: int(os.environ[v]) for k, v in (
+        ("num_processes", "JAXLAB_NUM_PROCESSES"), ("process_id", "JAXLAB_PROCESS_ID"))
+        if v in os.environ})
   platform = jax.default_backend()
   if platform != "cpu":
     restore_host_allocator()

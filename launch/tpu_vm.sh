@@ -1,16 +1,7 @@
 #!/usr/bin/env bash
-# Runs a jaxlab job on every host of a Cloud TPU VM slice (multi-host ready).
-#
-#   launch/tpu_vm.sh TPU_NAME ZONE --config=configs/sft.py:em_lora --workdir=gs://BUCKET/run \
-#       --config.init.hf_path=/data/Qwen2.5-7B-Instruct --config.tokenizer.path=/data/Qwen2.5-7B-Instruct \
-#       --config.mesh.shape="(1,-1,1)"
-#
-# The repository must already be checked out at ~/jaxlab on each worker, with data and
-# checkpoints at the same paths on every host. JAXLAB_DISTRIBUTED=1 makes every host call
-# jax.distributed.initialize(), after which each host feeds its own rows of the global batch.
+# Former interface, kept: launch/tpu_vm.sh TPU_NAME ZONE JOB_ARGS... (an existing VM).
+# Same as: launch/tpu.sh --name TPU_NAME --zone ZONE -- JOB_ARGS (see launch/tpu.sh).
 set -euo pipefail
-TPU_NAME=$1; ZONE=$2; shift 2
-ARGS=$(printf ' %q' "$@")
-gcloud compute tpus tpu-vm ssh "$TPU_NAME" --zone "$ZONE" --worker=all --command \
-  "cd ~/jaxlab && (test -x .venv/bin/python || (python3 -m venv .venv && .venv/bin/pip install -q -e . 'jax[tpu]==0.10.2')) \
-   && JAXLAB_DISTRIBUTED=1 .venv/bin/python -m jaxlab.main $ARGS"
+[[ $# -ge 3 ]] || { echo "usage: launch/tpu_vm.sh TPU_NAME ZONE --config=... --workdir=..." >&2; exit 2; }
+name=$1 zone=$2; shift 2
+exec "$(dirname "$0")/tpu.sh" --name "$name" --zone "$zone" -- "$@"
