@@ -267,11 +267,12 @@ class Checkpointer:
 
 
 def base_from_hf(config) -> bool:
-  """Whether a run's frozen base is reloaded from `init.hf_path` instead of being checkpointed
-  (LoRA on an HF base: the base never changes, so it is not saved)."""
+  """Whether a run's frozen base is reloaded from `init.hf_path` (or `init.workdir`) instead of
+  being checkpointed (LoRA on a loaded base: the base never changes, so it is not saved)."""
   lora = config["model"].get("lora") or {}
   init = config.get("init") or {}
-  return bool(init.get("hf_path")) and bool(lora and lora.get("enabled", True))
+  return bool(init.get("hf_path") or init.get("workdir")) and bool(
+      lora and lora.get("enabled", True))
 
 
 def checkpoints_dir(path):
@@ -323,11 +324,16 @@ def load_params(path, mesh=None, step: int | None = None, *, hf_path: str | None
   if not found["from_hf"]:
     return cfg, state["params"], state.get("frozen", {})
   from jaxlab.models.hf import load_hf  # pylint: disable=g-import-not-at-top
-  base = hf_path or config.init.hf_path
+  field = "hf_path" if config.init.get("hf_path") else "workdir"
+  key, base = f"init.{field}", hf_path or config.init[field]
   if not paths.path(base).is_dir():
     raise FileNotFoundError(
-        f"{path} is a LoRA run whose base model (config key init.hf_path={base!r}) is not a "
-        "folder here; pass hf_path= (or --config.hf_path) to the base model's folder")
+        f"{path} is a LoRA run whose base model (config key {key}={base!r}) is not a "
+        "folder here; pass hf_path= to the base model's folder")
+  if key == "init.workdir" and not hf_path:  # a jaxlab workdir: its (merged) params
+    from jaxlab.models.params import merge_lora  # pylint: disable=g-import-not-at-top
+    base_cfg, tr, fr = load_params(base, mesh)
+    return cfg, state["params"], merge_lora(tr, fr, base_cfg)
   base_cfg, _, frozen = load_hf(base, mesh, dtype=cfg.dtype, param_dtype=cfg.param_dtype,
                                 rules=found["rules"], lora=cfg.lora,
                                 trainable_dtype=cfg.trainable_dtype)

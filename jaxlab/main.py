@@ -22,6 +22,20 @@ def main(argv: list[str]) -> int:
   from jaxlab import runtime
   runtime.setup()  # before anything starts JAX (see jaxlab.runtime)
   import jax
+  from jaxlab.checkpoint import CheckpointError, NonFiniteStateError
+  from jaxlab.data.errors import DataError
+  from jaxlab.train.runner import NonFiniteError
+  try:
+    return _run_job(config, workdir, jax)
+  except (ConfigError, DataError) as e:  # bad input: the message names the key / file / line
+    print(f"jaxlab: {e}", file=sys.stderr)
+    return 2
+  except (NonFiniteError, NonFiniteStateError, CheckpointError) as e:
+    print(f"jaxlab: {e}", file=sys.stderr)
+    return 1
+
+
+def _run_job(config, workdir: str, jax) -> int:
   if config.job in ("sft", "train"):
     from jaxlab.train.runner import run
     out = run(config, workdir)

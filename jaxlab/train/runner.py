@@ -274,16 +274,24 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     config_lib.check_resume(saved, config, str(paths.path(workdir)))
   total = config.train.steps
   if saved is not None and ckpt.latest_step() >= total:
-    return _finished(config, workdir, ckpt, saved, mesh, rules)
+    done = _finished(config, workdir, ckpt, saved, mesh, rules)
+    if done is not None:
+      return done
   tokenizer = load_or_train_tokenizer(config, workdir)
+  from jaxlab.data.tokenizer import check_vocab
+  vocab_check = lambda n: check_vocab(
+      tokenizer, n, repr(config.tokenizer.path or config.init.hf_path
+                         or str(paths.path(workdir, "tokenizer"))),
+      repr(config.init.hf_path or config.init.get("workdir", "") or "config.model")
+      + " (config key model.vocab_size)")
+  if saved is None and config.init.hf_path and not _is_workdir(config.init.hf_path):
+    from jaxlab.models.hf_config import config_from_hf
+    vocab_check(config_from_hf(config.init.hf_path).vocab_size)  # before loading any weight
   if saved is None:
     cfg, init_params, external_base = init_student(config, tokenizer, mesh, rules)
   else:  # resuming: the model is the checkpoint's; only an external frozen base is reloaded
     cfg, init_params, external_base = _resume_student(config, saved, mesh, rules)
-  from jaxlab.data.tokenizer import check_vocab
-  check_vocab(tokenizer, cfg.vocab_size, repr(getattr(tokenizer, "name_or_path", "")),
-              repr(config.init.hf_path or config.init.get("workdir", "") or "config.model")
-              + " (config key model.vocab_size)")
+  vocab_check(cfg.vocab_size)
   config.model.vocab_size = cfg.vocab_size  # the saved config is the resolved one
   spec = model_spec(cfg)
   use_cache = channel.DATA == "prompt_completion" and int(config.distill.get("topk", 0)) > 0
@@ -473,7 +481,7 @@ def _resume_student(config, saved: dict, mesh, rules):
   cfg = ModelConfig.from_dict(d)
   with config.unlocked():
     config.model.update({k: v for k, v in d.items() if k in config.model and k != "lora"})
-  external = base_from_hf(saved) or bool(config.init.get("workdir", "") and cfg.lora is not None)
+  external = base_from_hf(saved)
   if not external:
     return cfg, None, False
   source = config.init.hf_path or config.init.get("workdir", "")
@@ -497,18 +505,13 @@ def _export_done(config) -> bool:
   return (d / "config.json").exists() and (d / "model.safetensors.index.json").exists()
 
 
-def _finished(config, workdir, ckpt, saved: dict, mesh, rules) -> dict[str, Any]:
+def _finished(config, workdir, ckpt, saved: dict, mesh, rules) -> dict[str, Any] | None:
   """A rerun of a finished run: nothing is trained or rewritten; only a missing export is made.
-  Returns what `run` returns, with the final state read from the last checkpoint."""
-  from jaxlab.metrics import read_metrics
-  step = ckpt.latest_step()
-  print(f"jaxlab: {paths.path(workdir)} already finished step {step}; nothing to train",
-        file=sys.stderr)
-  tokenizer = load_or_train_tokenizer(config, workdir)
-  cfg, init_params, external = _resume_student(config, saved, mesh, rules) \
-      if config.export.hf_dir and not _export_done(config) else (
-          ModelConfig.from_dict(dict(saved["model"])), None, False)
+  Returns what `run` returns, with the final params read from the last checkpoint (no
+  optimizer state), or None if the final checkpoint is damaged and training must go on."""
   from jaxlab.checkpoint import base_from_hf
+  from jaxlab.metrics import read_metrics
+  cfg = ModelConfig.from_dict(dict(saved["model"]))
   spec = model_spec(cfg)
   sh = spec.shardings(mesh, rules)
   sds = lambda tree, s: jax.tree.map(
@@ -517,11 +520,19 @@ def _finished(config, workdir, ckpt, saved: dict, mesh, rules) -> dict[str, Any]
   if not base_from_hf(saved):
     target["frozen"] = sds(spec.abstract[1], sh[1])
   got, _, _ = ckpt.restore_partial(target)  # params only: no optimizer state is read
+  if ckpt.restored_step < config.train.steps:
+    return None
   ckpt.close()
+  print(f"jaxlab: {paths.path(workdir)} already finished step {ckpt.restored_step}; nothing "
+        "to train", file=sys.stderr)
+  tokenizer = load_or_train_tokenizer(config, workdir)
+  frozen = got.get("frozen", {})
+  export = config.export.hf_dir and not _export_done(config)
+  if export and base_from_hf(saved):
+    frozen = _resume_student(config, saved, mesh, rules)[1][1]
   state = state_lib.TrainState(step=jnp.int32(ckpt.restored_step), params=got["params"],
-                               frozen=init_params[1] if external else got.get("frozen", {}),
-                               opt_state=None, rng=None)
-  if config.export.hf_dir and not _export_done(config):
+                               frozen=frozen, opt_state=None, rng=None)
+  if export:
     _export(config, workdir, cfg, state)
   rows = read_metrics(workdir)
   return {"state": state, "metrics": rows[-1] if rows else {}, "spec": spec,
