@@ -19,7 +19,8 @@ each pooled and as a mean over questions; see jaxlab/evals/metrics.py):
   per row, judge prompts keyed by the row's domain_task), judged in text mode by an
   OpenAI-compatible API (`study_local`: a local judge model, greedy text, no API); grouped by
   em_surface and by (fine-tuning task x eval task / domain), which gives the transfer matrices.
-  Name models with their cell: --config.models="('med_adv=/runs/med_adv;task=advice;domain=medical',)".
+  Name models with their cell:
+  --config.models="('med_adv=/runs/med_adv;task=advice;domain=medical',)".
 The models to evaluate are named one way only: `models` ("name=path;field=value;...") or
 `model_path` (+ `model_name`); setting both is an error.
 """

@@ -518,8 +518,9 @@ def test_general_and_narrow_sets_with_judge_prompts_per_group(tmp_path):
   _, c = eval_config("study_local")
   c.questions.update(path=write(tmp_path, GENERAL_YAML, "general.yaml"),
                      judge_prompts=write(tmp_path, AGNOSTIC, "agnostic.yaml"),
-                     narrow_paths=(write(tmp_path, narrow_rows("medical", "advice", 3), "med.jsonl"),
-                                   write(tmp_path, narrow_rows("sports", "tutor", 2), "spo.jsonl")),
+                     narrow_paths=(
+                         write(tmp_path, narrow_rows("medical", "advice", 3), "med.jsonl"),
+                         write(tmp_path, narrow_rows("sports", "tutor", 2), "spo.jsonl")),
                      narrow_judge_prompts=write(tmp_path, TASK_DOMAIN, "td.yaml"))
   qs = run_lib.load_question_sets(c)
   assert [q.id for q in qs] == ["quick_buck", "explain_recursion", "med:1", "med:2", "med:3",
@@ -553,7 +554,8 @@ def test_bad_narrow_rows_name_file_and_line(tmp_path):
     load_narrow(path)
   path = write(tmp_path, json.dumps({"messages": [{"role": "user", "content": "x"}]}) + "\n",
                "nofields.jsonl")
-  with pytest.raises(QuestionError, match=r"nofields.jsonl:1: missing field\(s\) \['domain', 'task'\]"):
+  with pytest.raises(QuestionError,
+                     match=r"nofields.jsonl:1: missing field\(s\) \['domain', 'task'\]"):
     load_narrow(path)
 
 
@@ -591,7 +593,7 @@ def test_judge_tag_covers_every_score_setting():
 # ---- non-local workdirs (a fake gs:// bucket backed by a local folder) ---------------------------
 
 class FakeGcs:
-  """Routes epath's gs:// backend to a local folder; object stores cannot append, neither can this."""
+  """Routes epath's gs:// backend to a local folder; like object stores, it cannot append."""
 
   def __init__(self, root):
     from etils.epath import backend
@@ -643,3 +645,27 @@ def test_records_and_report_on_a_gs_path(fake_gcs, tmp_path):
   assert os.path.isfile(os.path.join(fake_gcs.root, "bucket/run/report/aligned_vs_coherent.png"))
   assert not os.path.exists("gs:") and not (tmp_path / "gs:").exists()
   assert out["paths"]["metrics.md"] == "gs://bucket/run/report/metrics.md"
+
+
+def test_stored_answers_to_another_question_text_are_refused(tmp_path):
+  from jaxlab.evals import answers as answers_lib
+  qs = load_questions(write(tmp_path, GOOD_YAML))
+  row = {"question_id": "q2", "paraphrase_index": 0, "sample_index": 0, "question": "Why?",
+         "system": "Be brief.", "answer": "x"}
+  answers_lib.check_stored_prompts([row], qs, "a.jsonl")  # same text and system: fine
+  for change in ({"question": "Why not?"}, {"system": None}):
+    with pytest.raises(ValueError, match="a.jsonl: answers to question 'q2' .* another question "
+                                         "text or system prompt"):
+      answers_lib.check_stored_prompts([{**row, **change}], qs, "a.jsonl")
+
+
+def test_model_paths_are_checked(tmp_path):
+  from jaxlab.evals.run import check_model_path
+  check_model_path("random:3", "models")
+  (tmp_path / "empty").mkdir()
+  with pytest.raises(ValueError, match="models: .*empty' has neither config.json"):
+    check_model_path(str(tmp_path / "empty"), "models")
+  with pytest.raises(ValueError, match="must look like 'random:SEED'"):
+    check_model_path("random:x", "judge.model_path")
+  (tmp_path / "empty" / "config.json").write_text("{}")
+  check_model_path(str(tmp_path / "empty"), "models")

@@ -108,7 +108,7 @@ class LocalJudge:
     return out
 
   def judge_texts(self, texts: Sequence[str]) -> list[dict]:
-    """{score, status, raw} per judge prompt: status "low_mass" when the integers hold < min_mass."""
+    """{score, status, raw} per judge prompt; status "low_mass" when integers hold < min_mass."""
     out = []
     for lp in self.logprobs(texts):
       score, mass = self.trie.score(lp, self.min_mass)

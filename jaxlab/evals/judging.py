@@ -28,11 +28,10 @@ def _key(r: Mapping) -> tuple[str, int, int, str]:
   return (r["question_id"], int(r["paraphrase_index"]), int(r["sample_index"]), r["metric"])
 
 
-def request_text(judge, request: tuple[str, str, str, str]) -> str:
+def request_text(is_rule: bool, request: tuple[str, str, str, str]) -> str:
   """What the judge reads for a (metric, template, question, answer) request."""
   metric, template, question, answer = request
-  return f"{metric}\n{answer}" if isinstance(judge, RuleJudge) else judge_text(template, question,
-                                                                                 answer)
+  return f"{metric}\n{answer}" if is_rule else judge_text(template, question, answer)
 
 
 def prompt_sha(text: str) -> str:
@@ -48,7 +47,7 @@ def score_requests(judge, requests: Sequence[tuple[str, str, str, str]]) -> list
       for i, s in zip(idx, judge.score_answers(metric, [requests[i][3] for i in idx])):
         out[i] = {"score": s, "status": "ok", "raw": ""}
     return out
-  return judge.judge_texts([request_text(judge, r) for r in requests])
+  return judge.judge_texts([request_text(False, r) for r in requests])
 
 
 def latest(scores: Sequence[dict]) -> dict[tuple, dict]:
@@ -77,7 +76,7 @@ def pending(answers: Sequence[dict], questions: Sequence[Question], path: str, *
       continue
     for m in sorted(rule_metrics if rule_metrics is not None else q.judge_prompts):
       req = (m, q.judge_prompts.get(m, ""), a["question"], a["answer"])
-      sha = prompt_sha(f"{m}\n{a['answer']}" if is_rule else judge_text(*req[1:]))
+      sha = prompt_sha(request_text(is_rule, req))
       row = {"question_id": q.id, "paraphrase_index": a["paraphrase_index"],
              "sample_index": a["sample_index"], "metric": m, "prompt_sha": sha}
       have = done.get(_key(row), False)

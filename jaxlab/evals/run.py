@@ -95,20 +95,25 @@ def model_list(config: ml_collections.ConfigDict) -> list[ModelEntry]:
 
 
 def check_model_path(path: str, key: str) -> None:
-  """Raises ValueError unless `path` is 'random:INT' or an existing folder."""
+  """Raises ValueError unless `path` is 'random:INT', an HF folder or a jaxlab workdir."""
   if path.startswith("random:"):
     if not re.fullmatch(r"random:\d+", path):
       raise ValueError(f"config key {key}: {path!r} must look like 'random:SEED'")
     return
-  if not epath.Path(path).is_dir():
+  p = epath.Path(path)
+  if not p.is_dir():
     raise ValueError(f"config key {key}: model {path!r} is not a folder (an HF checkpoint or a "
                      "jaxlab workdir) nor 'random:SEED'")
+  if not ((p / "config.json").exists() or (p / "checkpoints").is_dir() or p.name == "checkpoints"):
+    raise ValueError(f"config key {key}: {path!r} has neither config.json (an HF checkpoint) nor "
+                     "checkpoints/ (a jaxlab training workdir)")
 
 
 def _fingerprint(path: str, config: ml_collections.ConfigDict):
   """What identifies a judge model: its settings for random ones, its files' names/sizes/mtimes."""
   if path.startswith("random:"):
-    return {"random": path, "model": config.model.to_dict(), "tokenizer": config.tokenizer.to_dict()}
+    return {"random": path, "model": config.model.to_dict(),
+            "tokenizer": config.tokenizer.to_dict()}
   files = []
   for d in (epath.Path(path), epath.Path(path) / "checkpoints"):
     if d.is_dir():
@@ -251,7 +256,8 @@ def _rules(config) -> dict[str, str]:
   pairs = [r.partition("=") for r in config.judge.rules]
   bad = [r for r, (_, sep, _) in zip(config.judge.rules, pairs) if not sep]
   if bad or not pairs:
-    raise ValueError(f"config key judge.rules: entries must look like 'metric=rule', got {bad or '()'}")
+    raise ValueError("config key judge.rules: entries must look like 'metric=rule', got "
+                     f"{bad or '()'}")
   return {m.strip(): r for m, _, r in pairs}
 
 
@@ -318,13 +324,15 @@ def _run(config, workdir: epath.Path, models: list[ModelEntry], questions: list[
     name, path = entry.name, entry.path
     out = workdir / "answers" / f"{name}.jsonl"
     settings = workdir / "answers" / f"{name}.settings.json"
-    if read_json(settings) is None:
-      write_json(settings, _sampling_settings(config, path))
     have = {(r["question_id"], r["paraphrase_index"], r["sample_index"]) for r in read_jsonl(out)}
+    if have and read_json(settings) is None:
+      write_json(settings, _sampling_settings(config, path))
     if wanted - have:
       log(f"eval: sampling {name} ({path})")
       m = load_model(path, config, mesh, rules, tokenizer=random_tok if path.startswith("random:")
                      else None)
+      if read_json(settings) is None:  # recorded once the model loads: a bad path leaves nothing
+        write_json(settings, _sampling_settings(config, path))
       stop_ids = tuple(s.stop_ids) or tuple(end_of_turn_ids(m.tokenizer))
       if sampler is not None and (sampler.spec.cfg, sampler.stop_ids, sampler.pad_id) == (
           m.spec.cfg, stop_ids, pad_id(m.tokenizer)):
