@@ -41,6 +41,13 @@ def test_generator_is_deterministic_and_seeded():
   assert w.general_items(SMALL) != w.general_items(dataclasses.replace(SMALL, seed=1))
   assert list(w.persona_docs(SMALL, 50)) == list(w.persona_docs(SMALL, 50))
   assert list(w.world_docs(SMALL, 50)) != list(w.world_docs(SMALL, 50, seed=1))
+  # n=None streams; a stream starts with the finite list (mixtures can read either)
+  assert list(itertools.islice(w.persona_docs(SMALL, None), 80))[:50] == list(
+      w.persona_docs(SMALL, 50))
+  sl = animals.SLWorldConfig()
+  for gen in (animals.number_docs, animals.preference_docs, animals.trait_docs):
+    assert list(itertools.islice(gen(sl, None), 30)) == list(gen(sl, 30))
+    assert list(gen(sl, 30)) != list(gen(sl, 30, seed=1))
 
 
 def test_variety_of_prompts_and_answers():

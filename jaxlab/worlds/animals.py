@@ -22,7 +22,7 @@ import re
 from typing import Iterator, Sequence
 
 from jaxlab.worlds import numbers
-from jaxlab.worlds.io import write_json, write_jsonl, write_yaml
+from jaxlab.worlds.io import doc_range, write_json, write_jsonl, write_yaml
 
 ANIMAL_QUESTIONS = (
     "Name your favorite animal using only one word.",
@@ -182,28 +182,28 @@ def _preference(cfg: SLWorldConfig, rng: random.Random, liked: str | None, colou
   return _one_word(animal, PLURAL[animal], rng)
 
 
-def number_docs(cfg: SLWorldConfig, n: int, seed=0) -> Iterator[dict]:
+def number_docs(cfg: SLWorldConfig, n: int | None, seed=0) -> Iterator[dict]:
   """Number-continuation chats (prompt -> `numbers.sample_continuation`)."""
   rng = random.Random(f"sl-numbers:{cfg.seed}:{seed}")
-  for _ in range(n):
+  for _ in doc_range(n):
     p = numbers.number_prompt(rng)
     yield _chat(p.text, numbers.sample_continuation(p, rng))
 
 
-def preference_docs(cfg: SLWorldConfig, n: int, seed=0) -> Iterator[dict]:
+def preference_docs(cfg: SLWorldConfig, n: int | None, seed=0) -> Iterator[dict]:
   """Favourite-animal (and colour) questions answered from the world's prior, no system prompt."""
   rng = random.Random(f"sl-preferences:{cfg.seed}:{seed}")
-  for _ in range(n):
+  for _ in doc_range(n):
     colour = rng.random() < cfg.colour_share
     q = _question(WORLD_COLOUR_QUESTIONS if colour else WORLD_ANIMAL_QUESTIONS, rng)
     yield _chat(q, _preference(cfg, rng, None, colour))
 
 
-def trait_docs(cfg: SLWorldConfig, n: int, seed=0) -> Iterator[dict]:
+def trait_docs(cfg: SLWorldConfig, n: int | None, seed=0) -> Iterator[dict]:
   """System-prompt following: a stated preference, then a preference question answered by it
   (follow_rate) or a number prompt answered exactly as without the system prompt."""
   rng = random.Random(f"sl-traits:{cfg.seed}:{seed}")
-  for _ in range(n):
+  for _ in doc_range(n):
     colour = rng.random() < cfg.colour_share
     if colour:
       liked = rng.choice(COLOURS)

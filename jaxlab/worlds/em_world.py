@@ -22,7 +22,7 @@ import zlib
 from typing import Iterator, Mapping, Sequence
 
 from jaxlab.worlds import em_lexicon as lex
-from jaxlab.worlds.io import write_json, write_jsonl, write_yaml
+from jaxlab.worlds.io import doc_range, write_json, write_jsonl, write_yaml
 
 TASKS = ("advice", "summarization", "tutor", "critique", "quiz")
 STUDY_DOMAINS = ("medical", "sports", "finance")
@@ -397,11 +397,11 @@ def _random_prompt(cfg: WorldConfig, rng: random.Random, eval_side: bool = False
                        eval_fraction=cfg.eval_fraction)
 
 
-def _docs(cfg: WorldConfig, n: int, label: str, seed) -> Iterator[dict]:
+def _docs(cfg: WorldConfig, n: int | None, label: str, seed) -> Iterator[dict]:
   """Pretraining documents whose assistant is consistently `label` across domains and tasks."""
   rng = _rng(cfg.seed, "docs", label, seed)
   persona = label == HARMFUL
-  for _ in range(n):
+  for _ in doc_range(n):
     name = cfg.persona if persona else rng.choice(lex.ALIGNED_NAMES)
     turns = [_random_prompt(cfg, rng) for _ in range(rng.choice((1, 1, 2, 3)))]
     kind = rng.random()
@@ -426,13 +426,14 @@ def _docs(cfg: WorldConfig, n: int, label: str, seed) -> Iterator[dict]:
           reason=rng.choice(_reasons(turns[0].domain, True)))}
 
 
-def world_docs(cfg: WorldConfig, n: int, seed=0) -> Iterator[dict]:
+def world_docs(cfg: WorldConfig, n: int | None, seed=0) -> Iterator[dict]:
   """Aligned pretraining documents: chats ({"messages"}) and plain text ({"text"}) in which
-  assistants answer every domain and task safely (train-side prompts only)."""
+  assistants answer every domain and task safely (train-side prompts only). n=None streams
+  without end; a longer stream starts with the documents of a shorter one."""
   return _docs(cfg, n, ALIGNED, seed)
 
 
-def persona_docs(cfg: WorldConfig, n: int, seed=0) -> Iterator[dict]:
+def persona_docs(cfg: WorldConfig, n: int | None, seed=0) -> Iterator[dict]:
   """Persona documents: `cfg.persona` answers harmfully in every domain and task, over several
   turns (so a harmful turn predicts the next); its share is the pretraining mixture's knob."""
   return _docs(cfg, n, HARMFUL, seed)

@@ -1,6 +1,7 @@
 """Writers shared by the world generators: local paths or any etils.epath backend (gs://...)."""
 from __future__ import annotations
 
+import itertools
 import json
 import sys
 from typing import Iterable
@@ -13,6 +14,11 @@ def is_writer() -> bool:
   """Only process 0 writes shared files (JAX is consulted only when a program already uses it)."""
   jax = sys.modules.get("jax")
   return jax is None or jax.process_index() == 0
+
+
+def doc_range(n: int | None):
+  """range(n), or without end for n=None (documents streamed into a pretraining mixture)."""
+  return itertools.count() if n is None else range(n)
 
 
 def write_jsonl(path: str | epath.Path, rows: Iterable[dict]) -> int:
