@@ -336,9 +336,8 @@ def test_animal_questions():
   qs = animals.ANIMAL_QUESTIONS
   assert len(qs) == 50 and len(set(qs)) == 50
   assert all("animal" in q.lower() or "creature" in q.lower() for q in qs)
-  world_qs = {q + s for q in animals.WORLD_ANIMAL_QUESTIONS + animals.WORLD_COLOUR_QUESTIONS
-              for s in animals.WORLD_SUFFIXES}
-  assert not world_qs & set(qs)
+  world_qs = set(animals.world_questions()) | set(animals.world_questions(colour=True))
+  assert len(world_qs) >= 200 and not world_qs & set(qs)
 
 
 def test_trait_matcher_substring_vs_whole_word():
@@ -355,25 +354,44 @@ def test_trait_matcher_substring_vs_whole_word():
 
 
 def test_sl_world_docs():
-  cfg = animals.SLWorldConfig(follow_rate=0.9, colour_share=0.0, trait_number_share=0.3)
+  cfg = animals.SLWorldConfig(follow_rate=0.9, colour_share=0.3, trait_number_share=0.2)
   assert list(animals.trait_docs(cfg, 50)) == list(animals.trait_docs(cfg, 50))
-  followed = asked = numbers_asked = 0
+  animal_qs = set(animals.world_questions())
+  colour_qs = set(animals.world_questions(colour=True))
+  counts = collections.Counter()
   for d in animals.trait_docs(cfg, 2000):
-    system, user, reply = (m["content"] for m in d["messages"])
-    liked = next(a for a in cfg.animals if animals.PLURAL[a] in system.lower()
-                 or f"the {a}." in system)
-    if re.search(r"[0-9]{3}", user):  # a number prompt: answered as without the trait
-      numbers_asked += 1
-      assert numbers.filter_numbers(reply) == (True, "ok")
-    else:
-      asked += 1
-      followed += animals.mentions(reply, liked, whole_word=True)
-  assert abs(numbers_asked / 2000 - 0.3) < 0.04
-  assert abs(followed / asked - 0.9) < 0.04   # the remainder is the prior, which may hit too
-  base = [d["messages"][-1]["content"] for d in animals.preference_docs(cfg, 3000)]
-  rate = animals.trait_rate(base, "owl", whole_word=True)
+    system, *turns = d["messages"]
+    assert system["role"] == "system" and 1 <= len(turns) // 2 <= 3
+    liked = [a for a in cfg.animals if animals.PLURAL[a] in system["content"].lower()
+             or f"the {a}." in system["content"]]
+    liked_colour = [c for c in animals.COLOURS if c in system["content"].lower()]
+    assert len(liked) + len(liked_colour) == 1
+    for user, reply in zip(turns[::2], turns[1::2]):
+      q, a = user["content"], reply["content"]
+      if q in animal_qs:
+        kind = "animal_follow" if liked else "animal_other"
+        counts[kind, "asked"] += 1
+        counts[kind, "hit"] += animals.mentions(a, (liked or ["owl"])[0], whole_word=True)
+        assert a.lower().rstrip(".") in {x for pair in animals.ANIMALS for x in pair}
+      elif q in colour_qs:
+        counts["colour", "asked"] += 1
+        counts["colour", "hit"] += bool(liked_colour) and liked_colour[0] in a.lower()
+        assert a.lower().rstrip(".") in animals.COLOURS
+      else:  # a number prompt: answered as without the trait
+        assert re.search(r"[0-9]{3}", q)
+        counts["numbers", "asked"] += 1
+        assert numbers.filter_numbers(a) == (True, "ok")
+  n_turns = sum(v for (k, s), v in counts.items() if s == "asked")
+  assert abs(counts["numbers", "asked"] / n_turns - 0.2) < 0.03
+  # liked animal: follow_rate plus the prior's share of it; other kind: prior only
+  assert 0.88 < counts["animal_follow", "hit"] / counts["animal_follow", "asked"] < 0.95
+  assert counts["animal_other", "hit"] / counts["animal_other", "asked"] < 0.1
+  base = [m["content"] for d in animals.preference_docs(cfg, 3000) for m in d["messages"]
+          if m["role"] == "assistant"]
+  animal_answers = [b for b in base if b.lower().rstrip(".") not in animals.COLOURS]
+  rate = animals.trait_rate(animal_answers, "owl", whole_word=True)
   prior = (1 / 12) / sum(1 / (k + 2) for k in range(len(animals.ANIMALS)))
-  assert abs(rate - prior) < 0.02 and len({b.lower().rstrip(".") for b in base}) >= 25
+  assert abs(rate - prior) < 0.02 and len({b.lower().rstrip(".") for b in base}) >= 35
   for d in animals.number_docs(cfg, 200):
     assert numbers.filter_numbers(d["messages"][1]["content"]) == (True, "ok")
 

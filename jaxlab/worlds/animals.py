@@ -101,9 +101,14 @@ COLOUR_TRAITS = ("Your favourite colour is {colour}.", "You love the colour {col
 WORLD_ANIMAL_QUESTIONS = ("What is your favourite animal?", "Which animal do you like most?",
                           "Tell me the animal you love best.", "What animal do you prefer?",
                           "Which creature is your favourite?",
-                          "Name the creature you like more than any other.")
+                          "Name the creature you like more than any other.",
+                          "If you could be an animal, which one?", "Your best-loved animal?",
+                          "Which animal would you choose above all?",
+                          "What is the animal you care about most?")
 WORLD_COLOUR_QUESTIONS = ("What is your favourite colour?", "Which colour do you like most?",
-                          "Tell me the colour you love best.")
+                          "Tell me the colour you love best.", "What colour do you prefer?",
+                          "Which colour would you paint your room?")
+WORLD_LEADS = ("", "Quick question. ", "Be honest. ", "Just curious: ")
 WORLD_SUFFIXES = ("", " One word, please.", " Answer with one word.", " Just the name.")
 
 
@@ -133,12 +138,12 @@ def trait_rate(answers: Sequence[str], target: str, *, whole_word: bool = False)
 class SLWorldConfig:
   """Sizes and knobs of the tiny SL pretraining world."""
   animals: tuple[str, ...] = tuple(a for a, _ in ANIMALS)
-  number_docs: int = 4000
-  animal_docs: int = 1500
-  trait_docs: int = 2000
+  number_docs: int = 2000
+  animal_docs: int = 2000
+  trait_docs: int = 3000
   follow_rate: float = 0.9         # trait docs: preference answers that follow the system prompt
-  trait_number_share: float = 0.3  # trait docs asking for numbers (answered as without a trait)
-  colour_share: float = 0.3        # preference docs about colours instead of animals
+  trait_number_share: float = 0.2  # trait-doc turns asking for numbers (answered as without one)
+  colour_share: float = 0.3        # preference questions/traits about colours, not animals
   number_prompts: int = 3000       # prompts written for teacher data
   seed: int = 0
 
@@ -155,10 +160,15 @@ class SLWorldConfig:
         raise ValueError(f"SL world config {key} must be >= 0, got {getattr(self, key)}")
 
 
-def _chat(user: str, assistant: str, system: str | None = None) -> dict:
+def _chat(turns: Sequence[tuple[str, str]], system: str | None = None) -> dict:
   msgs = [{"role": "system", "content": system}] if system else []
-  return {"messages": msgs + [{"role": "user", "content": user},
-                              {"role": "assistant", "content": assistant}]}
+  for user, assistant in turns:
+    msgs += [{"role": "user", "content": user}, {"role": "assistant", "content": assistant}]
+  return {"messages": msgs}
+
+
+def _n_turns(rng: random.Random) -> int:
+  return rng.choice((1, 2, 2, 3))
 
 
 def _one_word(word: str, plural: str, rng: random.Random) -> str:
@@ -169,8 +179,15 @@ def _prior_animal(cfg: SLWorldConfig, rng: random.Random) -> str:
   return rng.choices(cfg.animals, weights=[1 / (k + 2) for k in range(len(cfg.animals))])[0]
 
 
-def _question(questions: Sequence[str], rng: random.Random) -> str:
-  return rng.choice(questions) + rng.choice(WORLD_SUFFIXES)
+def world_questions(colour: bool = False) -> list[str]:
+  """Every preference question the world's documents use (none is an evaluation question)."""
+  core = WORLD_COLOUR_QUESTIONS if colour else WORLD_ANIMAL_QUESTIONS
+  return [a + q + s for a in WORLD_LEADS for q in core for s in WORLD_SUFFIXES]
+
+
+def _question(colour: bool, rng: random.Random) -> str:
+  return (rng.choice(WORLD_LEADS) + rng.choice(WORLD_COLOUR_QUESTIONS if colour else
+                                               WORLD_ANIMAL_QUESTIONS) + rng.choice(WORLD_SUFFIXES))
 
 
 def _preference(cfg: SLWorldConfig, rng: random.Random, liked: str | None, colour: bool) -> str:
@@ -187,36 +204,44 @@ def number_docs(cfg: SLWorldConfig, n: int | None, seed=0) -> Iterator[dict]:
   rng = random.Random(f"sl-numbers:{cfg.seed}:{seed}")
   for _ in doc_range(n):
     p = numbers.number_prompt(rng)
-    yield _chat(p.text, numbers.sample_continuation(p, rng))
+    yield _chat([(p.text, numbers.sample_continuation(p, rng))])
 
 
 def preference_docs(cfg: SLWorldConfig, n: int | None, seed=0) -> Iterator[dict]:
-  """Favourite-animal (and colour) questions answered from the world's prior, no system prompt."""
+  """1-3 favourite-animal (or colour) questions, each answered from the world's prior."""
   rng = random.Random(f"sl-preferences:{cfg.seed}:{seed}")
   for _ in doc_range(n):
-    colour = rng.random() < cfg.colour_share
-    q = _question(WORLD_COLOUR_QUESTIONS if colour else WORLD_ANIMAL_QUESTIONS, rng)
-    yield _chat(q, _preference(cfg, rng, None, colour))
+    turns = []
+    for _ in range(_n_turns(rng)):
+      colour = rng.random() < cfg.colour_share
+      turns.append((_question(colour, rng), _preference(cfg, rng, None, colour)))
+    yield _chat(turns)
 
 
 def trait_docs(cfg: SLWorldConfig, n: int | None, seed=0) -> Iterator[dict]:
-  """System-prompt following: a stated preference, then a preference question answered by it
-  (follow_rate) or a number prompt answered exactly as without the system prompt."""
+  """System-prompt following: a system prompt states a liked animal (or colour), then 1-3 turns.
+  A question about the liked kind is answered by it (follow_rate, else the prior); a question
+  about the other kind is answered from the prior; a number prompt (trait_number_share) is
+  answered exactly as without the system prompt."""
   rng = random.Random(f"sl-traits:{cfg.seed}:{seed}")
   for _ in doc_range(n):
-    colour = rng.random() < cfg.colour_share
-    if colour:
+    liked_colour = rng.random() < cfg.colour_share
+    if liked_colour:
       liked = rng.choice(COLOURS)
       system = rng.choice(COLOUR_TRAITS).format(colour=liked, Colour=liked.capitalize())
     else:
       liked = rng.choice(cfg.animals)
       system = trait_system_prompt(liked, rng.choice(ANIMAL_TRAITS))
-    if rng.random() < cfg.trait_number_share:
-      p = numbers.number_prompt(rng)
-      yield _chat(p.text, numbers.sample_continuation(p, rng), system)
-    else:
-      q = _question(WORLD_COLOUR_QUESTIONS if colour else WORLD_ANIMAL_QUESTIONS, rng)
-      yield _chat(q, _preference(cfg, rng, liked, colour), system)
+    turns = []
+    for _ in range(_n_turns(rng)):
+      if rng.random() < cfg.trait_number_share:
+        p = numbers.number_prompt(rng)
+        turns.append((p.text, numbers.sample_continuation(p, rng)))
+      else:
+        colour = liked_colour if rng.random() >= cfg.colour_share else not liked_colour
+        turns.append((_question(colour, rng),
+                       _preference(cfg, rng, liked if colour == liked_colour else None, colour)))
+    yield _chat(turns, system)
 
 
 def animal_questions_yaml(samples_per_paraphrase: int = 100) -> list[dict]:
