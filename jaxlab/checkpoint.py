@@ -75,16 +75,22 @@ def _array_fingerprint(x: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
 
 @functools.cache
 def _fingerprint_fn(out_sharding):
-  return jax.jit(lambda flat: {k: _array_fingerprint(x) for k, x in flat.items()},
-                 out_shardings=out_sharding)
+  return jax.jit(_array_fingerprint, out_shardings=out_sharding)
 
 
 def fingerprint(flat: dict[str, jax.Array]) -> tuple[dict[str, list[int]], list[str]]:
-  """({key: [sum, weighted sum]}, keys holding NaN/Inf) of a flat dict of arrays."""
-  arrays = {k: x for k, x in flat.items() if isinstance(x, jax.Array)}
-  mesh = next((x.sharding.mesh for x in arrays.values()
-               if isinstance(x.sharding, NamedSharding)), None)
-  out = _fingerprint_fn(NamedSharding(mesh, P()) if mesh is not None else None)(arrays)
+  """({key: [sum, weighted sum]}, keys holding NaN/Inf) of a flat dict of arrays.
+
+  One jitted call per array: in a single program over every array XLA:CPU materialises each
+  array's words at once (measured: +2.3x the state's size in peak host memory); per array the
+  temporaries stay about one array's size.
+  """
+  out = {}
+  for k, x in flat.items():
+    if not isinstance(x, jax.Array):
+      continue
+    mesh = x.sharding.mesh if isinstance(x.sharding, NamedSharding) else None
+    out[k] = _fingerprint_fn(NamedSharding(mesh, P()) if mesh is not None else None)(x)
   out = jax.device_get(out)
   sums = {k: [int(a), int(b)] for k, (a, b, _) in out.items()}
   return sums, sorted(k for k, (_, _, ok) in out.items() if not ok)
