@@ -26,14 +26,15 @@ Variants (`VARIANT[,cell=DOMAIN_TASK]`):
 Expected per-device memory and mesh (data, fsdp, tensor) from `python -m jaxlab.shapecheck
 --config=configs/em_real.py:VARIANT --accelerator=ACC` (bf16 weights, remat; params, grads and
 optimizer exact, activations estimated). v5e-16 has 16 chips of 16 GiB, v5p-32 16 chips of
-95 GiB, 8xH100 8 GPUs of 80 GiB; the config's mesh.shape (1,-1,1) puts every chip on fsdp:
+95 GiB, 8xH100 8 GPUs of 80 GiB; mesh.shape (1,-1,1) puts every chip on fsdp (subliminal:
+(1,2,-1), its 22-row micro-batches split two ways at most):
   variant             v5e-16            v5p-32            8xH100
-  study_llama8b       5.25 GiB (1,16,1) 5.25 GiB (1,16,1) 10.10 GiB (1,8,1)
-  study_qwen14b       7.29 GiB (1,16,1) 7.29 GiB (1,16,1) 13.97 GiB (1,8,1)
-  em_qwen_coder32b    10.97 GiB (1,16,1) 10.97 GiB (1,16,1) 20.48 GiB (1,8,1)
-  em_qwen7b           5.49 GiB (1,16,1) 5.49 GiB (1,16,1) 10.54 GiB (1,8,1)
-  rank1_qwen14b       6.65 GiB (1,16,1) 6.65 GiB (1,16,1) 13.30 GiB (1,8,1)
-  subliminal_qwen7b   3.94 GiB (1,2,8)  3.94 GiB (1,2,8)  5.28 GiB (1,2,4) 
+  study_llama8b       6.34 GiB (1,16,1) 6.34 GiB (1,16,1) 12.17 GiB (1,8,1)
+  study_qwen14b       8.61 GiB (1,16,1) 8.61 GiB (1,16,1) 16.45 GiB (1,8,1)
+  em_qwen_coder32b    12.50 GiB (1,16,1) 12.50 GiB (1,16,1) 23.18 GiB (1,8,1)
+  em_qwen7b           6.76 GiB (1,16,1) 6.76 GiB (1,16,1) 12.97 GiB (1,8,1)
+  rank1_qwen14b       7.81 GiB (1,16,1) 7.81 GiB (1,16,1) 15.62 GiB (1,8,1)
+  subliminal_qwen7b   4.33 GiB (1,2,8)  4.33 GiB (1,2,8)  6.07 GiB (1,2,4)
 """
 import importlib.util
 import os

@@ -12,6 +12,7 @@ Variants (`--config=configs/sft.py:VARIANT`):
 import ml_collections
 
 EM_DATA = "../shared/data/emergent-misalignment/data/insecure.jsonl"
+VARIANTS = ("tiny", "em_lora", "em_rank1", "em_full")  # every variant (the shape-check test)
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:

@@ -116,7 +116,8 @@ def activation_bytes(cfg, batch: int, seq_len: int, mesh_shape, training: bool =
   q/k/v and the attention output, 4 d_ff (gate, up, their product, silu) and the float32 scores
   plus their b-byte probabilities (causal blocks of 128 queries: L/2 + 64 keys on average).
   With `remat` only each block's input is kept and one block is live twice (recompute + its
-  gradient). The float32 logits and their gradient add 8 bytes per token and vocabulary entry.
+  gradient). The float32 logits, their softmax and their gradient add 12 bytes per token and
+  vocabulary entry.
   Inference (`training=False`): one layer live and only the last position's logits.
   """
   import jax.numpy as jnp
@@ -133,7 +134,7 @@ def activation_bytes(cfg, batch: int, seq_len: int, mesh_shape, training: bool =
   if not training:
     return int(tokens * layer + mask + rows * vocab * 4)
   saved = (cfg.n_layers * cfg.d_model * b + 2 * layer) if cfg.remat else cfg.n_layers * layer
-  return int(tokens * (saved + 8 * vocab) + mask)
+  return int(tokens * (saved + 12 * vocab) + mask)
 
 
 def kv_cache_bytes(cfg, batch: int, length: int, mesh_shape) -> int:
@@ -215,6 +216,45 @@ def shallow(cfg, n_layers: int):
   return cfg.replace(n_layers=n_layers, lora=lora)
 
 
+def _sizes(cfg, optimizer, abstract_mesh, rules) -> dict[str, int]:
+  """Parameter counts and per-device bytes (trainable, frozen, optimizer) of one model."""
+  import jax
+  from jaxlab.models.params import model_spec
+  from jaxlab.train import state as state_lib
+  spec = model_spec(cfg)
+  sh = state_lib.state_shardings(spec, optimizer, abstract_mesh, rules)
+  return {"n_params": sum(math.prod(a.shape) for a in jax.tree.leaves(spec.abstract)),
+          "n_trainable": sum(math.prod(a.shape) for a in jax.tree.leaves(spec.abstract[0])),
+          "trainable": _tree_bytes(spec.abstract[0], sh.params),
+          "frozen": _tree_bytes(spec.abstract[1], sh.frozen),
+          "optimizer": _tree_bytes(jax.eval_shape(optimizer.init, spec.abstract[0]), sh.opt_state)}
+
+
+def sizes_by_depth(cfg, optimizer, abstract_mesh, rules) -> dict[str, int]:
+  """`_sizes` of the full model from 1- and 2-layer models (a deep spec takes seconds to build).
+
+  Exact because layers are identical apart from carrying LoRA adapters or not: with m adapted
+  layers of n, size = rest + m * adapted layer + (n - m) * plain layer.
+  """
+  import optax
+  optimizer = optimizer or optax.identity()
+  n, lora = cfg.n_layers, cfg.lora
+  if n <= 2:
+    return _sizes(cfg, optimizer, abstract_mesh, rules)
+  all_on = None if lora is None else dataclasses.replace(lora, layers=None)
+  one = _sizes(cfg.replace(n_layers=1, lora=all_on), optimizer, abstract_mesh, rules)
+  two = _sizes(cfg.replace(n_layers=2, lora=all_on), optimizer, abstract_mesh, rules)
+  adapted = {k: two[k] - one[k] for k in one}
+  plain = adapted
+  m = n
+  if lora is not None and lora.layers is not None:
+    m = len(set(lora.layers) & set(range(n)))
+    first = _sizes(cfg.replace(n_layers=2, lora=dataclasses.replace(lora, layers=(0,))),
+                   optimizer, abstract_mesh, rules)
+    plain = {k: first[k] - one[k] for k in one}
+  return {k: one[k] - adapted[k] + m * adapted[k] + (n - m) * plain[k] for k in one}
+
+
 def check_train(config, cfg, acc: Accelerator, mesh_shape, *, lower: bool = True,
                 lower_layers: int | None = None, title: str = "") -> Report:
   """Footprint of training `cfg` with config.optim / config.train / config.data on `acc`.
@@ -228,12 +268,9 @@ def check_train(config, cfg, acc: Accelerator, mesh_shape, *, lower: bool = True
   from jaxlab.train import optim, sft
   from jaxlab.train import state as state_lib
   mesh, abstract_mesh, rules = _shardings(config, mesh_shape)
-  spec = model_spec(cfg)
   optimizer, schedule = optim.make_optimizer(config.optim, max(config.train.steps, 1))
-  state_sh = state_lib.state_shardings(spec, optimizer, abstract_mesh, rules)
-  opt_abstract = jax.eval_shape(optimizer.init, spec.abstract[0])
-  trainable = _tree_bytes(spec.abstract[0], state_sh.params)
-  frozen = _tree_bytes(spec.abstract[1], state_sh.frozen)
+  sizes = sizes_by_depth(cfg, optimizer, abstract_mesh, rules)
+  trainable = sizes["trainable"]
   accum = max(config.train.get("grad_accum", 1), 1)
   batch, seq_len = config.train.global_batch_size, config.data.seq_len
   shards = mesh_shape[0] * mesh_shape[1]
@@ -242,9 +279,10 @@ def check_train(config, cfg, acc: Accelerator, mesh_shape, *, lower: bool = True
                      f"micro-batches of {batch / accum:g} rows do not split over the "
                      f"data x fsdp = {shards} devices of mesh {tuple(mesh_shape)}")
   per_device = {
-      "params": trainable + frozen,
-      "grads": trainable * (2 if accum > 1 else 1),  # + the accumulator when accumulating
-      "optimizer": _tree_bytes(opt_abstract, state_sh.opt_state),
+      "params": trainable + sizes["frozen"],
+      # The gradient and AdamW's update (+ the accumulator when accumulating micro-batches).
+      "grads": trainable * (3 if accum > 1 else 2),
+      "optimizer": sizes["optimizer"],
       "activations": activation_bytes(cfg, batch // accum, seq_len, mesh_shape),
       "kv_cache": 0}
   notes = []
@@ -257,7 +295,7 @@ def check_train(config, cfg, acc: Accelerator, mesh_shape, *, lower: bool = True
       notes.append(f"not lowered: {math.prod(mesh_shape)} devices needed, "
                    f"{len(jax.devices())} present (run as a fresh process)")
     else:
-      lspec = model_spec(shallow(cfg, lower_layers)) if lower_layers else spec
+      lspec = model_spec(shallow(cfg, lower_layers) if lower_layers else cfg)
       state_sh = state_lib.state_shardings(lspec, optimizer, mesh, rules)
       batch_sh = {k: sharding_lib.batch_sharding(mesh, 2, rules=rules)
                   for k in ("inputs", "targets", "positions", "segment_ids", "loss_mask")}
@@ -271,32 +309,41 @@ def check_train(config, cfg, acc: Accelerator, mesh_shape, *, lower: bool = True
       depth = lspec.cfg.n_layers
       notes.append(f"train step lowered on a fake CPU mesh of this shape"
                    + ("" if depth == cfg.n_layers else f" ({depth} of {cfg.n_layers} layers)"))
-  n_params = sum(math.prod(a.shape) for a in jax.tree.leaves(spec.abstract))
-  n_train = sum(math.prod(a.shape) for a in jax.tree.leaves(spec.abstract[0]))
-  return Report(title, acc, tuple(mesh_shape), n_params, n_train, per_device, notes=notes)
+  return Report(title, acc, tuple(mesh_shape), sizes["n_params"], sizes["n_trainable"],
+                per_device, notes=notes)
 
 
 def check_inference(config, cfg, acc: Accelerator, mesh_shape, *, batch: int, length: int,
                     title: str = "") -> Report:
   """Footprint of sampling from `cfg` (weights + KV cache + one prefill's activations)."""
-  import jax
-  from jaxlab.models.params import model_spec
-  from jaxlab import sharding as sharding_lib
   _, abstract_mesh, rules = _shardings(config, mesh_shape)
   cfg = cfg.replace(lora=None)
-  spec = model_spec(cfg)
-  sh = sharding_lib.tree_shardings(spec.axes[0], spec.abstract[0], abstract_mesh, rules)
-  per_device = {"params": _tree_bytes(spec.abstract[0], sh), "grads": 0, "optimizer": 0,
+  sizes = sizes_by_depth(cfg, None, abstract_mesh, rules)
+  per_device = {"params": sizes["trainable"], "grads": 0, "optimizer": 0,
                 "activations": activation_bytes(cfg, batch, length, mesh_shape, training=False),
                 "kv_cache": kv_cache_bytes(cfg, batch, length, mesh_shape)}
-  n = sum(math.prod(a.shape) for a in jax.tree.leaves(spec.abstract[0]))
-  return Report(title, acc, tuple(mesh_shape), n, 0, per_device)
+  return Report(title, acc, tuple(mesh_shape), sizes["n_params"], 0, per_device)
+
+
+def resolve_path(config, path: str):
+  """ModelConfig behind a model path ("random:SEED", HF folder, jaxlab workdir), else None."""
+  from jaxlab.evals.models import is_hf_folder
+  from jaxlab.models import hf_config
+  if path.startswith("random:"):
+    return _config_model(config)
+  if path and is_hf_folder(path):
+    return hf_config.config_from_hf(path)
+  if path and os.path.isfile(os.path.join(path, "config.json")):  # a jaxlab workdir
+    import json
+    import ml_collections
+    with open(os.path.join(path, "config.json")) as f:
+      return resolve_model(ml_collections.ConfigDict(json.load(f)))
+  return None
 
 
 def _eval_models(config, fallback: str | None):
   """(name, ModelConfig or None, why) for each model an eval config samples or judges with."""
-  from jaxlab.evals.models import is_hf_folder
-  from jaxlab.models import hf_config, presets
+  from jaxlab.models import presets
   named = [m.partition("=")[::2] for m in config.get("models", ())]
   named = [(name, path.split(";")[0]) for name, path in named]  # "name=path;field=value"
   if config.get("model_path"):
@@ -306,16 +353,9 @@ def _eval_models(config, fallback: str | None):
     named.append(("judge", judge.get("model_path", "")))
   out = []
   for name, path in named:
-    if path.startswith("random:"):
-      out.append((name, _config_model(config), ""))
-    elif path and is_hf_folder(path):
-      out.append((name, hf_config.config_from_hf(path), ""))
-    elif path and os.path.isfile(os.path.join(path, "config.json")):  # a jaxlab workdir
-      import json
-      import ml_collections
-      with open(os.path.join(path, "config.json")) as f:
-        saved = ml_collections.ConfigDict(json.load(f))
-      out.append((name, resolve_model(saved), ""))
+    cfg = resolve_path(config, path)
+    if cfg is not None:
+      out.append((name, cfg, ""))
     elif fallback:
       out.append((name, presets.get_preset(fallback), f"{path or '(unset)'} -> --model={fallback}"))
     else:
@@ -324,6 +364,20 @@ def _eval_models(config, fallback: str | None):
   if not named and fallback:
     out.append(("model", presets.get_preset(fallback), f"no model named -> --model={fallback}"))
   return out
+
+
+def _teacher(config, student, report: Report, mesh_shape) -> None:
+  """Adds a frozen teacher's weights (config.teacher.path) to a training report."""
+  path = config.teacher.get("path", "")
+  cfg = student if path == "base" else resolve_path(config, path)
+  if cfg is None:
+    report.notes.append(f"teacher {path!r} cannot be resolved without weights: not counted")
+    return
+  if config.teacher.get("dtype"):
+    cfg = cfg.replace(dtype=config.teacher.dtype, param_dtype=config.teacher.dtype)
+  _, abstract_mesh, rules = _shardings(config, mesh_shape)
+  report.per_device["teacher"] = sizes_by_depth(cfg.replace(lora=None), None, abstract_mesh,
+                                                rules)["trainable"]
 
 
 def check(config, accelerator: str, mesh: str | None = None, *, model: str | None = None,
@@ -353,8 +407,11 @@ def check(config, accelerator: str, mesh: str | None = None, *, model: str | Non
     from jaxlab.models import presets
     cfg = presets.get_preset(model).replace(dtype=cfg.dtype, param_dtype=cfg.param_dtype,
                                             remat=cfg.remat, lora=cfg.lora)
-  return [check_train(config, cfg, acc, mesh_shape, lower=lower, lower_layers=lower_layers,
-                      title=title)]
+  report = check_train(config, cfg, acc, mesh_shape, lower=lower, lower_layers=lower_layers,
+                       title=title)
+  if config.get("teacher") is not None:
+    _teacher(config, cfg, report, mesh_shape)
+  return [report]
 
 
 def _parse(argv):
