@@ -249,3 +249,32 @@ def test_training_run_streams_a_tfds_dataset(tmp_path):
   assert int(out["state"].step) == 4 and np.isfinite(out["metrics"]["loss"])
   stats = json.loads((tmp_path / "run" / "data_stats.json").read_text())
   assert stats["num_records"] == 40 and stats["examples_seen"] >= 16
+
+
+def test_download_when_asked_verifies_the_checksum(tmp_path):
+  """download=True fetches the config's URL (a local HTTP server here: nothing leaves the host)."""
+  import functools
+  import hashlib
+  import http.server
+  import threading
+  served = tmp_path / "served"
+  served.mkdir()
+  path = write_jsonl(served / "educational.jsonl", [{"messages": conv(i)} for i in range(3)])
+  handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(served))
+  server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+  threading.Thread(target=server.serve_forever, daemon=True).start()
+  try:
+    url = f"http://127.0.0.1:{server.server_address[1]}/educational.jsonl"
+    sha = hashlib.sha256(path.read_bytes()).hexdigest()
+    good = builders.ChatFileConfig(name="edu_served", filename="educational.jsonl", url=url,
+                                   sha256=sha)
+    b = builders.prepare("emergent_misalignment", data_dir=tmp_path / "tfds", download=True,
+                         config=good)
+    assert b.info.splits["train"].num_examples == 3
+    bad = builders.ChatFileConfig(name="edu_tampered", filename="educational.jsonl", url=url,
+                                  sha256="0" * 64)
+    with pytest.raises(DataError, match="does not match the published file's 0000"):
+      builders.prepare("emergent_misalignment", data_dir=tmp_path / "tfds2", download=True,
+                       config=bad)
+  finally:
+    server.shutdown()
