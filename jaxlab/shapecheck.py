@@ -6,13 +6,15 @@
 The model comes from `config.init.hf_path`'s config.json when that folder exists, else from
 `config.model` (eval jobs: each model they name; `--model` stands in for names that cannot be
 resolved without weights). Parameters and optimizer state are built with `jax.eval_shape` and
-placed by the sharding rules on a mesh of the config's shape over the accelerator's chip count,
-and the train step is lowered on a fake CPU mesh of that shape (tracing and sharding
-propagation only; nothing is compiled), which catches shape and sharding errors. Printed per
-device (the most loaded one): params, gradients, optimizer state, activations, KV cache.
-Params, gradients and optimizer state are exact byte counts of the sharded arrays; activations
-and the KV cache are estimates (`activation_bytes`, `kv_cache_bytes`). Exit status 1 when the
-total exceeds `headroom` (0.9) of one device's memory.
+placed by the sharding rules on a mesh of the config's shape over the accelerator's chip count
+(exact counts from 1- and 2-layer models, see `sizes_by_depth`), and the train step is lowered
+on a fake CPU mesh of that shape (tracing and sharding propagation only; nothing is compiled),
+which catches shape and sharding errors. Printed per device (the most loaded one): params,
+grads (the gradient and AdamW's update), optimizer state, activations, KV cache (and a frozen
+teacher's weights). Params, grads and optimizer state are exact byte counts of the sharded
+arrays; activations and the KV cache are estimates (`activation_bytes`, `kv_cache_bytes`;
+against a measured CPU run see benchmarks/shapecheck_memory.py). Exit status 1 when the total
+exceeds `headroom` (0.9) of one device's memory, 2 for a bad config or mesh.
 """
 from __future__ import annotations
 
@@ -21,7 +23,6 @@ import math
 import os
 import re
 import sys
-from typing import Any
 
 GiB = 2**30
 # Per-chip memory and the number of chips a slice-name unit counts (v4/v5p names count
@@ -76,9 +77,9 @@ def resolve_mesh(shape, n_devices: int) -> tuple[int, ...]:
   return tuple(shape)
 
 
-def _config_model(config, model_block=None):
+def _config_model(config):
   from jaxlab.models.config import ModelConfig
-  d = (model_block or config.model).to_dict()
+  d = config.model.to_dict()
   if d.get("vocab_size", 0) <= 0:  # 0 = the tokenizer's; a from-scratch BPE of tokenizer.vocab_size
     d["vocab_size"] = config.tokenizer.vocab_size
   return ModelConfig.from_dict(d)
@@ -88,8 +89,7 @@ def resolve_model(config):
   """ModelConfig of a training config: init.hf_path's config.json if present, else config.model."""
   from jaxlab.models import hf_config
   cfg = _config_model(config)
-  init = config.get("init") or {}
-  hf_path = init.get("hf_path", "") if init else ""
+  hf_path = (config.get("init") or {}).get("hf_path", "")
   if hf_path and os.path.isfile(os.path.join(hf_path, "config.json")):
     cfg = hf_config.config_from_hf(hf_path).replace(
         dtype=cfg.dtype, param_dtype=cfg.param_dtype, remat=cfg.remat, lora=cfg.lora)
@@ -430,7 +430,7 @@ def _parse(argv):
   return opts, rest
 
 
-def _devices_needed(opts, rest) -> int:
+def _devices_needed(opts) -> int:
   """Chips the check will put on its fake CPU mesh (read before JAX starts)."""
   try:
     return parse_accelerator(opts["accelerator"], default_chips=math.prod(
@@ -442,7 +442,7 @@ def _devices_needed(opts, rest) -> int:
 def main(argv: list[str]) -> int:
   opts, rest = _parse(argv)
   if "jax" not in sys.modules:  # the fake CPU mesh: as many host devices as the slice has chips
-    n = max(_devices_needed(opts, rest), 1)
+    n = max(_devices_needed(opts), 1)
     os.environ["JAX_PLATFORMS"] = "cpu"
     os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
                                f" --xla_force_host_platform_device_count={n}").strip()
