@@ -13,6 +13,7 @@ The interface is `jaxlab.data.batching.SFTBatches`'s: `next()` -> host-local bat
 from __future__ import annotations
 
 import os
+import threading
 from typing import Any, Sequence
 
 import grain
@@ -60,8 +61,10 @@ class GrainBatches:
     self.process_index, self.process_count = process_index, process_count
     shard = records[process_index::process_count]
     self.num_records = len(shard)
-    # Live counts (updated in place as examples stream by; not restored on resume).
+    # Live counts, updated in place by grain's reader threads (so under a lock) as examples are
+    # encoded, prefetched ones included; not restored on resume.
     self.stats = {"examples_seen": 0, "truncated": 0, "dropped": 0, "num_records": self.num_records}
+    self._lock = threading.Lock()
     # Mixed seed, as SFTBatches does: seeds s and s+1 share no epoch orders.
     grain_seed = int(np.random.SeedSequence(seed).generate_state(1)[0])
     ds = shard.shuffle(seed=grain_seed).repeat(num_epochs).map(self._encode)
@@ -84,9 +87,10 @@ class GrainBatches:
     source = (row.get("file", "<tfds>"), row["line"])
     example = chat.encode_chat(self.tokenizer, row["messages"], source=source)
     kept, stats = apply_overlong([example], self.seq_len, self.overlong)
-    self.stats["examples_seen"] += 1
-    self.stats["truncated"] += stats["truncated"]
-    self.stats["dropped"] += stats["dropped"]
+    with self._lock:
+      self.stats["examples_seen"] += 1
+      self.stats["truncated"] += stats["truncated"]
+      self.stats["dropped"] += stats["dropped"]
     return kept[0] if kept else None
 
   def _packed_batch(self, rows: Sequence[dict]) -> dict[str, np.ndarray]:
