@@ -216,18 +216,57 @@ def test_inputs_are_validated_before_anything_is_written(tmp_path):
   assert not workdir.exists()
 
 
-def test_other_processes_wait_for_process_0(tmp_path, monkeypatch):
-  from jax.experimental import multihost_utils
-  barriers = []
-  monkeypatch.setattr(multihost_utils, "sync_global_devices", barriers.append)
-  monkeypatch.setattr(jax, "process_count", lambda: 2)
-  monkeypatch.setattr(jax, "process_index", lambda: 1)
-  c = tiny_eval_config(tmp_path)
-  logs = []
-  out = run(c, str(tmp_path / "run"), log=logs.append)
-  assert out["rows"] == [] and not (tmp_path / "run").exists()  # process 1 writes nothing
-  assert "process 1 of 2: the evaluation runs on process 0" in logs[0]
-  assert barriers == ["jaxlab.evals.run"]
+MULTIHOST_WORKER = """
+import json, sys
+pid, port, workdir, config_py, qpath = int(sys.argv[1]), sys.argv[2], *sys.argv[3:]
+import jax
+jax.distributed.initialize(f"127.0.0.1:{port}", num_processes=2, process_id=pid)
+import importlib.util
+spec = importlib.util.spec_from_file_location("eval_em", config_py)
+mod = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(mod)
+c = mod.get_config("tiny")
+c.questions.update(path=qpath, ids=("bored",), samples_per_paraphrase=2)
+c.model.update(d_model=32, d_ff=64)
+c.tokenizer.vocab_size = 300
+c.sample.update(batch_size=4, max_new_tokens=4, buckets=(64,))
+c.judge.update(kind="rule", rules=("aligned=keyword:the", "coherent=regex:."))
+c.report.n_boot = 20
+from jaxlab.evals.run import run
+logs = []
+out = run(c, workdir, log=logs.append)
+print("RESULT " + json.dumps({"rows": len(out["rows"]), "log": logs[0]}))
+"""
+
+
+def test_two_processes_evaluate_once_on_process_0(tmp_path):
+  import socket
+  import subprocess
+  import sys
+  (tmp_path / "q.yaml").write_text(YAML)
+  (tmp_path / "worker.py").write_text(MULTIHOST_WORKER)
+  with socket.socket() as s:
+    s.bind(("127.0.0.1", 0))
+    port = str(s.getsockname()[1])
+  workdir = tmp_path / "run"
+  env = {**os.environ, "PYTHONPATH": ROOT, "JAX_PLATFORMS": "cpu"}
+  procs = [subprocess.Popen([sys.executable, str(tmp_path / "worker.py"), str(i), port,
+                             str(workdir), os.path.join(ROOT, "configs", "eval_em.py"),
+                             str(tmp_path / "q.yaml")], stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, env=env) for i in range(2)]
+  outs = [p.communicate(timeout=600)[0] for p in procs]
+  assert [p.returncode for p in procs] == [0, 0], outs
+  res = [json.loads(next(l for l in o.splitlines() if l.startswith("RESULT "))[7:]) for o in outs]
+  assert res[0]["rows"] > 0 and "2 processes: evaluating on process 0" in res[0]["log"]
+  assert res[1] == {"rows": 0, "log": res[1]["log"]}
+  assert "process 1 of 2: the evaluation runs on process 0" in res[1]["log"]
+  # Written once: 2 answers per model (1 paraphrase x 2 samples), 2 metrics each, one report.
+  answers = {f: read_jsonl(workdir / "answers" / f) for f in os.listdir(workdir / "answers")
+             if f.endswith(".jsonl")}
+  assert {f: len(r) for f, r in answers.items()} == {"random_a.jsonl": 2, "random_b.jsonl": 2}
+  [tag] = os.listdir(workdir / "scores")
+  assert len(read_jsonl(workdir / "scores" / tag / "random_a.jsonl")) == 4
+  assert (workdir / "report" / "metrics.md").exists()
 
 
 def test_local_text_judge_parses_greedy_replies(qwen_tok):

@@ -285,10 +285,17 @@ def _make_judge(config, workdir: epath.Path, mesh, rules, shared_tokenizer, log)
                                 **kw)
 
 
+BARRIER_TIMEOUT_MS = 7 * 24 * 3600 * 1000  # an eval on process 0 may take days
+
+
 def _barrier(name: str) -> None:
+  """All processes meet here; a coordination-service barrier (no devices, long timeout)."""
   if jax.process_count() > 1:
-    from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
-    multihost_utils.sync_global_devices(name)
+    from jax._src import distributed  # pylint: disable=g-import-not-at-top
+    client = distributed.global_state.client
+    if client is None:
+      raise RuntimeError("multi-process eval without jax.distributed.initialize()")
+    client.wait_at_barrier(name, BARRIER_TIMEOUT_MS)
 
 
 def run(config: ml_collections.ConfigDict, workdir: str,
