@@ -35,6 +35,8 @@ import os
 
 import ml_collections
 
+VARIANTS = ("tiny",)  # every variant (the shape-check test)
+
 
 def _sft_config(variant):
   spec = importlib.util.spec_from_file_location(

@@ -14,6 +14,14 @@ from jaxlab.data.chat import pad_id
 
 def make_batches(config, tokenizer):
   """Chat JSONL (`data.train_path`) -> packed or padded SFT batches (assistant-token loss)."""
+  if config.data.get("source", "jsonl") == "mixture":  # pretraining (jaxlab.data.mixture)
+    from jaxlab.data.mixture import MixtureBatches
+    batches = MixtureBatches(config.data.mixture.to_dict(), tokenizer,
+                             global_batch_size=config.train.global_batch_size,
+                             seq_len=config.data.seq_len, seed=config.seed,
+                             process_index=jax.process_index(),
+                             process_count=jax.process_count())
+    return batches, batches.stats
   if config.data.get("source", "jsonl") == "tfds":  # streamed TFDS + grain (jaxlab.datasets)
     from jaxlab.datasets.loader import batches_from_config
     return batches_from_config(config, tokenizer)

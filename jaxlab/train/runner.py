@@ -263,7 +263,11 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   channel = channels.get(config.get("channel", "sft"))
   # Everything that can be checked is checked before anything is loaded or written.
   config_lib.validate(config, jax.device_count(), jax.process_count())
-  if not config.data.train_path or not paths.path(config.data.train_path).is_file():
+  if config.data.get("source", "jsonl") == "mixture":
+    for name, src in config.data.mixture.items():
+      if not paths.path(src.path).is_file():
+        raise ValueError(f"config key data.mixture.{name}.path={src.path!r} is not a file")
+  elif not config.data.train_path or not paths.path(config.data.train_path).is_file():
     raise ValueError(f"config key data.train_path={config.data.train_path!r} is not a file: "
                      "point it at a chat JSONL file")
   mesh, rules = mesh_and_rules(config)

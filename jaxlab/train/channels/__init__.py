@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import importlib
 
-CHANNELS = ("sft", "offpolicy", "onpolicy", "gkd")
+CHANNELS = ("sft", "pretrain", "offpolicy", "onpolicy", "gkd")
 
 
 def get(name: str):

@@ -1,0 +1,12 @@
+"""pretrain: next-token prediction on every token of packed rows (config data.source="mixture",
+see jaxlab.data.mixture). The loss is SFT's negative log-likelihood; what differs is the data:
+documents of a weighted mixture, no chat mask."""
+from __future__ import annotations
+
+from jaxlab.train.channels import sft
+
+DATA = "packed"
+NEEDS_TEACHER = False
+DEFAULT_KL = None
+prepare = sft.prepare
+loss_sum = sft.loss_sum
