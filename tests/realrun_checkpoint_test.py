@@ -1,6 +1,5 @@
 """Checkpoint integrity: fingerprints, fallback past damaged checkpoints, non-finite states
 refused, params-only loading."""
-import json
 import os
 
 import jax

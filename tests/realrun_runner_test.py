@@ -18,7 +18,6 @@ from jaxlab import checkpoint, metrics as metrics_lib
 from jaxlab.config import ConfigError, parse_argv
 from jaxlab.data.errors import DataError
 from jaxlab.train import runner
-from tests import hf_util
 from tests.loop_test import _args, data  # noqa: F401  (pytest fixture)
 
 

@@ -96,7 +96,11 @@ def _file_digest(path) -> dict:
 
 
 def fit_record(config) -> dict:
-  """What a tokenizer fitted for `config` depends on: the data file, rows used, vocab size."""
+  """What a tokenizer fitted for `config` depends on: the data file(s), rows used, vocab size."""
+  if config.data.get("source", "") == "mixture":
+    mix = config.data.mixture
+    return {"data": {n: _file_digest(mix[n]["path"]) for n in sorted(mix)},
+            "vocab_size": int(config.tokenizer.vocab_size)}
   return {"data": _file_digest(config.data.train_path),
           "max_examples": int(config.data.max_examples or 0),
           "vocab_size": int(config.tokenizer.vocab_size)}
@@ -179,19 +183,29 @@ def load_or_train_tokenizer(config, workdir):
   from jaxlab.data.chat import read_chat_jsonl  # pylint: disable=g-import-not-at-top
   record = fit_record(config)
   saved = paths.read_text(out_dir / FIT_RECORD)
+  ckpts = paths.path(workdir, "checkpoints")
+  trained = ckpts.exists() and any(p.name.isdigit() for p in ckpts.iterdir())
+  if saved is None and trained and (out_dir / "tokenizer.json").exists():
+    import sys  # pylint: disable=g-import-not-at-top
+    print(f"jaxlab: {out_dir} has no fit record (an older jaxlab fitted it); using it as is",
+          file=sys.stderr)
+    return load_tokenizer_dir(out_dir)
   if saved is not None and (out_dir / "tokenizer.json").exists():
     saved = json.loads(saved)
     if saved == record:
       return load_tokenizer_dir(out_dir)
-    if paths.path(workdir, "checkpoints").exists() and any(
-        p.name.isdigit() for p in paths.path(workdir, "checkpoints").iterdir()):
+    if trained:
       changed = sorted(k for k in set(saved) | set(record) if saved.get(k) != record.get(k))
       raise ConfigError(
           f"{out_dir} was fitted on other data or settings ({', '.join(changed)}: "
           f"{[saved.get(k) for k in changed]} -> {[record.get(k) for k in changed]}) and the "
           f"checkpoints in {workdir} were trained with it; use a new workdir")
-  convs = read_chat_jsonl(config.data.train_path)
-  texts = [m["content"] for c in convs[:config.data.max_examples or None] for m in c.messages]
+  if config.data.get("source", "") == "mixture":  # pretraining: fit on the mixture's documents
+    from jaxlab.data.mixture import mixture_texts  # pylint: disable=g-import-not-at-top
+    texts = mixture_texts(config.data.mixture.to_dict())
+  else:
+    convs = read_chat_jsonl(config.data.train_path)
+    texts = [m["content"] for c in convs[:config.data.max_examples or None] for m in c.messages]
   tok = train_chat_tokenizer(texts, config.tokenizer.vocab_size)
   _save_dir(tok, out_dir, record)
   return tok
