@@ -1,0 +1,1 @@
+"""Pipelines: studies as chains of stages that resume (see `stages`)."""
