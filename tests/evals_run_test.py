@@ -20,7 +20,7 @@ from jaxlab.models import ModelConfig
 from jaxlab.models.params import init_params, model_spec
 from jaxlab.sample import Sampler
 from tests import tokenizers_util
-from tests.evals_test import fake_gcs  # noqa: F401  (pytest fixture)
+from tests.evals_test import FakeOpenAI, fake_gcs, server, start_fake_openai  # noqa: F401
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FAST = {"xla_backend_optimization_level": 0, "xla_llvm_disable_expensive_passes": True}
@@ -138,7 +138,7 @@ def tiny_eval_config(tmp_path):
   return c
 
 
-def test_eval_job_end_to_end_and_resume_on_a_gs_workdir(tmp_path, fake_gcs):
+def test_eval_job_end_to_end_and_resume_on_a_gs_workdir(tmp_path, fake_gcs, server):
   c = tiny_eval_config(tmp_path)
   c.report.group_by = ("model.task",)
   workdir = "gs://bucket/evals/run"
@@ -190,6 +190,24 @@ def test_eval_job_end_to_end_and_resume_on_a_gs_workdir(tmp_path, fake_gcs):
   ruled = run(c, workdir, log=logs.append)
   assert not any("sampling" in l for l in logs)
   assert len(ruled["rows"]) == len(out["rows"])
+  # An HTTP text judge: one request per distinct judge prompt (<= 2 models x 9 answers x 2
+  # metrics; identical prompts share a cached reply), none again on a rerun, all again at another
+  # endpoint (the endpoint is part of the judge's identity).
+  c.judge.update(kind="http", mode="text", base_url=server, api_key_env="", max_tokens=20,
+                 backoff_s=0.01)
+  run(c, workdir, log=logs.append)
+  sent = FakeOpenAI.successes
+  assert 0 < sent <= 36
+  run(c, workdir, log=logs.append)
+  assert FakeOpenAI.successes == sent
+  other_url, other = start_fake_openai()
+  try:
+    c.judge.base_url = other_url
+    run(c, workdir, log=logs.append)
+    assert FakeOpenAI.successes == 2 * sent
+  finally:
+    other.shutdown()
+    other.server_close()
   # Other sampling settings in the same workdir are refused.
   c.sample.temperature = 0.5
   with pytest.raises(ValueError, match="sampled with other settings"):

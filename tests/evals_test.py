@@ -200,14 +200,19 @@ class FakeOpenAI(http.server.BaseHTTPRequestHandler):
     pass
 
 
+def start_fake_openai():
+  """(base_url, server) of a FakeOpenAI endpoint on a free local port."""
+  srv = http.server.ThreadingHTTPServer(("127.0.0.1", 0), FakeOpenAI)
+  threading.Thread(target=srv.serve_forever, daemon=True).start()
+  return f"http://127.0.0.1:{srv.server_address[1]}/v1", srv
+
+
 @pytest.fixture()
 def server():
   FakeOpenAI.fail_codes, FakeOpenAI.fail_after, FakeOpenAI.successes = [], None, 0
   FakeOpenAI.seen_auth, FakeOpenAI.bodies = [], []
-  srv = http.server.ThreadingHTTPServer(("127.0.0.1", 0), FakeOpenAI)
-  thread = threading.Thread(target=srv.serve_forever, daemon=True)
-  thread.start()
-  yield f"http://127.0.0.1:{srv.server_address[1]}/v1"
+  url, srv = start_fake_openai()
+  yield url
   srv.shutdown()
   srv.server_close()
 
