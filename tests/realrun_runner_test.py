@@ -6,6 +6,7 @@ resuming a full fine-tune without loading the HF model again.
 """
 import json
 import os
+import re
 
 import jax
 import jax.numpy as jnp
@@ -50,12 +51,17 @@ def _poison_from(step_at, monkeypatch):
   monkeypatch.setattr(runner.step_lib, "make_step", make_step)
 
 
-def test_nan_stops_the_run_and_keeps_good_checkpoints(data, tmp_path, monkeypatch):
+def test_nan_stops_the_run_and_keeps_good_checkpoints(data, tmp_path, monkeypatch, capsys):
+  from jaxlab import main as main_lib
   _poison_from(3, monkeypatch)
   w = tmp_path / "w"
-  with pytest.raises(runner.NonFiniteError, match=r"step 3: loss nan.*last good checkpoint: "
-                     r"step 2 in .*on_nonfinite=skip"):
-    _run(data, w, steps=6, extra=["--config.checkpoint.keep=2"])
+  rc = main_lib.main(_args(data, w, steps=6, extra=[
+      "--config.model.d_model=32", "--config.model.n_layers=1", "--config.model.d_ff=64",
+      "--config.data.max_examples=32", "--config.checkpoint.keep=2"]))
+  err = capsys.readouterr().err
+  assert rc == 1 and "Traceback" not in err
+  assert re.search(r"jaxlab: step 3: loss nan.*the run stopped \(nothing non-finite is saved; "
+                   r"last good checkpoint: step 2 in .*on_nonfinite=skip", err), err[-2000:]
   assert sorted(os.listdir(w / "checkpoints")) == ["1", "2"]  # rotation deleted no good one
   _, params, _ = checkpoint.load_params(str(w))
   assert all(np.isfinite(np.asarray(x)).all() for x in jax.tree.leaves(params))
@@ -288,18 +294,3 @@ def test_resuming_full_finetune_does_not_reload_hf(data, tmp_path, hf_base, monk
   assert int(out["state"].step) == 3 and calls == []
   assert all(x.dtype == jnp.float32 for x in jax.tree.leaves(out["state"].params))
 
-
-def test_cli_diverging_lr_exits_with_a_clear_error(data, tmp_path, capsys):
-  from jaxlab import main as main_lib
-  w = tmp_path / "w"
-  rc = main_lib.main(_args(data, w, steps=8, extra=[
-      "--config.model.d_model=32", "--config.model.n_layers=1", "--config.model.d_ff=64",
-      "--config.data.max_examples=32", "--config.optim.lr=1e6", "--config.optim.warmup_steps=0",
-      "--config.checkpoint.keep=2"]))
-  err = capsys.readouterr().err
-  assert rc == 1 and "jaxlab: step " in err and "the run stopped" in err, err[-2000:]
-  steps = sorted(int(s) for s in os.listdir(w / "checkpoints"))
-  assert steps and max(steps) < 8
-  for s in steps:
-    _, params, _ = checkpoint.load_params(str(w), step=s)
-    assert all(np.isfinite(np.asarray(x)).all() for x in jax.tree.leaves(params))
