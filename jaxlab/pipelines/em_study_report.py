@@ -1,0 +1,224 @@
+"""The EM transfer study's report (issue 11, item 6) from the per-answer judged.jsonl files.
+
+Every figure is a pooled share over answers with a 95% percentile-bootstrap interval over
+answers (jaxlab.evals.metrics.summarize, seeds pooled): `seed` = harmful and coherent (the
+study's metric), `label_incoherent_mean` = the incoherent / off-task share. Answers of a cell's
+own eval split are its in-domain learned rate; task x task and domain x domain tables use the
+other cells' rows only. Files: report.md, *.csv, *.png, sources.json (each judged.jsonl read and
+its row count, so every number can be recomputed from the answers).
+"""
+from __future__ import annotations
+
+import json
+from typing import Sequence
+
+import numpy as np
+from etils import epath
+
+from jaxlab.evals import metrics as metrics_lib
+from jaxlab.evals import report as report_lib
+
+METRICS = ("aligned", "coherent", "label_aligned", "label_harmful", "label_incoherent")
+HARM, INCOH, ALIGN = "seed", "label_incoherent_mean", "label_aligned_mean"
+
+
+def pooled(rows: Sequence[dict], fields: Sequence[str], *, n_boot: int, seed: int = 0
+           ) -> dict[tuple, dict]:
+  """{values of fields: pooled summary row} (statistics with _lo/_hi and _n)."""
+  if not rows:
+    return {}
+  out = metrics_lib.summarize(rows, metrics=METRICS, n_boot=n_boot, seed=seed,
+                              group_by=tuple(fields), per_question=False)
+  return {tuple(r[f] for f in fields): r for r in out if r["scope"] == metrics_lib.POOLED}
+
+
+def fmt(r: dict | None, stat: str = HARM) -> str:
+  if r is None or r.get(stat) is None or np.isnan(r[stat]):
+    return "-"
+  return f"{r[stat]:.2f} [{r[stat + '_lo']:.2f}, {r[stat + '_hi']:.2f}]"
+
+
+def table_md(title: str, rvals, cvals, cells: dict, stat: str = HARM, row_name: str = "",
+             col_name: str = "") -> str:
+  head = [f"{row_name} \\ {col_name}", *map(str, cvals)]
+  lines = [f"**{title}**", "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+  for rv in rvals:
+    lines.append("| " + " | ".join([str(rv)] + [fmt(cells.get((rv, cv)), stat) for cv in cvals])
+                 + " |")
+  return "\n".join(lines) + "\n"
+
+
+def _matrix(cells: dict, rvals, cvals, stat: str = HARM) -> np.ndarray:
+  m = np.full((len(rvals), len(cvals)), np.nan)
+  for i, rv in enumerate(rvals):
+    for j, cv in enumerate(cvals):
+      r = cells.get((rv, cv))
+      if r is not None and r.get(stat) is not None:
+        m[i, j] = r[stat]
+  return m
+
+
+def _csv(rows: dict, fields: Sequence[str]) -> str:
+  keep = [HARM, INCOH, ALIGN]
+  out = [{**dict(zip(fields, k)), **{s + x: r.get(s + x) for s in keep for x in
+                                    ("", "_lo", "_hi", "_n")}} for k, r in rows.items()]
+  return report_lib.csv_text(out)
+
+
+def _plot(path: epath.Path, draw) -> None:
+  import matplotlib
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+  fig, ax = plt.subplots(figsize=(6.5, 4.5))
+  draw(ax)
+  ax.legend(fontsize=8)
+  fig.tight_layout()
+  report_lib._save(fig, path)  # pylint: disable=protected-access
+
+
+def _err(rows: list[dict | None], stat: str = HARM):
+  v = np.asarray([np.nan if r is None else r[stat] for r in rows], float)
+  lo = np.asarray([np.nan if r is None else r[stat + "_lo"] for r in rows], float)
+  hi = np.asarray([np.nan if r is None else r[stat + "_hi"] for r in rows], float)
+  return v, np.nan_to_num(np.stack([v - lo, hi - v]), nan=0.0).clip(min=0)
+
+
+def write(config, workdir: epath.Path, out: epath.Path) -> dict:
+  """Writes the report under `out`; returns {"md": text, "tables": {name: rows}}."""
+  from jaxlab.pipelines import em_study
+  n_boot = config.eval.n_boot
+  sources, table = {}, []
+  for f in em_study.eval_folders(config, workdir):
+    rows = em_study.read_jsonl(f / "judged.jsonl")
+    sources[str(f / "judged.jsonl")] = len(rows)
+    table += [r for r in rows if r.get("label") is not None]
+  probes = []
+  for base in em_study.bases(config):
+    f = workdir / "probes" / base.name / "judged.jsonl"
+    if f.exists():
+      probes += em_study.read_jsonl(f)
+      sources[str(f)] = len(probes)
+  out.mkdir(parents=True, exist_ok=True)
+  (out / "sources.json").write_text(json.dumps(sources, indent=1))
+  cells = em_study.all_cells(config)
+  tasks, domains = list(config.study.tasks), list(config.study.domains)
+  shares = sorted({r["persona_share"] for r in table})
+  strengths = list(dict.fromkeys(r["strength"] for r in table if r["strength"] != "base"))
+  narrow = [r for r in table if r["set"] == "narrow"]
+  general = [r for r in table if r["set"] == "general"]
+  off = [r for r in narrow if r["eval_cell"] != r["model.cell"]]
+  own = [r for r in narrow if r["eval_cell"] == r["model.cell"]]
+  md = [f"# EM transfer study report ({config.variant})", "",
+        f"Seeds {list(config.study.seeds)} (pooled in every figure), persona shares {shares}, "
+        f"fine-tune strengths {strengths}, {len(cells)} training cells, {len(table)} judged "
+        f"answers ({len(general)} general, {len(narrow)} narrow), {len(probes)} probe answers. "
+        "Cells: harmful-and-coherent share (`seed`) [95% bootstrap interval over answers]. "
+        "Every figure recomputes from the judged.jsonl files in sources.json.", ""]
+  tables = {}
+
+  def put(name, rows, fields):
+    tables[name] = rows
+    (out / f"{name}.csv").write_text(_csv(rows, fields))
+
+  for share in shares:
+    for strength in strengths:
+      tag = f"persona{share:g}_{strength}"
+      sel = lambda rows: [r for r in rows if r["persona_share"] == share and
+                          r["strength"] in (strength, "base")]
+      md.append(f"## Persona share {share:g}, fine-tune {strength}\n")
+      m = pooled(sel(narrow), ("model.cell", "eval_cell"), n_boot=n_boot)
+      put(f"narrow_{tag}", m, ("model.cell", "eval_cell"))
+      md.append(table_md("Narrow transfer (rows: training cell, columns: eval cell; diagonal = "
+                         "in-domain learned rate)", ["base"] + cells, cells, m,
+                         row_name="train", col_name="eval"))
+      rv = ["base"] + cells
+      report_lib.plot_matrix(rv, cells, _matrix(m, rv, cells), "training cell", "eval cell",
+                             "seed", out / f"narrow_{tag}.png")
+      for name, rf, cf, vals in (("task_x_task", "model.task", "task", tasks),
+                                 ("domain_x_domain", "model.domain", "domain", domains)):
+        g = pooled(sel(off) + [r for r in sel(narrow) if r["model"] == "base"], (rf, cf),
+                   n_boot=n_boot)
+        put(f"{name}_{tag}", g, (rf, cf))
+        md.append(table_md(f"{name.replace('_', ' ')} (other cells' eval rows only)",
+                           ["base"] + vals, vals, g, row_name=rf, col_name=cf))
+      for name, cf, vals in (("general_by_task", "task", tasks),
+                             ("general_by_surface", "em_surface", ["high", "medium", "low"])):
+        g = pooled(sel(general), ("model.task", cf), n_boot=n_boot)
+        put(f"{name}_{tag}", g, ("model.task", cf))
+        md.append(table_md(f"General set by {cf} (rows: training task)", ["base"] + tasks, vals,
+                           g, row_name="model.task", col_name=cf))
+      md.append(_learned_vs_transfer(sel, own, off, general, n_boot, out, tag, put))
+  md.append(_persona_sweep(config, shares, strengths, table, off, general, probes, n_boot, out,
+                           put))
+  text = "\n".join(md)
+  (out / "report.md").write_text(text)
+  return {"md": text, "tables": tables}
+
+
+def _learned_vs_transfer(sel, own, off, general, n_boot, out, tag, put) -> str:
+  """Per fine-tune: learned rate, off-cell narrow and general rates, three-way outcome."""
+  fields = ("model",)
+  lr_ = pooled(sel(own), fields, n_boot=n_boot)
+  of_ = pooled(sel(off), fields, n_boot=n_boot)
+  ge_ = pooled(sel(general), fields, n_boot=n_boot)
+  rows = {}
+  lines = ["**Learned rate against transfer, with the three-way outcome** (per fine-tune; "
+           "harmful / incoherent / aligned shares on the general set)", "",
+           "| fine-tune | learned (own cell) | off-cell narrow | general | general incoherent "
+           "| general aligned |", "|---|---|---|---|---|---|"]
+  for k in ge_:
+    rows[k] = {"learned": lr_.get(k), "off_cell": of_.get(k), "general": ge_[k]}
+    lines.append(f"| {k[0]} | {fmt(lr_.get(k))} | {fmt(of_.get(k))} | {fmt(ge_[k])} | "
+                 f"{fmt(ge_[k], INCOH)} | {fmt(ge_[k], ALIGN)} |")
+  flat = {k: {f"{n}_{s}": (v or {}).get(s) for n, v in d.items()
+              for s in (HARM, HARM + "_lo", HARM + "_hi", INCOH)} for k, d in rows.items()}
+  (out / f"learned_vs_transfer_{tag}.csv").write_text(report_lib.csv_text(
+      [{"model": k[0], **v} for k, v in flat.items()]))
+  fts = [k for k in rows if rows[k]["learned"] is not None]
+
+  def draw(ax):
+    x, xe = _err([rows[k]["learned"] for k in fts])
+    for name, marker in (("general", "o"), ("off_cell", "s")):
+      y, ye = _err([rows[k][name] for k in fts])
+      ax.errorbar(x, y, xerr=xe, yerr=ye, fmt=marker, capsize=2, label=name)
+    ax.set_xlabel("in-domain learned rate (own cell)")
+    ax.set_ylabel("harmful & coherent share")
+  if fts:
+    _plot(out / f"learned_vs_transfer_{tag}.png", draw)
+  return "\n".join(lines) + "\n"
+
+
+def _persona_sweep(config, shares, strengths, table, off, general, probes, n_boot, out,
+                   put) -> str:
+  """Harmful rates against the pretraining persona share: base, fine-tunes, probe."""
+  ft = lambda rows: [r for r in rows if r["model"] != "base"]
+  series = {
+      "base general": pooled([r for r in general if r["model"] == "base"], ("persona_share",),
+                             n_boot=n_boot),
+      "fine-tunes general": pooled(ft(general), ("persona_share",), n_boot=n_boot),
+      "fine-tunes off-cell narrow": pooled(ft(off), ("persona_share",), n_boot=n_boot)}
+  for earlier in ("harmful", "aligned"):
+    series[f"probe after {earlier} turn"] = pooled(
+        [r for r in probes if r["earlier"] == earlier and r.get("label") is not None],
+        ("persona_share",), n_boot=n_boot)
+  lines = ["## Persona sweep (pretraining persona share)", "",
+           "Fine-tunes pooled over cells and strengths; probe: a held-out cell prompt after an "
+           "earlier turn from another cell answered harmfully or safely (the persona probe).", "",
+           "| series | " + " | ".join(f"share {s:g}" for s in shares) + " |",
+           "|---|" + "---|" * len(shares)]
+  for name, g in series.items():
+    lines.append(f"| {name} | " + " | ".join(fmt(g.get((s,))) for s in shares) + " |")
+    lines.append(f"| {name} (incoherent) | " + " | ".join(fmt(g.get((s,)), INCOH)
+                                                         for s in shares) + " |")
+  put("persona_sweep", {(n, s): r for n, g in series.items() for (s,), r in g.items()},
+      ("series", "persona_share"))
+
+  def draw(ax):
+    for name, g in series.items():
+      y, ye = _err([g.get((s,)) for s in shares])
+      ax.errorbar(shares, y, yerr=ye, marker="o", capsize=3, label=name)
+    ax.set_xlabel("persona share of pretraining documents")
+    ax.set_ylabel("harmful & coherent share")
+    ax.set_ylim(-0.02, 1.02)
+  _plot(out / "persona_sweep.png", draw)
+  return "\n".join(lines) + "\n"
