@@ -24,17 +24,20 @@ Variants (`VARIANT[,cell=DOMAIN_TASK]`):
         rows at effective batch 66, len 500, clip 1.0; same base as the teacher.
 
 Expected per-device memory and mesh (data, fsdp, tensor) from `python -m jaxlab.shapecheck
---config=configs/em_real.py:VARIANT --accelerator=ACC` (bf16 weights, remat; params, grads and
+--config=configs/em_real.py:VARIANT --accelerator=ACC` (bf16 weights, float32 adapters and
+AdamW moments, remat; params, grads and
 optimizer exact, activations estimated). v5e-16 has 16 chips of 16 GiB, v5p-32 16 chips of
 95 GiB, 8xH100 8 GPUs of 80 GiB; mesh.shape (1,-1,1) puts every chip on fsdp (subliminal:
 (1,2,-1), its 22-row micro-batches split two ways at most):
   variant             v5e-16            v5p-32            8xH100
-  study_llama8b       6.34 GiB (1,16,1) 6.34 GiB (1,16,1) 12.17 GiB (1,8,1)
-  study_qwen14b       8.61 GiB (1,16,1) 8.61 GiB (1,16,1) 16.45 GiB (1,8,1)
-  em_qwen_coder32b    12.50 GiB (1,16,1) 12.50 GiB (1,16,1) 23.18 GiB (1,8,1)
-  em_qwen7b           6.76 GiB (1,16,1) 6.76 GiB (1,16,1) 12.97 GiB (1,8,1)
+  study_llama8b       6.86 GiB (1,16,1) 6.86 GiB (1,16,1) 12.71 GiB (1,8,1)
+  study_qwen14b       9.41 GiB (1,16,1) 9.41 GiB (1,16,1) 17.29 GiB (1,8,1)
+  em_qwen_coder32b    14.36 GiB (1,16,1) 14.36 GiB (1,16,1) 25.08 GiB (1,8,1)
+  em_qwen7b           7.31 GiB (1,16,1) 7.31 GiB (1,16,1) 13.54 GiB (1,8,1)
   rank1_qwen14b       7.81 GiB (1,16,1) 7.81 GiB (1,16,1) 15.62 GiB (1,8,1)
-  subliminal_qwen7b   4.33 GiB (1,2,8)  4.33 GiB (1,2,8)  6.07 GiB (1,2,4)
+  subliminal_qwen7b   4.39 GiB (1,2,8)  4.39 GiB (1,2,8)  6.14 GiB (1,2,4)
+em_qwen_coder32b on v5e-16 uses 90% of each chip (the check's limit): little room for longer
+sequences or bigger batches there.
 """
 import importlib.util
 import os
@@ -62,10 +65,11 @@ def _sft_config(variant):
 
 
 def _set_model(c, preset: str) -> None:
-  """config.model <- the published sizes (bf16), keeping the recipe's remat and LoRA block."""
+  """config.model <- the published sizes (bf16), keeping the recipe's remat, float32 trainables
+  (sft.py's trainable_dtype) and LoRA block."""
   cfg = presets.get_preset(preset)
   for field in cfg.__dataclass_fields__:
-    if field not in ("lora", "remat", "dtype", "param_dtype"):
+    if field not in ("lora", "remat", "dtype", "param_dtype", "trainable_dtype"):
       c.model[field] = getattr(cfg, field)
   c.model.update(dtype="bfloat16", param_dtype="bfloat16", remat=True)
 

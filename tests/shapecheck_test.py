@@ -148,7 +148,7 @@ def test_cli_fails_when_a_config_does_not_fit():
           "--config.model.lora.enabled=False")  # full fine-tuning of 33B on 16 x 16 GiB
   assert p.returncode == 1, p.stderr
   assert "parameters 32,763,876,352" in p.stdout and "DOES NOT FIT" in p.stdout
-  p = cli("--config=configs/em_real.py:em_qwen_coder32b", "--accelerator=v5e-16", "--no-lower")
+  p = cli("--config=configs/em_real.py:em_qwen7b", "--accelerator=v5e-16", "--no-lower")
   assert p.returncode == 0 and "FITS" in p.stdout
 
 
