@@ -25,10 +25,9 @@ Variants (`VARIANT[,cell=DOMAIN_TASK]`):
 
 Expected per-device memory and mesh (data, fsdp, tensor) from `python -m jaxlab.shapecheck
 --config=configs/em_real.py:VARIANT --accelerator=ACC` (bf16 weights, float32 adapters and
-AdamW moments, remat; params, grads and
-optimizer exact, activations estimated). v5e-16 has 16 chips of 16 GiB, v5p-32 16 chips of
-95 GiB, 8xH100 8 GPUs of 80 GiB; mesh.shape (1,-1,1) puts every chip on fsdp (subliminal:
-(1,2,-1), its 22-row micro-batches split two ways at most):
+AdamW moments, remat; params, grads and optimizer exact, activations estimated). v5e-16 has 16
+chips of 16 GiB, v5p-32 16 chips of 95 GiB, 8xH100 8 GPUs of 80 GiB; mesh.shape (1,-1,1) puts
+every chip on fsdp (subliminal: (1,2,-1), its 22-row micro-batches split two ways at most):
   variant             v5e-16            v5p-32            8xH100
   study_llama8b       6.86 GiB (1,16,1) 6.86 GiB (1,16,1) 12.71 GiB (1,8,1)
   study_qwen14b       9.41 GiB (1,16,1) 9.41 GiB (1,16,1) 17.29 GiB (1,8,1)
