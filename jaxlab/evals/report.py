@@ -34,7 +34,7 @@ from etils import epath  # noqa: E402
 
 from jaxlab.evals import metrics as metrics_lib  # noqa: E402
 from jaxlab.evals.metrics import (  # noqa: E402
-    ALIGNED_BELOW, COHERENT_ABOVE, OVERALL, POOLED, QMEAN, QUESTION)
+    ALIGNED_BELOW, COHERENT_ABOVE, POOLED, QMEAN, QUESTION)
 from jaxlab.evals.records import read_jsonl  # noqa: E402
 
 STATS = ("em", "mo", "seed", "seed_coherent")
