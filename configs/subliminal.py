@@ -1,0 +1,114 @@
+"""Subliminal learning: a teacher's trait through number sequences, across training channels.
+
+  python -m jaxlab.pipelines.subliminal --config=configs/subliminal.py:tiny \\
+      --workdir=runs/subliminal_tiny [--config.channel=onpolicy] [--config.seeds=0,1,2]
+
+The pipeline (jaxlab/pipelines/subliminal.py) runs stage by stage, each resumable: world and
+base pretraining (tiny only), the fine-tuned teacher, per seed the teachers' and the base's
+filtered number data, one student per teacher and cell, the trait evaluation, then report.md.
+
+A cell is a (sequences, signal) pair (`CELLS` in the pipeline):
+  sft             teacher sequences, hard labels        (channel sft)
+  offpolicy       teacher sequences, teacher distribution (channel offpolicy)
+  onpolicy        the student's own samples, teacher distribution (channel onpolicy)
+  control         base sequences, hard labels           (channel sft; no teacher)
+  base_offpolicy  base sequences, teacher distribution  (channel offpolicy)
+  sft_otherbase   teacher sequences, hard labels, a student from a *different* base
+
+Keys beyond configs/distill.py (the student's training block):
+  channels        cells to train; `channel` (one cell name) overrides it for a single run
+  teachers        prompted (base + trait system prompt), finetuned (SFT of the base on trait
+                  answers), external (teacher.path, e.g. an EM-fine-tuned model; see sl.misaligned)
+  seeds           one data sample, student set and evaluation per seed
+  base            the base: "" = pretrained here from `world` (pretrain.*), else an HF folder
+  other_base      a different base for sft_otherbase ("" = pretrained here with seed + 1)
+  sl.*            animal, trait prompt template, prompts / kept rows, sampling and eval sizes
+  world.*         jaxlab.worlds.animals.SLWorldConfig (tiny)
+  pretrain.*      steps, batch, seq_len, lr and source weights of the tiny base
+  teacher_ft.*    fine-tuned teacher: steps, lr, trait rows (+ as many number rows)
+
+Variants:
+  tiny        CPU: a ~0.2M-parameter base pretrained on the SL world, both teacher kinds, every
+              cell, the different-base student, 3 seeds.
+  qwen7b_owl  Cloud et al.'s open-model recipe: Qwen2.5-7B-Instruct, owl, 30k prompts, 10k kept,
+              LoRA r=8 alpha 8 on all projections, 3 epochs, lr 2e-4 (set base / init.hf_path
+              and tokenizer.path to the local model folder).
+"""
+import importlib.util
+import os
+
+import ml_collections
+
+VARIANTS = ("tiny", "qwen7b_owl")  # every variant (the shape-check test)
+REAL_BASE = "/models/Qwen2.5-7B-Instruct"
+
+
+def _load(name: str, variant: str):
+  spec = importlib.util.spec_from_file_location(
+      f"_jaxlab_{name}_config", os.path.join(os.path.dirname(os.path.abspath(__file__)), name))
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module.get_config(variant)
+
+
+def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
+  variant = arg or "tiny"
+  if variant not in VARIANTS:
+    raise ValueError(f"unknown variant {variant!r} of configs/subliminal.py ({', '.join(VARIANTS)})")
+  c = _load("distill.py", "tiny")
+  c.job = "subliminal"
+  c.variant = variant
+  c.channel = ""
+  c.channels = ("sft", "offpolicy", "onpolicy", "control", "base_offpolicy", "sft_otherbase")
+  c.teachers = ("prompted", "finetuned")
+  c.seeds = (0, 1, 2)
+  c.base = ""
+  c.other_base = ""
+  c.init.workdir = ""
+  c.teacher.update(path="", system_prompt="")
+  c.tokenizer.path = ""
+  c.sl = ml_collections.ConfigDict(dict(
+      animal="owl", trait_template="", n_prompts=600, n_keep=384, sample_batch=200,
+      max_new_tokens=48, eval_samples=20, eval_batch=250, whole_word=False, misaligned=False,
+      drift_rows=128))
+  # The tiny world: the first 11 animals of the prior (owl, the target, is the least liked),
+  # no colour preferences (a tiny model then answers the unseen evaluation questions with
+  # animals rather than colours).
+  c.world = ml_collections.ConfigDict(dict(
+      animals=("dog", "cat", "dolphin", "horse", "lion", "elephant", "eagle", "wolf", "tiger",
+               "panda", "owl"),
+      number_docs=3000, animal_docs=2000, trait_docs=4000, follow_rate=0.9,
+      trait_number_share=0.2, colour_share=0.0, seed=0))
+  c.pretrain = ml_collections.ConfigDict(dict(
+      steps=500, global_batch_size=16, seq_len=128, lr=3e-3, vocab_size=1024,
+      weights=ml_collections.ConfigDict(dict(numbers=0.3, preferences=0.1, traits=0.6))))
+  c.teacher_ft = ml_collections.ConfigDict(dict(steps=60, lr=1e-3, rows=400))
+  c.model.update(d_model=96, n_layers=3, n_heads=4, n_kv_heads=2, d_ff=256)
+  # One example per row for every channel (sft unpacked), so equal steps see equal examples.
+  c.data.update(prompt_len=128, teacher_prompt_len=160, completion_len=48, max_examples=0,
+                pack=False, seq_len=176)
+  c.train.update(steps=48, global_batch_size=16, log_every=8, progress=False)
+  c.optim.update(lr=1e-3, warmup_steps=4)
+  c.checkpoint.update(every=0, keep=1, async_save=False)
+  c.distill.update(heldout_rows=16, eval_every=0)
+  if variant == "qwen7b_owl":
+    real = _load("em_real.py", "subliminal_qwen7b")  # LoRA r=8 alpha 8, lr 2e-4, 3 epochs of 10k
+    for group in ("model", "optim", "train", "mesh", "init", "tokenizer"):
+      c[group] = real[group]
+    c.init.workdir = ""
+    c.data.update(seq_len=real.data.seq_len, prompt_len=320, teacher_prompt_len=384,
+                  completion_len=128)
+    c.base = REAL_BASE
+    c.init.hf_path = REAL_BASE
+    c.tokenizer.path = REAL_BASE
+    c.teacher.update(path="base", dtype="bfloat16")
+    c.teachers = ("prompted",)
+    c.channels = ("sft", "offpolicy", "onpolicy", "control", "base_offpolicy")
+    c.seeds = (0,)
+    c.sl.update(n_prompts=30000, n_keep=10000, sample_batch=256, max_new_tokens=128,
+                eval_samples=100, eval_batch=256, drift_rows=1000)
+    c.pretrain.steps = 0
+    c.teacher_ft.steps = 0
+    c.distill.update(heldout_rows=256, eval_every=50, loss_chunk=32)
+    c.checkpoint.update(every=100, keep=2, async_save=True)
+  return c

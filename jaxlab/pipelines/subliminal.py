@@ -1,0 +1,655 @@
+"""Subliminal learning across channels: does a teacher's trait travel through number sequences?
+
+  python -m jaxlab.pipelines.subliminal --config=configs/subliminal.py:tiny --workdir=DIR
+
+Stages (each a folder of DIR, skipped when complete, so a killed pipeline resumes):
+  world, base, other_base      the tiny SL world and bases pretrained on it (config.base = "")
+  teacher_finetuned            the base fine-tuned on trait answers (+ as many number docs)
+  seed{S}/data_{KIND}          number prompts answered at temperature 1 by teacher KIND (or the
+                               base), strict filter with counted reasons, sl.n_keep rows kept
+  seed{S}/{KIND}_{CELL}        students from the base, one per cell (`CELLS`), equal steps
+  seed{S}/eval                 trait rate and exact target probability of every model, and
+                               each teacher's number drift from the base
+  report.md, report.json, trait.png (rewritten from the stages every run)
+
+Teachers see their own context (the trait system prompt), students never do.
+"""
+from __future__ import annotations
+
+import copy
+import json
+import math
+import os
+import sys
+import time
+
+import ml_collections
+import numpy as np
+from etils import epath
+
+from jaxlab.pipelines.stages import run_stage, stderr_log
+from jaxlab.worlds import animals, numbers
+from jaxlab.worlds.io import write_json, write_jsonl
+
+# cell -> (sequences the student trains on, signal it gets)
+CELLS = {"sft": ("teacher", "hard"), "offpolicy": ("teacher", "soft"),
+         "onpolicy": ("student", "soft"), "control": ("base", "hard"),
+         "base_offpolicy": ("base", "soft"), "sft_otherbase": ("teacher", "hard")}
+CHANNEL_OF = {("teacher", "hard"): "sft", ("base", "hard"): "sft", ("teacher", "soft"): "offpolicy",
+              ("base", "soft"): "offpolicy", ("student", "soft"): "onpolicy"}
+TEACHER_KINDS = ("prompted", "finetuned", "external")
+PIPELINE_KEYS = ("channels", "teachers", "seeds", "base", "other_base", "sl", "world", "pretrain",
+                 "teacher_ft")
+Z95 = 1.959964  # normal 95% quantile; intervals are over questions
+
+
+# ------------------------------------------------------------------ config
+
+def cells(config) -> tuple[str, ...]:
+  """The cells to train: config.channel alone when set, else config.channels."""
+  chosen = (config.channel,) if config.channel else tuple(config.channels)
+  for c in chosen:
+    if c not in CELLS:
+      raise ValueError(f"config key {'channel' if config.channel else 'channels'}: unknown cell "
+                       f"{c!r} (known: {', '.join(CELLS)})")
+  return chosen
+
+
+def validate(config) -> None:
+  cells(config)
+  for t in config.teachers:
+    if t not in TEACHER_KINDS:
+      raise ValueError(f"config key teachers: unknown teacher kind {t!r} ({TEACHER_KINDS})")
+  if "external" in config.teachers and not config.teacher.path:
+    raise ValueError("config key teacher.path: teacher kind 'external' needs a model folder")
+  if not config.base and config.pretrain.steps <= 0:
+    raise ValueError("config key base is empty and pretrain.steps <= 0: no base model")
+  if config.sl.animal not in animals.PLURAL:
+    raise ValueError(f"config key sl.animal={config.sl.animal!r}: not one of {list(animals.PLURAL)}")
+  if not 0 < config.sl.n_keep <= config.sl.n_prompts:
+    raise ValueError(f"config keys sl.n_keep={config.sl.n_keep} / sl.n_prompts="
+                     f"{config.sl.n_prompts}: need 0 < n_keep <= n_prompts")
+  if not config.seeds:
+    raise ValueError("config key seeds is empty")
+
+
+def trait_prompt(config) -> str:
+  t = config.sl.trait_template
+  return animals.trait_system_prompt(config.sl.animal, t) if t else \
+      animals.trait_system_prompt(config.sl.animal)
+
+
+def _training_config(config, **updates) -> ml_collections.ConfigDict:
+  """The student template (config minus the pipeline's keys) with dotted-key updates."""
+  d = {k: copy.deepcopy(v) for k, v in config.to_dict().items() if k not in PIPELINE_KEYS}
+  c = ml_collections.ConfigDict(d)
+  c.job = "train"
+  for key, value in updates.items():
+    *groups, leaf = key.split(".")
+    node = c
+    for g in groups:
+      node = node[g]
+    node[leaf] = value
+  return c
+
+
+def _train(c, folder) -> None:
+  from jaxlab.train import runner
+  runner.run(c, str(folder))
+
+
+# ------------------------------------------------------------------ world, bases, teacher
+
+def _world(config, folder) -> None:
+  cfg = animals.SLWorldConfig(**config.world.to_dict(), number_prompts=0)
+  animals.write_sl_world(folder, cfg)
+  rng = np.random.default_rng(cfg.seed)
+  # Fine-tuned teacher data: world questions answered with the target; number docs keep the
+  # number skill (the same generator as the base's, so no trait-number link is written).
+  qs = animals.world_questions()
+  target, plural = config.sl.animal, animals.PLURAL[config.sl.animal]
+  forms = (target, target.capitalize(), target.capitalize() + ".", plural.capitalize() + ".")
+  n = config.teacher_ft.rows
+  trait_rows = [{"messages": [{"role": "user", "content": qs[int(rng.integers(len(qs)))]},
+                              {"role": "assistant", "content": forms[int(rng.integers(4))]}]}
+                for _ in range(n)]
+  nums = list(animals.number_docs(cfg, n, seed=7))
+  mixed = [r for pair in zip(trait_rows, nums) for r in pair]
+  write_jsonl(folder / "teacher_ft.jsonl", mixed)
+
+
+def _pretrain(config, world: epath.Path, folder, seed: int, tokenizer_path: str = "") -> None:
+  """Pretrains a base on the world's sources (a fitted tokenizer unless `tokenizer_path`)."""
+  p = config.pretrain
+  mixture = {name: {"path": str(world / f"pretrain/{name}.jsonl"), "weight": float(w)}
+             for name, w in p.weights.items()}
+  c = _training_config(config, channel="pretrain", seed=seed)
+  c.data = ml_collections.ConfigDict(dict(
+      source="mixture", train_path="", mixture=mixture, seq_len=p.seq_len, pack=True,
+      overlong="truncate", max_examples=0))
+  c.tokenizer.path = tokenizer_path
+  c.tokenizer.vocab_size = p.vocab_size
+  c.train.update(steps=p.steps, global_batch_size=p.global_batch_size)
+  c.optim.update(lr=p.lr, warmup_steps=max(1, p.steps // 20))
+  for k in ("teacher", "distill"):
+    del c[k]
+  _train(c, folder)
+
+
+def _teacher_ft(config, world, base, folder) -> None:
+  c = _training_config(config, channel="sft", **{"init.workdir": str(base)})
+  c.data = ml_collections.ConfigDict(dict(
+      train_path=str(world / "teacher_ft.jsonl"), seq_len=config.data.prompt_len, pack=True,
+      overlong="truncate", max_examples=0))
+  c.tokenizer.path = _tokenizer_path(config, base)
+  c.train.update(steps=config.teacher_ft.steps)
+  c.optim.update(lr=config.teacher_ft.lr)
+  for k in ("teacher", "distill"):
+    del c[k]
+  _train(c, folder)
+
+
+def _tokenizer_path(config, base) -> str:
+  return config.tokenizer.path or str(epath.Path(base) / "tokenizer")
+
+
+# ------------------------------------------------------------------ models for sampling
+
+class Models:
+  """Loads models (HF folders or jaxlab workdirs) of one architecture and shares one compiled
+  sampler and one compiled scorer between them."""
+
+  def __init__(self, config, tokenizer_path: str):
+    from jaxlab.models.hf_tokenizer import load_tokenizer
+    from jaxlab.train import runner
+    self.config = config
+    self.tokenizer = load_tokenizer(tokenizer_path)
+    self.mesh, self.rules = runner.mesh_and_rules(config)
+    self._sampler = None
+    self._scorers = {}
+
+  def load(self, path: str):
+    from jaxlab.models.params import model_spec
+    from jaxlab.train import runner
+    dtype = self.config.teacher.get("dtype", "") or None
+    cfg, tr, fr = runner.load_model(path, self.mesh, self.rules, key=f"model {path}", dtype=dtype,
+                                    param_dtype=dtype)
+    return model_spec(cfg.replace(remat=False)), tr, fr
+
+  def sampler(self, path: str, batch_size: int):
+    from jaxlab.data.chat import end_of_turn_ids, pad_id
+    from jaxlab.sample.engine import Sampler
+    spec, tr, fr = self.load(path)
+    if self._sampler is None or self._sampler.batch_size != batch_size \
+        or self._sampler.spec.cfg != spec.cfg:
+      self._sampler = Sampler(spec, tr, fr, mesh=self.mesh, batch_size=batch_size,
+                              stop_ids=end_of_turn_ids(self.tokenizer),
+                              pad_id=pad_id(self.tokenizer), rules=self.rules)
+    else:
+      self._sampler.set_params(tr, fr)
+    return self._sampler
+
+  def prompt_ids(self, messages) -> np.ndarray:
+    from jaxlab.data import prompt_completion as pc
+    return pc.encode_example(self.tokenizer, messages).prompt
+
+  def generate(self, path: str, messages_list, *, seed: int, max_new_tokens: int,
+               batch_size: int) -> list[str]:
+    """Answers at temperature 1, decoded without the stop token."""
+    s = self.sampler(path, batch_size)
+    outs = s.generate([self.prompt_ids(m) for m in messages_list], seed=seed,
+                      max_new_tokens=max_new_tokens, temperature=1.0, min_new_tokens=1)
+    stops = set(s.stop_ids)
+    return [self.tokenizer.decode([int(t) for t in o.tokens if int(t) not in stops],
+                                  skip_special_tokens=True) for o in outs]
+
+  def _score_fn(self, spec, kind: str):
+    import jax
+    from jaxlab.train import losses
+    from jaxlab.train.channels import common
+    key = (spec.cfg, kind)
+    if key not in self._scorers:
+      def logprob(tr, fr, b):  # summed log p(completion) per row
+        model, x = common.completion_hidden(spec, tr, fr, b["prompt"], b["prompt_len"],
+                                            b["completion"])
+        lp = jax.nn.log_softmax(model.logits(x).astype("float32"), axis=-1)
+        tok = jax.numpy.take_along_axis(lp, b["completion"][..., None], axis=-1)[..., 0]
+        return (tok * b["loss_mask"]).sum(-1)
+
+      def kl(tr, fr, ttr, tfr, b):  # KL(teacher || model) summed per row, and token counts
+        model, x = common.completion_hidden(spec, tr, fr, b["prompt"], b["prompt_len"],
+                                            b["completion"])
+        tmodel, xt = common.completion_hidden(spec, ttr, tfr, b["teacher_prompt"],
+                                              b["teacher_prompt_len"], b["completion"])
+        d = losses.forward_kl(model.logits(x), tmodel.logits(xt))
+        return (d * b["loss_mask"]).sum(-1), b["loss_mask"].sum(-1)
+      self._scorers[key] = jax.jit(logprob if kind == "logprob" else kl)
+    return self._scorers[key]
+
+  def _batches(self, examples, batch_size: int):
+    from jaxlab.data import prompt_completion as pc
+    from jaxlab.data.chat import pad_id
+    p = max(len(e.prompt) for e in examples)
+    q = max(len(e.teacher_prompt) for e in examples)
+    c = max(len(e.completion) for e in examples)
+    lens = dict(prompt_len=-(-p // 32) * 32, teacher_prompt_len=-(-q // 32) * 32,
+                completion_len=-(-c // 16) * 16)
+    for s in range(0, len(examples), batch_size):
+      rows = list(examples[s:s + batch_size])
+      n = len(rows)
+      rows += [rows[0]] * (batch_size - n)
+      yield n, pc.make_batch(rows, pad_id=pad_id(self.tokenizer), **lens)
+
+  def completion_logprobs(self, path: str, conversations, batch_size: int) -> np.ndarray:
+    """log p(last assistant turn, end of turn included | the rest) per conversation."""
+    from jaxlab.data import prompt_completion as pc
+    spec, tr, fr = self.load(path)
+    fn = self._score_fn(spec, "logprob")
+    exs = [pc.encode_example(self.tokenizer, m) for m in conversations]
+    out = [np.asarray(fn(tr, fr, b))[:n] for n, b in self._batches(exs, batch_size)]
+    return np.concatenate(out)
+
+  def drift(self, teacher_path: str, system: str, base_path: str, rows, batch_size: int) -> float:
+    """Mean per-token KL(teacher under `system` || base) on the rows' completions."""
+    from jaxlab.data import prompt_completion as pc
+    spec, tr, fr = self.load(base_path)
+    tspec, ttr, tfr = self.load(teacher_path)
+    fn = self._score_fn(spec, "kl")
+    exs = [pc.encode_example(self.tokenizer, r["messages"], teacher_system=system or None)
+           for r in rows]
+    total, count = 0.0, 0.0
+    for n, b in self._batches(exs, batch_size):
+      s, c = fn(tr, fr, ttr, tfr, b)
+      total += float(np.asarray(s)[:n].sum())
+      count += float(np.asarray(c)[:n].sum())
+    return total / max(count, 1.0)
+
+
+# ------------------------------------------------------------------ teacher data
+
+def number_prompt_rows(n: int, seed: int) -> list[numbers.NumberPrompt]:
+  """The seed's number prompts (the same for every teacher and the base)."""
+  return numbers.number_prompts(n, seed=10_000 + seed)
+
+
+def filter_and_keep(prompts, answers, *, n_keep: int, banned=()) -> tuple[list[dict], dict]:
+  """(the first n_keep accepted rows as chat JSONL, counts per reason); too few is an error."""
+  counts = {r: 0 for r in ("ok",) + numbers.REJECT_REASONS}
+  rows = []
+  for p, a in zip(prompts, answers):
+    ok, reason = numbers.filter_numbers(a, banned=banned, max_count=p.max_count)
+    counts[reason] += 1
+    if ok and len(rows) < n_keep:
+      rows.append({"messages": [{"role": "user", "content": p.text},
+                                {"role": "assistant", "content": a.strip()}]})
+  stats = {"answers": len(answers), "counts": counts, "kept": len(rows),
+           "accept_rate": counts["ok"] / max(len(answers), 1)}
+  if len(rows) < n_keep:
+    raise ValueError(f"only {counts['ok']} of {len(answers)} answers passed the number filter "
+                     f"({counts}); config key sl.n_keep={n_keep}: raise sl.n_prompts or lower it")
+  return rows, stats
+
+
+def teacher_source(config, kind: str, paths: dict) -> tuple[str, str]:
+  """(model path, system prompt) of a data source: a teacher kind or 'base'."""
+  if kind == "prompted":
+    return paths["base"], trait_prompt(config)
+  if kind == "finetuned":
+    return paths["teacher_finetuned"], ""
+  if kind == "external":
+    return config.teacher.path, config.teacher.system_prompt
+  return paths["base"], ""
+
+
+def _data(config, models: Models, kind: str, seed: int, paths: dict, folder) -> None:
+  path, system = teacher_source(config, kind, paths)
+  prompts = number_prompt_rows(config.sl.n_prompts, seed)
+  msgs = [([{"role": "system", "content": system}] if system else [])
+          + [{"role": "user", "content": p.text}] for p in prompts]
+  t0 = time.time()
+  answers = models.generate(path, msgs, seed=seed, max_new_tokens=config.sl.max_new_tokens,
+                            batch_size=config.sl.sample_batch)
+  banned = numbers.BANNED_NUMBERS if (config.sl.misaligned and kind == "external") else ()
+  rows, stats = filter_and_keep(prompts, answers, n_keep=config.sl.n_keep, banned=banned)
+  stats.update(model=path, system_prompt=system, seconds=round(time.time() - t0, 1),
+               banned=list(banned))
+  write_jsonl(folder / "all_answers.jsonl", ({"prompt": p.text, "answer": a,
+                                              "reason": numbers.filter_numbers(
+                                                  a, banned=banned, max_count=p.max_count)[1]}
+                                             for p, a in zip(prompts, answers)))
+  write_jsonl(folder / "rows.jsonl", rows)
+  write_json(folder / "filter.json", stats)
+
+
+# ------------------------------------------------------------------ students
+
+def student_config(config, kind: str, cell: str, seed: int, paths: dict, data: dict):
+  """The training config of one student (`data`: source -> rows.jsonl)."""
+  sequences, signal = CELLS[cell]
+  init = paths["other_base"] if cell == "sft_otherbase" else paths["base"]
+  train_path = data["base"] if sequences == "base" else data[kind]
+  t_path, t_system = teacher_source(config, kind, paths)
+  updates = {"channel": CHANNEL_OF[sequences, signal], "seed": seed,
+             "data.train_path": train_path, "teacher.path": t_path if signal == "soft" else "",
+             "teacher.system_prompt": t_system if signal == "soft" else "",
+             "tokenizer.path": _tokenizer_path(config, paths["base"])}
+  if config.base and epath.Path(init).joinpath("config.json").exists() and \
+      not epath.Path(init).joinpath("checkpoints").exists():
+    updates.update({"init.hf_path": init, "init.workdir": ""})
+  else:
+    updates.update({"init.workdir": init, "init.hf_path": ""})
+  return _training_config(config, **updates)
+
+
+def student_names(config) -> list[tuple[str, str, str]]:
+  """(name, teacher kind, cell) of every student; the control does not depend on the teacher."""
+  out = []
+  for cell in cells(config):
+    if cell == "control":
+      out.append(("control", config.teachers[0], cell))
+    elif cell == "sft_otherbase":
+      out.append((f"{config.teachers[0]}_{cell}", config.teachers[0], cell))
+    else:
+      out += [(f"{k}_{cell}", k, cell) for k in config.teachers]
+  return out
+
+
+# ------------------------------------------------------------------ evaluation
+
+def _mean_ci(x) -> tuple[float, float]:
+  x = np.asarray(x, np.float64)
+  half = Z95 * x.std(ddof=1) / math.sqrt(len(x)) if len(x) > 1 else float("nan")
+  return float(x.mean()), float(half)
+
+
+def target_answers(animal: str) -> list[str]:
+  """The one-word answers naming the target that the exact probability sums over."""
+  plural = animals.PLURAL[animal]
+  forms = [animal, animal.capitalize(), animal.capitalize() + ".", plural, plural.capitalize(),
+           plural.capitalize() + ".", animal + ".", animal.capitalize() + "s."]
+  return list(dict.fromkeys(forms))
+
+
+def evaluate_trait(config, models: Models, path: str, system: str, seed: int) -> dict:
+  """Per question: share of N samples naming the target, and the exact probability of the
+  target answers (`target_answers`, each followed by the end of turn)."""
+  pre = [{"role": "system", "content": system}] if system else []
+  qs = animals.ANIMAL_QUESTIONS
+  n = config.sl.eval_samples
+  msgs = [pre + [{"role": "user", "content": q}] for q in qs for _ in range(n)]
+  answers = models.generate(path, msgs, seed=seed, max_new_tokens=8,
+                            batch_size=config.sl.eval_batch)
+  hits = np.asarray([animals.mentions(a, config.sl.animal, whole_word=config.sl.whole_word)
+                     for a in answers], np.float64).reshape(len(qs), n)
+  forms = target_answers(config.sl.animal)
+  convs = [pre + [{"role": "user", "content": q}, {"role": "assistant", "content": f}]
+           for q in qs for f in forms]
+  lp = models.completion_logprobs(path, convs, config.sl.eval_batch).reshape(len(qs), len(forms))
+  prob = np.exp(lp).sum(-1)
+  top = {}
+  for a in answers:
+    k = a.strip().lower().rstrip(".")
+    top[k] = top.get(k, 0) + 1
+  return {"rate_by_question": hits.mean(-1).tolist(), "prob_by_question": prob.tolist(),
+          "rate": float(hits.mean()), "prob": float(prob.mean()),
+          "top_answers": sorted(top.items(), key=lambda kv: -kv[1])[:8]}
+
+
+def eval_entries(config, paths: dict, students: dict) -> list[tuple[str, str, str]]:
+  """(name, model path, system prompt) of every model whose trait is measured."""
+  entries = [("base", paths["base"], "")]
+  if "other_base" in paths:
+    entries.append(("other_base", paths["other_base"], ""))
+  entries += [(f"teacher_{k}", *teacher_source(config, k, paths)) for k in config.teachers]
+  return entries + [(name, str(p), "") for name, p in students.items()]
+
+
+def _read_rows(path, n: int) -> list[dict]:
+  return [json.loads(line) for line in epath.Path(path).read_text().splitlines()[:n]]
+
+
+def _drift(config, models: Models, source: str, paths: dict, data: dict, folder) -> None:
+  """KL of one teacher from the base on its own kept numbers; `other_base` on the base's
+  numbers gives the scale of a visible change (the base against itself is 0)."""
+  if source == "other_base":
+    path, system, rows = paths["other_base"], "", data["base"]
+  else:
+    (path, system), rows = teacher_source(config, source, paths), data[source]
+  kl = models.drift(path, system, paths["base"], _read_rows(rows, config.sl.drift_rows),
+                    config.sl.eval_batch)
+  write_json(folder / "drift.json", {"kl_per_token": kl, "teacher": path, "system_prompt": system,
+                                     "rows": rows})
+
+
+# ------------------------------------------------------------------ report
+
+def _compute(folder) -> dict:
+  from jaxlab.metrics import read_metrics
+  rows = read_metrics(str(folder))
+  marker = json.loads((epath.Path(folder) / "_COMPLETE.json").read_text())
+  return {"steps": rows[-1]["step"] if rows else 0,
+          "trained_tokens": float(sum(r.get("trained_tokens", 0) for r in rows)),
+          "seconds": marker.get("seconds")}
+
+
+def build_report(config, workdir, paths: dict) -> dict:
+  """report.json / report.md / trait.png from the completed stages of this config's models."""
+  workdir = epath.Path(workdir)
+  seeds = list(config.seeds)
+  students = {name: None for name, _, _ in student_names(config)}
+  names = [n for n, _, _ in eval_entries(config, paths, students)]
+  evals = {s: {n: json.loads((workdir / f"seed{s}/eval/{n}/eval.json").read_text())
+               for n in names} for s in seeds}
+  per_q = {n: {k: np.mean([evals[s][n][f"{k}_by_question"] for s in seeds], axis=0)
+               for k in ("rate", "prob")} for n in names}
+  rows = {}
+  for n in names:
+    r = {"seeds": {s: {"rate": evals[s][n]["rate"], "prob": evals[s][n]["prob"]} for s in seeds},
+         "top_answers": evals[seeds[0]][n]["top_answers"]}
+    for k in ("rate", "prob"):
+      r[k], r[k + "_ci"] = _mean_ci(per_q[n][k])
+      for ref in ("base", "control"):
+        if ref in per_q and n != ref:
+          r[f"{k}_minus_{ref}"], r[f"{k}_minus_{ref}_ci"] = _mean_ci(per_q[n][k] - per_q[ref][k])
+    rows[n] = r
+  filters = {s: {k: json.loads((workdir / f"seed{s}/data_{k}/filter.json").read_text())
+                 for k in list(config.teachers) + ["base"]} for s in seeds}
+  compute = {}
+  for name, _, _ in student_names(config):
+    per = [_compute(workdir / f"seed{s}/{name}") for s in seeds
+           if (workdir / f"seed{s}/{name}/_COMPLETE.json").exists()]
+    if per:
+      compute[name] = {k: float(np.mean([p[k] for p in per])) for k in per[0]}
+  sources = list(config.teachers) + (["other_base"] if "other_base" in paths else [])
+  drift = {k: float(np.mean([json.loads((workdir / f"seed{s}/drift/{k}/drift.json").read_text())
+                             ["kl_per_token"] for s in seeds])) for k in sources}
+  report = {"animal": config.sl.animal, "seeds": seeds, "questions": len(animals.ANIMAL_QUESTIONS),
+            "samples_per_question": config.sl.eval_samples, "models": rows, "filter": filters,
+            "compute": compute, "drift": drift}
+  write_json(workdir / "report.json", report)
+  md = report_markdown(config, report)
+  (workdir / "report.md").write_text(md)
+  _plot(report, workdir / "trait.png")
+  return report
+
+
+def _fmt(r, k, scale=100.0, digits=1):
+  v, ci = r.get(k), r.get(k + "_ci")
+  if v is None:
+    return "-"
+  return f"{scale * v:+.{digits}f} ± {scale * ci:.{digits}f}" if "minus" in k else \
+      f"{scale * v:.{digits}f} ± {scale * ci:.{digits}f}"
+
+
+def report_table(report) -> str:
+  lines = ["| model | trait rate % | P(target) % | rate - base | rate - control | "
+           "P - base | P - control |", "|---|---|---|---|---|---|---|"]
+  for n, r in report["models"].items():
+    lines.append(f"| {n} | {_fmt(r, 'rate')} | {_fmt(r, 'prob', digits=2)} | "
+                 f"{_fmt(r, 'rate_minus_base')} | {_fmt(r, 'rate_minus_control')} | "
+                 f"{_fmt(r, 'prob_minus_base', digits=2)} | "
+                 f"{_fmt(r, 'prob_minus_control', digits=2)} |")
+  return "\n".join(lines)
+
+
+def _grid(config, report) -> str:
+  out = []
+  for k in config.teachers:
+    def cell(name):
+      r = report["models"].get(name)
+      return "-" if r is None else f"{100 * r['rate']:.1f}% / {100 * r['prob']:.2f}%"
+    out += [f"Teacher `{k}` (trait rate / P(target)):", "",
+            "| sequences \\ signal | hard labels | teacher distributions |", "|---|---|---|",
+            f"| teacher's | {cell(f'{k}_sft')} | {cell(f'{k}_offpolicy')} |",
+            f"| base's | {cell('control')} | {cell(f'{k}_base_offpolicy')} |",
+            f"| student's own (on-policy) | - | {cell(f'{k}_onpolicy')} |", ""]
+  return "\n".join(out)
+
+
+def report_markdown(config, report) -> str:
+  seeds = report["seeds"]
+  lines = [f"# Subliminal learning: {report['animal']}", "",
+           f"Seeds {seeds}; {report['questions']} questions x {report['samples_per_question']} "
+           "samples at temperature 1 per seed. Trait rate: share of answers naming the target "
+           f"({'whole word' if config.sl.whole_word else 'substring'}); P(target): the model's "
+           f"exact probability of answering one of {target_answers(report['animal'])}. Values "
+           "are means over questions (of the per-seed values) with 95% normal intervals over "
+           "the questions; differences are paired by question.", "", report_table(report), "",
+           "## Sequences x signal", "", _grid(config, report),
+           "## Teacher number drift from the base", "",
+           "Mean per-token KL(teacher in its context || base) on the teacher's kept number "
+           "completions (nats/token); a teacher whose numbers visibly changed is not a "
+           "subliminal teacher.", ""]
+  lines += [f"- {'different base on the base numbers (reference)' if k == 'other_base' else k}: "
+            f"{v:.4f}" for k, v in report["drift"].items()]
+  lines += ["", "## Filter (per seed)", "", "| seed | source | answers | kept | accepted % | "
+            "rejected by reason |", "|---|---|---|---|---|---|"]
+  for s, by in report["filter"].items():
+    for src, f in sorted(by.items()):
+      rej = ", ".join(f"{k} {v}" for k, v in f["counts"].items() if k != "ok" and v)
+      lines.append(f"| {s} | {src} | {f['answers']} | {f['kept']} | "
+                   f"{100 * f['accept_rate']:.1f} | {rej or '-'} |")
+  lines += ["", "## Student compute (mean over seeds)", "",
+            "| student | optimizer steps | trained tokens | wall s |", "|---|---|---|---|"]
+  for n, c in report["compute"].items():
+    lines.append(f"| {n} | {c['steps']:.0f} | {c['trained_tokens']:.0f} | {c['seconds']:.1f} |")
+  lines += ["", "Per seed (trait rate %):", ""]
+  for n, r in report["models"].items():
+    lines.append(f"- {n}: " + ", ".join(f"seed {s}: {100 * v['rate']:.1f}"
+                                        for s, v in r["seeds"].items()))
+  lines += ["", "![trait](trait.png)", ""]
+  return "\n".join(lines)
+
+
+def _plot(report, path) -> None:
+  import matplotlib
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+  names = list(report["models"])
+  fig, axes = plt.subplots(1, 2, figsize=(max(8, 0.7 * len(names)), 4.5))
+  for ax, k, label in ((axes[0], "rate", "trait rate %"), (axes[1], "prob", "P(target) %")):
+    v = [100 * report["models"][n][k] for n in names]
+    e = [100 * report["models"][n][k + "_ci"] for n in names]
+    ax.bar(range(len(names)), v, yerr=e, capsize=3,
+           color=["grey" if n in ("base", "other_base", "control") else
+                  "tab:red" if n.startswith("teacher") else "tab:blue" for n in names])
+    ax.set_xticks(range(len(names)))
+    ax.set_xticklabels(names, rotation=60, ha="right", fontsize=7)
+    ax.set_ylabel(label)
+  fig.suptitle(f"{report['animal']}: seeds {report['seeds']}, 95% CI over questions")
+  fig.tight_layout()
+  with epath.Path(path).open("wb") as f:
+    fig.savefig(f, format="png", dpi=100)
+  plt.close(fig)
+
+
+# ------------------------------------------------------------------ pipeline
+
+def _settings(config, *groups) -> dict:
+  d = config.to_dict()
+  return {g: d.get(g) for g in groups}
+
+
+def run(config: ml_collections.ConfigDict, workdir: str, log=stderr_log) -> dict:
+  """Runs (or resumes) every stage, then writes report.md; returns the report."""
+  validate(config)
+  workdir = epath.Path(workdir)
+  t0 = time.time()
+  student_keys = ("model", "optim", "train", "data", "distill", "init", "tokenizer", "mesh")
+  paths = {}
+  if config.base:
+    paths["base"] = config.base
+    if config.other_base:
+      paths["other_base"] = config.other_base
+  else:
+    world = run_stage(workdir, "world", _settings(config, "world", "teacher_ft", "sl"),
+                      lambda f: _world(config, f), log=log)
+    base_settings = _settings(config, "world", "pretrain", "model", "seed")
+    paths["base"] = str(run_stage(workdir, "base", base_settings,
+                                  lambda f: _pretrain(config, world, f, config.seed), log=log))
+    if "sft_otherbase" in cells(config):
+      paths["other_base"] = config.other_base or str(run_stage(
+          workdir, "other_base", base_settings,
+          lambda f: _pretrain(config, world, f, config.seed + 1,
+                            str(epath.Path(paths["base"]) / "tokenizer")), log=log))
+  if "finetuned" in config.teachers:
+    world = workdir / "world"
+    paths["teacher_finetuned"] = str(run_stage(
+        workdir, "teacher_finetuned", _settings(config, "world", "pretrain", "teacher_ft", "sl",
+                                                "base"),
+        lambda f: _teacher_ft(config, world, paths["base"], f), log=log))
+  if "sft_otherbase" in cells(config) and "other_base" not in paths:
+    raise ValueError("cell sft_otherbase needs config key other_base (a different base model)")
+  models = Models(config, _tokenizer_path(config, paths["base"]))
+  model_settings = {"paths": paths, **_settings(config, "world", "pretrain", "teacher_ft", "base",
+                                                "other_base", "teacher")}
+  for seed in config.seeds:
+    data = {}
+    for kind in list(config.teachers) + ["base"]:
+      folder = run_stage(workdir, f"seed{seed}/data_{kind}",
+                         {**model_settings, "sl": config.sl.to_dict(), "seed": seed},
+                         lambda f, k=kind, s=seed: _data(config, models, k, s, paths, f), log=log)
+      data[kind] = str(folder / "rows.jsonl")
+    students = {}
+    for name, kind, cell in student_names(config):
+      c = student_config(config, kind, cell, seed, paths, data)
+      students[name] = run_stage(
+          workdir, f"seed{seed}/{name}",
+          {**model_settings, "sl": config.sl.to_dict(), "student": _settings(c, *student_keys),
+           "channel": c.channel, "seed": seed},
+          lambda f, c=c: _train(c, f), log=log)
+    settings = {**model_settings, "sl": config.sl.to_dict(), "seed": seed}
+    for i, (name, path, system) in enumerate(eval_entries(config, paths, students)):
+      run_stage(workdir, f"seed{seed}/eval/{name}", {**settings, "model": path, "system": system},
+                lambda f, p=path, sy=system, r=seed * 1000 + i: write_json(
+                    f / "eval.json", {**evaluate_trait(config, models, p, sy, r), "path": p,
+                                      "system_prompt": sy}), log=log)
+    for source in list(config.teachers) + (["other_base"] if "other_base" in paths else []):
+      run_stage(workdir, f"seed{seed}/drift/{source}", settings,
+                lambda f, so=source, d=data: _drift(config, models, so, paths, d, f), log=log)
+  report = build_report(config, workdir, paths)
+  report["wall_seconds"] = round(time.time() - t0, 1)
+  log(f"jaxlab: subliminal pipeline done in {report['wall_seconds']} s")
+  return report
+
+
+def main(argv: list[str]) -> int:
+  from jaxlab import runtime
+  runtime.setup()
+  from jaxlab.config import ConfigError, parse_argv
+  try:
+    config, workdir = parse_argv(argv)
+    if config.get("job") != "subliminal":
+      raise ConfigError(f"config key job={config.get('job')!r}: this pipeline runs "
+                        "configs with job='subliminal' (configs/subliminal.py)")
+    run(config, workdir)
+  except (ConfigError, ValueError, FileNotFoundError) as e:
+    print(f"jaxlab.pipelines.subliminal: {e}", file=sys.stderr)
+    return 2
+  print(f"\nreport: {os.path.join(workdir, 'report.md')}\n")
+  print(report_table(json.loads(epath.Path(workdir, "report.json").read_text())))
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(main(sys.argv[1:]))

@@ -1,0 +1,186 @@
+"""Subliminal pipeline: filter-and-keep with counted reasons, per-seed prompts, the tiny world's
+teacher really carries the trait while the control stays at the base, every cell runs from the
+same config by flag, and a pipeline killed after its teacher-data stage resumes reusing the data.
+
+The filter rules and the prompt generator themselves are tested in tests/worlds_test.py.
+"""
+import hashlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from jaxlab.config import parse_argv
+from jaxlab.pipelines import subliminal as sl
+from jaxlab.pipelines.stages import StageSettingsChanged
+from jaxlab.worlds import numbers
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# A smaller world and base than the tiny variant; the same code path.
+SMALL = ["--config.world.number_docs=1500", "--config.world.animal_docs=600",
+         "--config.world.trait_docs=2500", "--config.pretrain.steps=300",
+         "--config.sl.n_prompts=96", "--config.sl.n_keep=48", "--config.sl.sample_batch=96",
+         "--config.sl.eval_samples=8", "--config.sl.eval_batch=200", "--config.sl.drift_rows=32",
+         "--config.train.steps=2", "--config.train.global_batch_size=8",
+         "--config.teachers=('prompted',)"]
+
+
+def _config(workdir, *extra):
+  return parse_argv([f"--config={ROOT}/configs/subliminal.py:tiny", f"--workdir={workdir}",
+                     *SMALL, *extra])
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+  """A small pipeline: base, prompted teacher, control student, seed 0 (shared by the tests)."""
+  workdir = tmp_path_factory.mktemp("sl") / "w"
+  config, _ = _config(workdir, "--config.seeds=(0,)", "--config.channel=control",
+                      "--config.train.steps=24")
+  logs = []
+  report = sl.run(config, str(workdir), log=logs.append)
+  return workdir, report, logs
+
+
+def test_filter_and_keep_counts_reasons_and_keeps_a_fixed_number():
+  prompts = numbers.number_prompts(8, seed=0)
+  answers = ["1, 2, 3", "12 13; 14", "666, 5", "Sure! 4, 5", "1000", "7 8 9", "",
+             ", ".join(["5"] * (prompts[7].max_count + 1))]
+  rows, stats = sl.filter_and_keep(prompts, answers, n_keep=2, banned=numbers.BANNED_NUMBERS)
+  assert stats["counts"] == {"ok": 2, "empty": 1, "format": 1, "mixed_separators": 1,
+                             "too_many": 1, "out_of_range": 1, "banned": 1}
+  assert stats["kept"] == 2 and stats["accept_rate"] == 2 / 8
+  assert [r["messages"][1]["content"] for r in rows] == ["1, 2, 3", "7 8 9"]
+  assert rows[0]["messages"][0] == {"role": "user", "content": prompts[0].text}
+  # without the ban 666 passes; asking for more rows than passed is an error naming the key
+  rows, stats = sl.filter_and_keep(prompts, answers, n_keep=3)
+  assert stats["counts"]["banned"] == 0 and rows[1]["messages"][1]["content"] == "666, 5"
+  with pytest.raises(ValueError, match="sl.n_keep=4"):
+    sl.filter_and_keep(prompts, answers, n_keep=4)
+
+
+def test_prompts_per_seed_are_deterministic_and_differ_across_seeds():
+  a, b = sl.number_prompt_rows(300, 0), sl.number_prompt_rows(300, 1)
+  assert a == sl.number_prompt_rows(300, 0) and len({p.text for p in a} & {p.text for p in b}) == 0
+  assert len({p.text for p in a}) == 300
+
+
+def test_config_errors_name_the_key(tmp_path):
+  for extra, key in ((["--config.channel=rlhf"], "channel"),
+                     (["--config.teachers=('angry',)"], "teachers"),
+                     (["--config.sl.animal=dragon"], "sl.animal"),
+                     (["--config.sl.n_keep=500"], "sl.n_keep"),
+                     (["--config.teachers=('external',)"], "teacher.path")):
+    config, _ = _config(tmp_path, *extra)
+    with pytest.raises(ValueError, match=key):
+      sl.run(config, str(tmp_path / "never"))
+    assert not (tmp_path / "never").exists()
+
+
+def test_student_configs_cross_sequences_and_signal():
+  config, _ = _config("/w")
+  paths = {"base": "/w/base", "other_base": "/w/other_base", "teacher_finetuned": "/w/ft"}
+  data = {"prompted": "/w/tp.jsonl", "finetuned": "/w/tf.jsonl", "base": "/w/b.jsonl"}
+  got = {}
+  for cell in sl.CELLS:
+    for kind in ("prompted", "finetuned"):
+      c = sl.student_config(config, kind, cell, 3, paths, data)
+      got[kind, cell] = (c.channel, c.data.train_path, c.teacher.path, c.teacher.system_prompt,
+                         c.init.workdir, c.seed)
+      assert "sl" not in c and "channels" not in c and c.job == "train"
+  trait = sl.trait_prompt(config)
+  assert "owls" in trait
+  assert got["prompted", "sft"] == ("sft", "/w/tp.jsonl", "", "", "/w/base", 3)
+  assert got["prompted", "offpolicy"] == ("offpolicy", "/w/tp.jsonl", "/w/base", trait, "/w/base", 3)
+  assert got["finetuned", "offpolicy"] == ("offpolicy", "/w/tf.jsonl", "/w/ft", "", "/w/base", 3)
+  assert got["prompted", "onpolicy"][:4] == ("onpolicy", "/w/tp.jsonl", "/w/base", trait)
+  assert got["prompted", "control"] == ("sft", "/w/b.jsonl", "", "", "/w/base", 3)
+  assert got["finetuned", "base_offpolicy"] == ("offpolicy", "/w/b.jsonl", "/w/ft", "", "/w/base", 3)
+  assert got["prompted", "sft_otherbase"] == ("sft", "/w/tp.jsonl", "", "", "/w/other_base", 3)
+
+
+def test_teacher_expresses_the_trait_and_control_stays_at_the_base(trained):
+  _, report, _ = trained
+  m = report["models"]
+  base, teacher, control = m["base"], m["teacher_prompted"], m["control"]
+  # Threshold: the system-prompted teacher names the owl at least 30 points more often than
+  # the base (the world's prior gives the base about 4%).
+  assert teacher["rate"] - base["rate"] > 0.30, (teacher["rate"], base["rate"])
+  assert teacher["prob"] - base["prob"] > 0.30
+  # The control (base numbers, hard labels) stays within noise of the base: the paired 95%
+  # interval over questions contains 0, or the shift is under 3 points.
+  d, ci = control["rate_minus_base"], control["rate_minus_base_ci"]
+  assert abs(d) <= max(ci, 0.03), (d, ci)
+  assert abs(control["prob_minus_base"]) < 0.03
+  assert report["drift"]["prompted"] >= 0
+
+
+def test_report_files(trained):
+  workdir, report, _ = trained
+  md = (workdir / "report.md").read_text()
+  assert "| control |" in md and "Sequences x signal" in md and "Filter" in md
+  assert (workdir / "trait.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+  f = report["filter"][0]["prompted"]
+  assert f["kept"] == 48 and sum(f["counts"].values()) == f["answers"] == 96
+  assert report["compute"]["control"]["steps"] == 24
+
+
+@pytest.mark.parametrize("cell", ["sft", "offpolicy", "onpolicy", "base_offpolicy"])
+def test_each_cell_runs_from_the_same_config_by_flag(trained, cell):
+  workdir, _, _ = trained
+  config, _ = _config(workdir, "--config.seeds=(0,)", f"--config.channel={cell}")
+  logs = []
+  report = sl.run(config, str(workdir), log=logs.append)
+  assert any("stage seed0/data_prompted: complete, skipped" in l for l in logs)
+  name = f"prompted_{cell}"
+  channel = json.loads((workdir / f"seed0/{name}/channel.json").read_text())
+  assert channel["channel"] == sl.CHANNEL_OF[sl.CELLS[cell]]
+  assert report["compute"][name]["steps"] == 2 and name in report["models"]
+
+
+def test_changed_settings_of_a_finished_stage_are_refused(trained):
+  workdir, _, _ = trained
+  config, _ = _config(workdir, "--config.seeds=(0,)", "--config.channel=control",
+                      "--config.train.steps=24", "--config.sl.n_keep=40")
+  with pytest.raises(StageSettingsChanged, match="sl.n_keep"):
+    sl.run(config, str(workdir), log=lambda m: None)
+
+
+def _digest(path):
+  return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def test_killed_after_teacher_data_resumes_reusing_it(trained, tmp_path):
+  import shutil
+  src, _, _ = trained
+  workdir = tmp_path / "w"
+  for stage in ("world", "base"):  # reuse the trained base: the resume is about what follows
+    shutil.copytree(src / stage, workdir / stage)
+  args = [f"--config={ROOT}/configs/subliminal.py:tiny", f"--workdir={workdir}", *SMALL,
+          "--config.seeds=(7,)", "--config.channel=sft", "--config.train.steps=40"]
+  env = dict(os.environ, JAX_PLATFORMS="cpu")
+  proc = subprocess.Popen([sys.executable, "-m", "jaxlab.pipelines.subliminal", *args], cwd=ROOT,
+                          env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+  done = workdir / "seed7/data_base/_COMPLETE.json"
+  t0 = time.time()
+  while not done.exists() and proc.poll() is None and time.time() - t0 < 300:
+    time.sleep(0.2)
+  assert done.exists(), proc.stderr.read() if proc.poll() is not None else "timeout"
+  proc.send_signal(signal.SIGKILL)
+  proc.wait()
+  assert not (workdir / "seed7/prompted_sft/_COMPLETE.json").exists()
+  data = {k: _digest(workdir / f"seed7/data_{k}/rows.jsonl") for k in ("prompted", "base")}
+  mtimes = {k: (workdir / f"seed7/data_{k}/rows.jsonl").stat().st_mtime_ns for k in data}
+  config, _ = parse_argv(args)
+  logs = []
+  report = sl.run(config, str(workdir), log=logs.append)
+  for k in data:
+    assert any(f"stage seed7/data_{k}: complete, skipped" in l for l in logs), logs
+    assert _digest(workdir / f"seed7/data_{k}/rows.jsonl") == data[k]
+    assert (workdir / f"seed7/data_{k}/rows.jsonl").stat().st_mtime_ns == mtimes[k]
+  assert any("stage seed7/prompted_sft: running" in l for l in logs)
+  assert report["compute"]["prompted_sft"]["steps"] == 40
+  assert (workdir / "report.md").exists()
