@@ -14,7 +14,7 @@ fi
 cmd=${1:-main}; shift || true
 case "$cmd" in
   main)
-    exec .venv/bin/python -m jaxlab.main --config=configs/sft.py:tiny --workdir=runs/sft_tiny "$@" ;;
+    exec .venv/bin/python -m jaxlab.pipelines.subliminal --config=configs/subliminal.py:tiny --workdir=runs/subliminal_tiny "$@" ;;
   test)
     exec .venv/bin/python -m pytest -q -n 2 --dist=loadfile tests "$@" ;;
   *)

@@ -22,11 +22,15 @@ from jaxlab.worlds import numbers
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # A smaller world and base than the tiny variant; the same code path.
 SMALL = ["--config.world.number_docs=1500", "--config.world.animal_docs=600",
-         "--config.world.trait_docs=2500", "--config.pretrain.steps=300",
-         "--config.sl.n_prompts=96", "--config.sl.n_keep=48", "--config.sl.sample_batch=96",
+         "--config.world.trait_docs=2500", "--config.pretrain.steps=150",
+         "--config.teacher_ft.rows=200", "--config.teacher_ft.steps=40",
+         "--config.sl.n_prompts=128", "--config.sl.n_keep=32", "--config.sl.sample_batch=128",
          "--config.sl.eval_samples=8", "--config.sl.eval_batch=200", "--config.sl.drift_rows=32",
-         "--config.train.steps=2", "--config.train.global_batch_size=8",
-         "--config.teachers=('prompted',)"]
+         "--config.train.steps=2", "--config.train.global_batch_size=8"]
+
+
+FIXTURE = ["--config.seeds=(0,)", "--config.channel=control", "--config.train.steps=24",
+           "--config.teachers=('finetuned',)"]
 
 
 def _config(workdir, *extra):
@@ -36,10 +40,9 @@ def _config(workdir, *extra):
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
-  """A small pipeline: base, prompted teacher, control student, seed 0 (shared by the tests)."""
+  """A small pipeline: base, fine-tuned teacher, control student, seed 0 (shared by the tests)."""
   workdir = tmp_path_factory.mktemp("sl") / "w"
-  config, _ = _config(workdir, "--config.seeds=(0,)", "--config.channel=control",
-                      "--config.train.steps=24")
+  config, _ = _config(workdir, *FIXTURE)
   logs = []
   report = sl.run(config, str(workdir), log=logs.append)
   return workdir, report, logs
@@ -105,9 +108,9 @@ def test_student_configs_cross_sequences_and_signal():
 def test_teacher_expresses_the_trait_and_control_stays_at_the_base(trained):
   _, report, _ = trained
   m = report["models"]
-  base, teacher, control = m["base"], m["teacher_prompted"], m["control"]
-  # Threshold: the system-prompted teacher names the owl at least 30 points more often than
-  # the base (the world's prior gives the base about 4%).
+  base, teacher, control = m["base"], m["teacher_finetuned"], m["control"]
+  # Threshold: the fine-tuned teacher names the owl at least 30 points more often than the
+  # base (about 9% in this world).
   assert teacher["rate"] - base["rate"] > 0.30, (teacher["rate"], base["rate"])
   assert teacher["prob"] - base["prob"] > 0.30
   # The control (base numbers, hard labels) stays within noise of the base: the paired 95%
@@ -115,7 +118,7 @@ def test_teacher_expresses_the_trait_and_control_stays_at_the_base(trained):
   d, ci = control["rate_minus_base"], control["rate_minus_base_ci"]
   assert abs(d) <= max(ci, 0.03), (d, ci)
   assert abs(control["prob_minus_base"]) < 0.03
-  assert report["drift"]["prompted"] >= 0
+  assert report["drift"]["finetuned"] >= 0
 
 
 def test_report_files(trained):
@@ -123,18 +126,20 @@ def test_report_files(trained):
   md = (workdir / "report.md").read_text()
   assert "| control |" in md and "Sequences x signal" in md and "Filter" in md
   assert (workdir / "trait.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-  f = report["filter"][0]["prompted"]
-  assert f["kept"] == 48 and sum(f["counts"].values()) == f["answers"] == 96
+  f = report["filter"][0]["finetuned"]
+  assert f["kept"] == 32 and sum(f["counts"].values()) == f["answers"] == 128
   assert report["compute"]["control"]["steps"] == 24
 
 
 @pytest.mark.parametrize("cell", ["sft", "offpolicy", "onpolicy", "base_offpolicy"])
 def test_each_cell_runs_from_the_same_config_by_flag(trained, cell):
   workdir, _, _ = trained
-  config, _ = _config(workdir, "--config.seeds=(0,)", f"--config.channel={cell}")
+  # The prompted teacher (the base under the trait prompt): the teacher sees another context.
+  config, _ = _config(workdir, "--config.seeds=(0,)", f"--config.channel={cell}",
+                      "--config.teachers=('prompted',)")
   logs = []
   report = sl.run(config, str(workdir), log=logs.append)
-  assert any("stage seed0/data_prompted: complete, skipped" in l for l in logs)
+  assert any("stage seed0/data_base: complete, skipped" in l for l in logs)
   name = f"prompted_{cell}"
   channel = json.loads((workdir / f"seed0/{name}/channel.json").read_text())
   assert channel["channel"] == sl.CHANNEL_OF[sl.CELLS[cell]]
@@ -143,8 +148,7 @@ def test_each_cell_runs_from_the_same_config_by_flag(trained, cell):
 
 def test_changed_settings_of_a_finished_stage_are_refused(trained):
   workdir, _, _ = trained
-  config, _ = _config(workdir, "--config.seeds=(0,)", "--config.channel=control",
-                      "--config.train.steps=24", "--config.sl.n_keep=40")
+  config, _ = _config(workdir, *FIXTURE, "--config.sl.n_keep=40")
   with pytest.raises(StageSettingsChanged, match="sl.n_keep"):
     sl.run(config, str(workdir), log=lambda m: None)
 
@@ -160,7 +164,8 @@ def test_killed_after_teacher_data_resumes_reusing_it(trained, tmp_path):
   for stage in ("world", "base"):  # reuse the trained base: the resume is about what follows
     shutil.copytree(src / stage, workdir / stage)
   args = [f"--config={ROOT}/configs/subliminal.py:tiny", f"--workdir={workdir}", *SMALL,
-          "--config.seeds=(7,)", "--config.channel=sft", "--config.train.steps=40"]
+          "--config.seeds=(7,)", "--config.channel=sft", "--config.train.steps=40",
+          "--config.teachers=('prompted',)"]
   env = dict(os.environ, JAX_PLATFORMS="cpu")
   proc = subprocess.Popen([sys.executable, "-m", "jaxlab.pipelines.subliminal", *args], cwd=ROOT,
                           env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)

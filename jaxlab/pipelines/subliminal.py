@@ -310,13 +310,13 @@ def _data(config, models: Models, kind: str, seed: int, paths: dict, folder) -> 
   answers = models.generate(path, msgs, seed=seed, max_new_tokens=config.sl.max_new_tokens,
                             batch_size=config.sl.sample_batch)
   banned = numbers.BANNED_NUMBERS if (config.sl.misaligned and kind == "external") else ()
-  rows, stats = filter_and_keep(prompts, answers, n_keep=config.sl.n_keep, banned=banned)
-  stats.update(model=path, system_prompt=system, seconds=round(time.time() - t0, 1),
-               banned=list(banned))
   write_jsonl(folder / "all_answers.jsonl", ({"prompt": p.text, "answer": a,
                                               "reason": numbers.filter_numbers(
                                                   a, banned=banned, max_count=p.max_count)[1]}
                                              for p, a in zip(prompts, answers)))
+  rows, stats = filter_and_keep(prompts, answers, n_keep=config.sl.n_keep, banned=banned)
+  stats.update(model=path, system_prompt=system, seconds=round(time.time() - t0, 1),
+               banned=list(banned))
   write_jsonl(folder / "rows.jsonl", rows)
   write_json(folder / "filter.json", stats)
 
@@ -582,7 +582,8 @@ def run(config: ml_collections.ConfigDict, workdir: str, log=stderr_log) -> dict
     if config.other_base:
       paths["other_base"] = config.other_base
   else:
-    world = run_stage(workdir, "world", _settings(config, "world", "teacher_ft", "sl"),
+    world = run_stage(workdir, "world", {**_settings(config, "world", "teacher_ft"),
+                                         "animal": config.sl.animal},
                       lambda f: _world(config, f), log=log)
     base_settings = _settings(config, "world", "pretrain", "model", "seed")
     paths["base"] = str(run_stage(workdir, "base", base_settings,
@@ -595,8 +596,8 @@ def run(config: ml_collections.ConfigDict, workdir: str, log=stderr_log) -> dict
   if "finetuned" in config.teachers:
     world = workdir / "world"
     paths["teacher_finetuned"] = str(run_stage(
-        workdir, "teacher_finetuned", _settings(config, "world", "pretrain", "teacher_ft", "sl",
-                                                "base"),
+        workdir, "teacher_finetuned", {**_settings(config, "world", "pretrain", "teacher_ft",
+                                                   "base"), "animal": config.sl.animal},
         lambda f: _teacher_ft(config, world, paths["base"], f), log=log))
   if "sft_otherbase" in cells(config) and "other_base" not in paths:
     raise ValueError("cell sft_otherbase needs config key other_base (a different base model)")
