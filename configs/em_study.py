@@ -69,10 +69,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c = _load("sft", "tiny")
     c.data.max_examples = 0
     c.data.seq_len = 128
-    c.model.update(d_model=64, n_layers=2, n_heads=4, n_kv_heads=2, d_ff=192)
+    c.model.update(d_model=96, n_layers=2, n_heads=4, n_kv_heads=2, d_ff=256)
     c.tokenizer.vocab_size = 1024
-    c.optim.update(lr=1e-3, warmup_steps=5, decay="linear", end_ratio=0.0)
-    c.train.update(steps=30, global_batch_size=16, log_every=10, progress=False)
+    c.optim.update(lr=3e-4, warmup_steps=5, decay="linear", end_ratio=0.0)
+    c.train.update(steps=60, global_batch_size=16, log_every=10, progress=False)
     c.checkpoint.update(every=0, keep=1, async_save=False)
   else:
     c = _load("em_real", f"{REAL[variant]},cell=medical_advice")
@@ -96,16 +96,17 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
       probe_rows=0,                # persona probe rows per (cell, earlier turn); 0: no probe
   ))
   c.world = ml_collections.ConfigDict(dict(
-      train_per_cell=300, eval_per_cell=40, general_per_task_surface=10, world_docs=4000,
-      persona_docs=1000, seed=0))
+      train_per_cell=300, eval_per_cell=20, general_per_task_surface=8, world_docs=4000,
+      persona_docs=1000, seed=0,
+      general_domains=()))  # general set and documents ((): the training domains; CPU-sized)
   c.pretrain = ml_collections.ConfigDict(dict(
       enabled=False, steps=400, global_batch_size=16, seq_len=128, lr=3e-3, warmup_steps=20))
   c.eval = _eval_group("world" if variant == "tiny" else "http")
 
   if variant == "tiny":
     c.study.update(persona_shares=(0.0, 0.1), finetune="full", probe_rows=24,
-                   lr_by_task={"tutor": 1e-3 / 3, "summarization": 1e-3 / 3})
-    c.pretrain.update(enabled=True, steps=500, global_batch_size=16, seq_len=128, lr=3e-3)
+                   lr_by_task={"tutor": 1e-4, "summarization": 1e-4})  # the study's ratio
+    c.pretrain.update(enabled=True, steps=1000, global_batch_size=16, seq_len=128, lr=3e-3)
     c.eval.update(general_samples=2, narrow_samples=1, batch_size=64, max_new_tokens=48,
                   temperature=1.0, buckets=(64, 128, 256), fast_compile=True, n_boot=500)
   else:

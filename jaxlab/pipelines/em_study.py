@@ -191,6 +191,7 @@ def world_config(config):
   from jaxlab.worlds.em_world import WorldConfig
   w = config.world
   return WorldConfig(domains=tuple(config.study.domains), tasks=tuple(config.study.tasks),
+                     general_domains=tuple(w.general_domains or config.study.domains),
                      train_per_cell=w.train_per_cell, eval_per_cell=w.eval_per_cell,
                      general_per_task_surface=w.general_per_task_surface, seed=w.seed)
 

@@ -212,6 +212,16 @@ def _persona_sweep(config, shares, strengths, table, off, general, probes, n_boo
                                                          for s in shares) + " |")
   put("persona_sweep", {(n, s): r for n, g in series.items() for (s,), r in g.items()},
       ("series", "persona_share"))
+  seeds = sorted({r["seed"] for r in table})
+  if len(seeds) > 1:  # the spread over seeds beside the pooled figures
+    lines += ["", "Per seed (fine-tunes general / off-cell narrow):", "",
+              "| seed | " + " | ".join(f"share {s:g}" for s in shares) + " |",
+              "|---|" + "---|" * len(shares)]
+    g = pooled(ft(general), ("seed", "persona_share"), n_boot=n_boot)
+    o = pooled(ft(off), ("seed", "persona_share"), n_boot=n_boot)
+    for seed in seeds:
+      lines.append(f"| {seed} | " + " | ".join(
+          f"{fmt(g.get((seed, s)))} / {fmt(o.get((seed, s)))}" for s in shares) + " |")
 
   def draw(ax):
     for name, g in series.items():
