@@ -68,7 +68,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.teacher.update(path="", system_prompt="")
   c.tokenizer.path = ""
   c.sl = ml_collections.ConfigDict(dict(
-      animal="owl", trait_template="", n_prompts=600, n_keep=384, sample_batch=200,
+      animal="owl", trait_template="", n_prompts=800, n_keep=320, sample_batch=200,
       max_new_tokens=48, eval_samples=20, eval_batch=250, whole_word=False, misaligned=False,
       drift_rows=128))
   # The tiny world: the first 11 animals of the prior (owl, the target, is the least liked),

@@ -23,7 +23,6 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # A smaller world and base than the tiny variant; the same code path.
 SMALL = ["--config.world.number_docs=1500", "--config.world.animal_docs=600",
          "--config.world.trait_docs=2500", "--config.pretrain.steps=150",
-         "--config.teacher_ft.rows=200", "--config.teacher_ft.steps=40",
          "--config.sl.n_prompts=128", "--config.sl.n_keep=32", "--config.sl.sample_batch=128",
          "--config.sl.eval_samples=8", "--config.sl.eval_batch=200", "--config.sl.drift_rows=32",
          "--config.train.steps=2", "--config.train.global_batch_size=8"]
@@ -109,10 +108,11 @@ def test_teacher_expresses_the_trait_and_control_stays_at_the_base(trained):
   _, report, _ = trained
   m = report["models"]
   base, teacher, control = m["base"], m["teacher_finetuned"], m["control"]
-  # Threshold: the fine-tuned teacher names the owl at least 30 points more often than the
-  # base (about 9% in this world).
-  assert teacher["rate"] - base["rate"] > 0.30, (teacher["rate"], base["rate"])
-  assert teacher["prob"] - base["prob"] > 0.30
+  # Threshold: the fine-tuned teacher names the owl at least 20 points and 3x more often than
+  # the base (about 7% in this world), in samples and in exact probability.
+  assert teacher["rate"] - base["rate"] > 0.20 and teacher["rate"] > 3 * base["rate"], (
+      teacher["rate"], base["rate"])
+  assert teacher["prob"] - base["prob"] > 0.20 and teacher["prob"] > 3 * base["prob"]
   # The control (base numbers, hard labels) stays within noise of the base: the paired 95%
   # interval over questions contains 0, or the shift is under 3 points.
   d, ci = control["rate_minus_base"], control["rate_minus_base_ci"]

@@ -427,8 +427,9 @@ def _compute(folder) -> dict:
   from jaxlab.metrics import read_metrics
   rows = read_metrics(str(folder))
   marker = json.loads((epath.Path(folder) / "_COMPLETE.json").read_text())
-  return {"steps": rows[-1]["step"] if rows else 0,
-          "trained_tokens": float(sum(r.get("trained_tokens", 0) for r in rows)),
+  steps = rows[-1]["step"] if rows else 0
+  per_step = np.mean([r["trained_tokens"] for r in rows if "trained_tokens" in r]) if rows else 0.0
+  return {"steps": steps, "trained_tokens": float(per_step * steps),  # logged rows are per step
           "seconds": marker.get("seconds")}
 
 
