@@ -6,10 +6,12 @@ A random tiny LlamaForCausalLM is built in torch and saved as an HF folder; jaxl
 that folder with `jaxlab.models.hf.load_hf`, so both sides run the same weights (checked
 by comparing next-token logits). Batch of prompts of mixed lengths, left-padded, sampled at
 temperature 1 (no top-k/top-p, no stop token, so every row makes all new tokens). Reports
-tokens/s of one timed run each (jaxlab after compilation, torch after a warm-up), their
-ratio, and the local judge's throughput (answers scored per second) on the same model.
-torch is timed at each thread count of --torch_threads and the fastest is the baseline (on a
-loaded machine, torch with several threads can be 100x slower than with one).
+tokens/s over --repeats rounds, each timing jaxlab (after compilation) then torch (after a
+warm-up) back to back, so both see the same machine load; the speedup is the median of the
+rounds' ratios. Then the local judge's throughput (answers scored per second) on the same
+model (--judge_answers 0 skips it). torch is timed at each thread count of --torch_threads and
+the fastest is the baseline (on a loaded machine, torch with several threads can be 100x
+slower than with one). --profile splits a decode step into its pieces (see profile_decode).
 """
 from __future__ import annotations
 
@@ -18,6 +20,7 @@ import os
 import sys
 import tempfile
 import time
+from functools import partial
 
 import numpy as np
 
@@ -66,6 +69,70 @@ def bench_torch(model, prompts, args, threads: int) -> float:
   return dt
 
 
+def profile_decode(spec, trainable, frozen, batch, prompt_len, new_tokens):
+  """Seconds (wall, process CPU) of the pieces of the sampler's decode steps, each run alone in
+  a loop of as many steps as the sampler makes, with its cache lengths (decode_segments)."""
+  import jax
+  import jax.numpy as jnp
+  from jaxlab.sample import cache as cache_lib
+  from jaxlab.sample.sampler import decode_segments
+  from jaxlab.sample.sampling import select
+  cfg, b, p = spec.cfg, batch, prompt_len
+  ends = decode_segments(new_tokens)
+  segs = [(p + end, end - start) for start, end in zip([0] + ends, ends)]  # (cache len, steps)
+  lengths_B = jnp.full((b,), p, jnp.int32)
+
+  def over_cache(step):  # `step(model, cache, acc, t) -> (cache, acc)` at every decode step
+    def fn(tr, fr, caches):  # caches come in as arguments, so XLA cannot fold their zeros
+      model, acc = spec.merge(tr, fr), jnp.zeros((b, 1), jnp.float32)
+      for cache, (_, steps) in zip(caches, segs):
+        cache, acc = jax.lax.fori_loop(0, steps, lambda t, c: step(model, *c, t), (cache, acc))
+      return acc
+    return jax.jit(fn)
+
+  def forward(model, cache, acc, t):
+    x, cache = cache_lib.forward(model, cache, jnp.zeros((b, 1), jnp.int32) + t,
+                                 (lengths_B + t)[:, None], p + t,
+                                 jnp.ones((b, 1, cache.k[0].shape[2]), bool))
+    return cache, acc + x[:, 0, :1]
+
+  def attention(model, cache, acc, t):  # each layer's attention alone, on its cache
+    q = jnp.zeros((b, 1, cfg.n_heads, cfg.dim_per_head), cfg.dtype) + acc[:, :, None, None]
+    mask = jnp.ones((b, 1, cache.k[0].shape[2]), bool)
+    for i, block in enumerate(model.layers):
+      acc = acc + cache_lib.attend_cache(block.self_attn, q, cache.k[i], cache.v[i], mask)[:, 0, :1]
+    return cache, acc
+
+  steps = sum(n for _, n in segs)
+  x_Bx1xD = jnp.ones((b, 1, cfg.d_model), jnp.float32)
+  logits = jax.jit(lambda tr, fr: jax.lax.fori_loop(
+      0, steps, lambda t, acc: acc + spec.merge(tr, fr).logits(x_Bx1xD + acc[:, :, None])[:, 0, :1],
+      jnp.zeros((b, 1), jnp.float32)))
+  caches = [jax.tree.map(lambda x: x + 0.01, cache_lib.init_cache(cfg, b, n)) for n, _ in segs]
+  logits_BxV = 3.0 * jax.random.normal(jax.random.key(0), (b, cfg.vocab_size))
+  keys_B = jax.random.split(jax.random.key(0), b)
+
+  def draw_loop(tr, fr):
+    def step(t, acc):
+      keys = jax.vmap(jax.random.fold_in, (0, None))(keys_B, t)
+      tok, lp, _ = select(logits_BxV + acc.astype(jnp.float32), keys, temperature=1.0)
+      return acc + tok[:, None] % 2 + (lp[:, None] > 0)
+    return jax.lax.fori_loop(0, steps, step, jnp.zeros((b, 1), jnp.int32))
+
+  pieces = {"cached forward, all layers (no logits)": partial(over_cache(forward), caches=caches),
+            "  of which attention over the cache + o_proj": partial(over_cache(attention),
+                                                                    caches=caches),
+            "logits (final norm + lm head)": logits,
+            "token draw + log-probs (select)": jax.jit(draw_loop)}
+  out = {}
+  for name, fn in pieces.items():
+    jax.block_until_ready(fn(trainable, frozen))
+    t0, c0 = time.perf_counter(), time.process_time()
+    jax.block_until_ready(fn(trainable, frozen))
+    out[name] = (time.perf_counter() - t0, time.process_time() - c0)
+  return out
+
+
 def main():
   ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   ap.add_argument("--batch", type=int, default=32)
@@ -78,7 +145,9 @@ def main():
   ap.add_argument("--layers", type=int, default=2)
   ap.add_argument("--heads", type=int, default=4)
   ap.add_argument("--kv_heads", type=int, default=2)
-  ap.add_argument("--judge_answers", type=int, default=128)
+  ap.add_argument("--judge_answers", type=int, default=128, help="0: no judge timing")
+  ap.add_argument("--repeats", type=int, default=3, help="rounds of jaxlab-then-torch timings")
+  ap.add_argument("--profile", action="store_true", help="time the pieces of a decode step")
   ap.add_argument("--torch_threads", type=str, default=f"1,{os.cpu_count()}",
                   help="thread counts to time torch with; the fastest is the baseline")
   args = ap.parse_args()
@@ -119,20 +188,40 @@ def main():
   t0 = time.perf_counter()
   sampler.generate(prompts, seed=0, max_new_tokens=args.new_tokens)  # compiles
   compile_s = time.perf_counter() - t0
-  t0 = time.perf_counter()
-  comps = sampler.generate(prompts, seed=1, max_new_tokens=args.new_tokens)
-  jax_s = time.perf_counter() - t0
-  assert all(len(c.tokens) == args.new_tokens for c in comps)
   n_tok = args.batch * args.new_tokens
-  print(f"jaxlab sampler:        {n_tok / jax_s:10.0f} tokens/s  ({jax_s:.3f} s; first call incl. "
-        f"compile {compile_s:.1f} s, {sampler.compile_count} compilation)")
-  torch_s = {}
-  for threads in sorted({int(t) for t in args.torch_threads.split(",")}):
-    torch_s[threads] = bench_torch(tmodel, prompts, args, threads)
-    print(f"transformers generate: {n_tok / torch_s[threads]:10.0f} tokens/s  "
-          f"({torch_s[threads]:.3f} s, torch {threads} thread(s))")
-  best = min(torch_s.values())
-  print(f"speedup over the fastest torch setting: {best / jax_s:.1f}x")
+  threads = sorted({int(t) for t in args.torch_threads.split(",")})
+  jax_s, torch_s, cpu_s = [], {t: [] for t in threads}, []
+  for r in range(args.repeats):
+    t0, c0 = time.perf_counter(), time.process_time()
+    comps = sampler.generate(prompts, seed=1 + r, max_new_tokens=args.new_tokens)
+    jax_s.append(time.perf_counter() - t0)
+    cpu_s.append(time.process_time() - c0)
+    assert all(len(c.tokens) == args.new_tokens for c in comps)
+    for t in threads:
+      torch_s[t].append(bench_torch(tmodel, prompts, args, t))
+    print(f"round {r}: jaxlab {jax_s[-1]:.3f} s ({cpu_s[-1]:.3f} s CPU), transformers "
+          + ", ".join(f"{torch_s[t][-1]:.3f} s ({t} thread(s))" for t in threads)
+          + f", load average {os.getloadavg()[0]:.1f}", flush=True)
+  med = lambda xs: float(np.median(xs))
+  print(f"jaxlab sampler:        {n_tok / med(jax_s):10.0f} tokens/s  (median {med(jax_s):.3f} s, "
+        f"{med(cpu_s):.3f} s process CPU; first call incl. compile {compile_s:.1f} s, "
+        f"{sampler.compile_count} compilation)")
+  for t in threads:
+    print(f"transformers generate: {n_tok / med(torch_s[t]):10.0f} tokens/s  "
+          f"(median {med(torch_s[t]):.3f} s, torch {t} thread(s))")
+  ratios = [min(torch_s[t][r] for t in threads) / jax_s[r] for r in range(args.repeats)]
+  print(f"speedup over the fastest torch setting: {med(ratios):.2f}x median of {args.repeats} "
+        f"rounds (min {min(ratios):.2f}x, max {max(ratios):.2f}x)")
+  if args.profile:
+    lengths = [len(x) for x in prompts]
+    prof = profile_decode(spec, trainable, frozen, args.batch, args.max_prompt, args.new_tokens)
+    print(f"decode profile ({args.new_tokens - 1} steps, batch {args.batch}, prompt bucket "
+          f"{args.max_prompt}; each piece alone; seconds wall / process CPU; whole sampler "
+          f"median {med(jax_s):.3f} / {med(cpu_s):.3f}, prompts {min(lengths)}-{max(lengths)}):")
+    for name, (w, c) in prof.items():
+      print(f"  {name:48s} {w:7.3f} / {c:7.3f}")
+  if args.judge_answers <= 0:
+    return
 
   # Local judge throughput on the same model (a ChatML tokenizer trained to fit its vocabulary).
   from jaxlab.data.tokenizer import train_chat_tokenizer

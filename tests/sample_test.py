@@ -10,6 +10,8 @@ from jaxlab import sharding
 from jaxlab.models import ModelConfig
 from jaxlab.models.params import init_params, model_spec
 from jaxlab.sample import Sampler, bucket_length, sample
+from jaxlab.sample import sampler as sampler_lib
+from jaxlab.sample.sampler import decode_segments
 from jaxlab.sample.sampling import processed_logits
 
 CFG = ModelConfig(vocab_size=64, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, d_ff=64,
@@ -220,6 +222,36 @@ def test_usable_inside_outer_jit_with_grad(setup):
                                                                        jax.random.key(0))
   assert np.isfinite(float(loss))
   assert all(np.isfinite(np.asarray(g)).all() for g in jax.tree.leaves(grads))
+
+
+def test_decode_segments_cover_the_steps():
+  assert decode_segments(1) == [] and decode_segments(2) == [1]
+  assert decode_segments(40) == [16, 32, 39] and decode_segments(128) == [32, 64, 96, 127]
+  for t in range(2, 600):
+    ends = decode_segments(t)
+    assert ends == sorted(set(ends)) and ends[-1] == t - 1 and len(ends) <= 4, (t, ends)
+
+
+def test_segmented_decode_equals_one_segment(setup, monkeypatch):
+  """Growing the cache between decode segments changes nothing: tokens, log-probs, stops."""
+  spec, _, trainable, frozen = setup
+  tok, lengths = pad(PROMPTS * 2, 12, "right")
+  rows = np.arange(8, dtype=np.int32)
+  kw = dict(max_new_tokens=40, temperature=1.0, stop_ids=(1, 2), padding="right", row_ids_B=rows)
+  run_once = lambda: jax.device_get(jax.jit(
+      lambda tr, fr, t, n, k: sample(spec, tr, fr, t, n, k, **kw), compiler_options=FAST)(
+          trainable, frozen, tok, lengths, jax.random.key(5)))
+  segmented = run_once()
+  monkeypatch.setattr(sampler_lib, "decode_segments", lambda t: [t - 1])
+  one = run_once()
+  assert len(decode_segments(40)) == 3
+  # Some rows stop early, some run through segment boundaries or to the end.
+  assert segmented.stopped.any() and (segmented.lengths > 33).any(), segmented.lengths
+  np.testing.assert_array_equal(segmented.tokens, one.tokens)
+  np.testing.assert_array_equal(segmented.lengths, one.lengths)
+  np.testing.assert_array_equal(segmented.stopped, one.stopped)
+  np.testing.assert_allclose(segmented.logprobs, one.logprobs, atol=1e-6)
+  np.testing.assert_allclose(segmented.sample_logprobs, one.sample_logprobs, atol=1e-6)
 
 
 def test_bucket_length():

@@ -71,6 +71,14 @@ def _constrain_batch(x: jax.Array, mesh: Mesh | None, rules) -> jax.Array:
   return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, spec))
 
 
+def decode_segments(max_new_tokens: int, n: int = 4, multiple: int = 16) -> list[int]:
+  """Ends (exclusive) of the decode-step segments: about `n` equal runs of the
+  max_new_tokens - 1 steps, cut at multiples of `multiple` steps; [] when there are none."""
+  steps = max_new_tokens - 1
+  size = max(multiple, -(-steps // (n * multiple)) * multiple)
+  return sorted({min(e, steps) for e in range(size, steps + size, size)}) if steps > 0 else []
+
+
 def sample(spec: ModelSpec, trainable: dict, frozen: dict, prompt_tokens_BxP: jax.Array,
            prompt_lengths_B: jax.Array, rng: jax.Array, *, max_new_tokens: int,
            temperature: float = 1.0, top_p: float = 1.0, top_k: int = 0,
@@ -92,7 +100,6 @@ def sample(spec: ModelSpec, trainable: dict, frozen: dict, prompt_tokens_BxP: ja
   model = spec.merge(trainable, frozen)
   b, p = prompt_tokens_BxP.shape
   t_max = max_new_tokens
-  s = p + t_max - 1  # the last sampled token is never fed back
   stop_K = jnp.asarray(list(stop_ids) or [-1], jnp.int32)
   is_stop = lambda tok_B: jnp.any(tok_B[:, None] == stop_K[None, :], axis=-1)
   row_ids_B = jnp.arange(b, dtype=jnp.int32) if row_ids_B is None else row_ids_B
@@ -106,31 +113,30 @@ def sample(spec: ModelSpec, trainable: dict, frozen: dict, prompt_tokens_BxP: ja
     if ban_V is not None:
       logits = jnp.where(ban_V[None, :logits.shape[-1]] & (t < min_new_tokens), -jnp.inf, logits)
     return select(logits, step_keys(t), temperature=temperature, top_k=top_k, top_p=top_p)
-  sh = None if mesh is None else cache_lib.cache_sharding(cfg, b, s, mesh, rules)
+  ends = decode_segments(t_max)
+  cache_len = lambda i: p + ends[i] if ends else p  # slots segment i attends to
+  shard = lambda n: None if mesh is None else cache_lib.cache_sharding(cfg, b, n, mesh, rules)
 
   # Prefill: the prompt attends to itself; its k/v land in slots [0, P).
   valid_BxP, pos_BxP, last_B = prompt_layout(prompt_lengths_B, p, padding)
   causal_PxP = jnp.tril(jnp.ones((p, p), bool))
   mask_BxPxP = causal_PxP[None] & valid_BxP[:, None, :]
-  cache = cache_lib.init_cache(cfg, b, s, mesh, rules)
+  cache = cache_lib.init_cache(cfg, b, cache_len(0), mesh, rules)
   tokens_BxP = _constrain_batch(prompt_tokens_BxP.astype(jnp.int32), mesh, rules)
   x_BxPxD, cache = cache_lib.forward(model, cache, tokens_BxP, pos_BxP, 0, mask_BxPxP,
-                                     prefill=True, sharding=sh)
+                                     prefill=True, sharding=shard(cache_len(0)))
   x_Bx1xD = jnp.take_along_axis(x_BxPxD, last_B[:, None, None], axis=1)
   tok_B, lp_B, slp_B = pick(model.logits(x_Bx1xD)[:, 0], 0)
 
   out_tok = jnp.full((b, t_max), pad_id, jnp.int32).at[:, 0].set(tok_B)
   out_lp = jnp.zeros((b, t_max), jnp.float32).at[:, 0].set(lp_B)
   out_slp = jnp.zeros((b, t_max), jnp.float32).at[:, 0].set(slp_B)
-  valid_BxS = jnp.concatenate([valid_BxP, jnp.zeros((b, s - p), bool)], axis=1)
+  valid_BxS = jnp.concatenate([valid_BxP, jnp.zeros((b, cache_len(0) - p), bool)], axis=1)
   state = dict(t=jnp.int32(0), tok=tok_B, done=is_stop(tok_B), n=jnp.ones((b,), jnp.int32),
                out_tok=_constrain_batch(out_tok, mesh, rules), out_lp=out_lp, out_slp=out_slp,
                valid=valid_BxS, cache=cache)
 
-  def cond(st):
-    return (st["t"] + 1 < t_max) & ~jnp.all(st["done"])
-
-  def body(st):
+  def body(st, sh):
     t = st["t"]
     slot = p + t
     valid = jax.lax.dynamic_update_slice(st["valid"], jnp.ones((b, 1), bool), (0, slot))
@@ -146,7 +152,17 @@ def sample(spec: ModelSpec, trainable: dict, frozen: dict, prompt_tokens_BxP: ja
                 out_tok=write(st["out_tok"], tok), out_lp=write(st["out_lp"], lp),
                 out_slp=write(st["out_slp"], slp), valid=valid, cache=cache)
 
-  if t_max > 1:
-    state = jax.lax.while_loop(cond, body, state)
+  # Step t (t = 0 .. t_max-2) writes slot p+t and attends to slots [0, p+t]. The steps run in
+  # segments, each over a cache only as long as its last step needs (grown with zeros in
+  # between): decode reads the whole cache every step, so a shorter cache is a faster step.
+  for i, end in enumerate(ends):
+    if i > 0:
+      grow = cache_len(i) - cache_len(i - 1)
+      pad = lambda c: cache_lib.constrain(
+          jnp.pad(c, ((0, 0), (0, 0), (0, grow), (0, 0))), shard(cache_len(i)))
+      state["cache"] = jax.tree.map(pad, state["cache"])
+      state["valid"] = jnp.pad(state["valid"], ((0, 0), (0, grow)))
+    state = jax.lax.while_loop(lambda st, end=end: (st["t"] < end) & ~jnp.all(st["done"]),
+                               lambda st, i=i: body(st, shard(cache_len(i))), state)
   return SampleOutput(tokens=state["out_tok"], logprobs=state["out_lp"],
                       sample_logprobs=state["out_slp"], lengths=state["n"], stopped=state["done"])
