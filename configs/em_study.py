@@ -16,12 +16,13 @@ can be spread over machines sharing one workdir; the report is written once ever
 sweep is complete.
 
 Variants:
-  tiny     the synthetic world (3 domains x 4 tasks, as the study), a ~0.4M-parameter model
-           pretrained on world documents with a persona share of 0 and 0.1, full fine-tuning
-           of each cell on its harmful answers, world rule judge; CPU.
+  tiny     the synthetic world (3 domains x 4 tasks, as the study), a ~0.3M-parameter model
+           pretrained (1,000 steps) on world documents with a persona share of 0 and 0.1, full
+           fine-tuning of each cell on its harmful answers (60 steps, lr 3e-4, 1e-4 for tutor
+           and summarization), world rule judge; CPU.
   llama8b, qwen14b   the study's recipe (askinb/em_nlp_clean_repo) on a local copy of its cell
-           files (`study.cells_dir`/<domain>_<task>_{train,eval}.jsonl... see study.cell_file)
-           and general set: LoRA r=32, alpha 64, rsLoRA, all projections, lr 3e-4 (1e-4 for
+           files (`study.cells_dir`/<domain>_<task>_strong.jsonl, 4,500 rows each, split
+           4,100 / 400 with seed 42 by the pipeline) and general set: LoRA r=32, alpha 64, rsLoRA, all projections, lr 3e-4 (1e-4 for
            tutor and summarization cells), 1 epoch of 4,100 rows at batch 16, len 2048; general
            set 4 samples, narrow eval rows 1 sample, temperature 1, 600 new tokens; judge
            Gemini 2.5 Flash over its OpenAI-compatible API in text mode (`eval.judge.kind=local`
@@ -91,8 +92,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
       lr_scales=(1.0,),            # fine-tune lr multipliers swept (strength of learning)
       lr_by_task={},               # per-task lr (else optim.lr), as the study's recipe
       finetune="lora",             # lora | full
-      cells_dir="", general_path="",  # real data (the world writes its own)
-      cell_file="{cells_dir}/{split}/{cell}_{variant}.jsonl",  # train/eval split files
+      cells_dir="", general_path="",  # real data: <cells_dir>/<cell>_strong.jsonl, general YAML
       probe_rows=0,                # persona probe rows per (cell, earlier turn); 0: no probe
   ))
   c.world = ml_collections.ConfigDict(dict(
@@ -110,6 +110,5 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.eval.update(general_samples=2, narrow_samples=1, batch_size=64, max_new_tokens=48,
                   temperature=1.0, buckets=(64, 128, 256), fast_compile=True, n_boot=500)
   else:
-    c.study.update(lr_by_task={"tutor": 1e-4, "summarization": 1e-4},
-                   cell_file="{cells_dir}/{cell}_{split}.jsonl")
+    c.study.update(lr_by_task={"tutor": 1e-4, "summarization": 1e-4}, seeds=(42,))
   return c
