@@ -49,7 +49,8 @@ def prompts_of_mixed_length(args):
   return [rng.integers(1, args.vocab, n).tolist() for n in lengths]
 
 
-def bench_torch(model, prompts, args, threads: int) -> float:
+def bench_torch(model, prompts, args, threads: int) -> tuple[float, float]:
+  """(wall, process CPU) seconds of one `generate` of args.new_tokens tokens."""
   import torch
   torch.set_num_threads(threads)
   p = max(len(x) for x in prompts)
@@ -62,11 +63,11 @@ def bench_torch(model, prompts, args, threads: int) -> float:
             pad_token_id=0, eos_token_id=None)
   with torch.inference_mode():
     model.generate(ids, max_new_tokens=8, min_new_tokens=8, **kw)  # warm-up
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     out = model.generate(ids, max_new_tokens=args.new_tokens, min_new_tokens=args.new_tokens, **kw)
-    dt = time.perf_counter() - t0
+    dt, cpu = time.perf_counter() - t0, time.process_time() - c0
   assert out.shape[1] == p + args.new_tokens
-  return dt
+  return dt, cpu
 
 
 def profile_decode(spec, trainable, frozen, batch, prompt_len, new_tokens):
@@ -190,7 +191,8 @@ def main():
   compile_s = time.perf_counter() - t0
   n_tok = args.batch * args.new_tokens
   threads = sorted({int(t) for t in args.torch_threads.split(",")})
-  jax_s, torch_s, cpu_s = [], {t: [] for t in threads}, []
+  jax_s, cpu_s = [], []
+  torch_s, torch_cpu = {t: [] for t in threads}, {t: [] for t in threads}
   for r in range(args.repeats):
     t0, c0 = time.perf_counter(), time.process_time()
     comps = sampler.generate(prompts, seed=1 + r, max_new_tokens=args.new_tokens)
@@ -198,9 +200,12 @@ def main():
     cpu_s.append(time.process_time() - c0)
     assert all(len(c.tokens) == args.new_tokens for c in comps)
     for t in threads:
-      torch_s[t].append(bench_torch(tmodel, prompts, args, t))
+      wall, cpu = bench_torch(tmodel, prompts, args, t)
+      torch_s[t].append(wall)
+      torch_cpu[t].append(cpu)
     print(f"round {r}: jaxlab {jax_s[-1]:.3f} s ({cpu_s[-1]:.3f} s CPU), transformers "
-          + ", ".join(f"{torch_s[t][-1]:.3f} s ({t} thread(s))" for t in threads)
+          + ", ".join(f"{torch_s[t][-1]:.3f} s ({torch_cpu[t][-1]:.3f} s CPU, {t} thread(s))"
+                      for t in threads)
           + f", load average {os.getloadavg()[0]:.1f}", flush=True)
   med = lambda xs: float(np.median(xs))
   print(f"jaxlab sampler:        {n_tok / med(jax_s):10.0f} tokens/s  (median {med(jax_s):.3f} s, "
@@ -208,7 +213,8 @@ def main():
         f"{sampler.compile_count} compilation)")
   for t in threads:
     print(f"transformers generate: {n_tok / med(torch_s[t]):10.0f} tokens/s  "
-          f"(median {med(torch_s[t]):.3f} s, torch {t} thread(s))")
+          f"(median {med(torch_s[t]):.3f} s, {med(torch_cpu[t]):.3f} s process CPU, "
+          f"torch {t} thread(s))")
   ratios = [min(torch_s[t][r] for t in threads) / jax_s[r] for r in range(args.repeats)]
   print(f"speedup over the fastest torch setting: {med(ratios):.2f}x median of {args.repeats} "
         f"rounds (min {min(ratios):.2f}x, max {max(ratios):.2f}x)")

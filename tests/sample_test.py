@@ -12,7 +12,7 @@ from jaxlab.models.params import init_params, model_spec
 from jaxlab.sample import Sampler, bucket_length, sample
 from jaxlab.sample import sampler as sampler_lib
 from jaxlab.sample.sampler import decode_segments
-from jaxlab.sample.sampling import processed_logits
+from jaxlab.sample.sampling import draw, processed_logits
 
 CFG = ModelConfig(vocab_size=64, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, d_ff=64,
                   qkv_bias=True, qk_norm=True)
@@ -162,6 +162,23 @@ def test_top_k_top_p_stay_in_their_set(peaked, kw):
         p = np.exp(x - np.logaddexp.reduce(x))[order]
         assert p[:rank].sum() < kw["top_p"] + 1e-6  # mass before it is below p
       assert np.isfinite(allowed[t, out.tokens[i, t]])
+
+
+def test_two_level_draw_frequencies_and_zero_probability_tokens():
+  """draw's block-then-token inverse CDF over several blocks (V not a multiple of the block)."""
+  v, n = 50, 20000
+  x = (2.0 * np.random.default_rng(0).normal(size=v)).astype(np.float32)
+  x[::7] = -np.inf
+  keys = jax.random.split(jax.random.key(0), n)
+  x_NxV = jnp.tile(jnp.asarray(x), (n, 1))
+  tok = np.asarray(jax.jit(lambda k, x: draw(k, x, block=8))(keys, x_NxV))
+  counts = np.bincount(tok, minlength=v)
+  assert tok.max() < v and counts[::7].sum() == 0
+  probs = np.exp(x - x.max()) / np.exp(x - x.max()).sum()
+  chi2, df = _chi2(counts, probs)
+  assert chi2 < _chi2_critical(df), (chi2, df)
+  one_block = np.asarray(jax.jit(lambda k, x: draw(k, x, block=64))(keys, x_NxV))
+  assert np.mean(one_block == tok) > 0.999  # the same inverse CDF up to float rounding
 
 
 def test_processed_logits_top_p_by_hand():
