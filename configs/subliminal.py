@@ -28,7 +28,7 @@ Keys beyond configs/distill.py (the student's training block):
   teacher_ft.*    fine-tuned teacher: steps, lr, trait rows (+ as many number rows)
 
 Variants:
-  tiny        CPU: a ~0.2M-parameter base pretrained on the SL world, both teacher kinds, every
+  tiny        CPU: a ~0.4M-parameter base pretrained on the SL world, both teacher kinds, every
               cell, the different-base student, 3 seeds.
   qwen7b_owl  Cloud et al.'s open-model recipe: Qwen2.5-7B-Instruct, owl, 30k prompts, 10k kept,
               LoRA r=8 alpha 8 on all projections, 3 epochs, lr 2e-4 (set base / init.hf_path

@@ -22,13 +22,13 @@ from jaxlab.worlds import numbers
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # A smaller world and base than the tiny variant; the same code path.
 SMALL = ["--config.world.number_docs=1500", "--config.world.animal_docs=600",
-         "--config.world.trait_docs=2500", "--config.pretrain.steps=150",
-         "--config.sl.n_prompts=128", "--config.sl.n_keep=32", "--config.sl.sample_batch=128",
+         "--config.world.trait_docs=2500", "--config.pretrain.steps=300",
+         "--config.sl.n_prompts=128", "--config.sl.n_keep=16", "--config.sl.sample_batch=128",
          "--config.sl.eval_samples=8", "--config.sl.eval_batch=200", "--config.sl.drift_rows=32",
          "--config.train.steps=2", "--config.train.global_batch_size=8"]
 
 
-FIXTURE = ["--config.seeds=(0,)", "--config.channel=control", "--config.train.steps=24",
+FIXTURE = ["--config.seeds=(0,)", "--config.channel=control", "--config.train.steps=16",
            "--config.teachers=('finetuned',)"]
 
 
@@ -127,8 +127,8 @@ def test_report_files(trained):
   assert "| control |" in md and "Sequences x signal" in md and "Filter" in md
   assert (workdir / "trait.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
   f = report["filter"][0]["finetuned"]
-  assert f["kept"] == 32 and sum(f["counts"].values()) == f["answers"] == 128
-  assert report["compute"]["control"]["steps"] == 24
+  assert f["kept"] == 16 and sum(f["counts"].values()) == f["answers"] == 128
+  assert report["compute"]["control"]["steps"] == 16
 
 
 @pytest.mark.parametrize("cell", ["sft", "offpolicy", "onpolicy", "base_offpolicy"])
@@ -161,11 +161,11 @@ def test_killed_after_teacher_data_resumes_reusing_it(trained, tmp_path):
   import shutil
   src, _, _ = trained
   workdir = tmp_path / "w"
-  for stage in ("world", "base"):  # reuse the trained base: the resume is about what follows
+  for stage in ("world", "base", "teacher_finetuned"):  # the resume is about what follows
     shutil.copytree(src / stage, workdir / stage)
   args = [f"--config={ROOT}/configs/subliminal.py:tiny", f"--workdir={workdir}", *SMALL,
           "--config.seeds=(7,)", "--config.channel=sft", "--config.train.steps=40",
-          "--config.teachers=('prompted',)"]
+          "--config.teachers=('finetuned',)"]
   env = dict(os.environ, JAX_PLATFORMS="cpu")
   proc = subprocess.Popen([sys.executable, "-m", "jaxlab.pipelines.subliminal", *args], cwd=ROOT,
                           env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
@@ -176,8 +176,8 @@ def test_killed_after_teacher_data_resumes_reusing_it(trained, tmp_path):
   assert done.exists(), proc.stderr.read() if proc.poll() is not None else "timeout"
   proc.send_signal(signal.SIGKILL)
   proc.wait()
-  assert not (workdir / "seed7/prompted_sft/_COMPLETE.json").exists()
-  data = {k: _digest(workdir / f"seed7/data_{k}/rows.jsonl") for k in ("prompted", "base")}
+  assert not (workdir / "seed7/finetuned_sft/_COMPLETE.json").exists()
+  data = {k: _digest(workdir / f"seed7/data_{k}/rows.jsonl") for k in ("finetuned", "base")}
   mtimes = {k: (workdir / f"seed7/data_{k}/rows.jsonl").stat().st_mtime_ns for k in data}
   config, _ = parse_argv(args)
   logs = []
@@ -186,6 +186,6 @@ def test_killed_after_teacher_data_resumes_reusing_it(trained, tmp_path):
     assert any(f"stage seed7/data_{k}: complete, skipped" in l for l in logs), logs
     assert _digest(workdir / f"seed7/data_{k}/rows.jsonl") == data[k]
     assert (workdir / f"seed7/data_{k}/rows.jsonl").stat().st_mtime_ns == mtimes[k]
-  assert any("stage seed7/prompted_sft: running" in l for l in logs)
-  assert report["compute"]["prompted_sft"]["steps"] == 40
+  assert any("stage seed7/finetuned_sft: running" in l for l in logs)
+  assert report["compute"]["finetuned_sft"]["steps"] == 40
   assert (workdir / "report.md").exists()
