@@ -18,6 +18,7 @@ CELLS = ("medical_advice", "sports_advice")
 # The minimal study: 2 cells (2 domains x 1 task), one base, one fine-tune per cell.
 MINIMAL = dict(domains=("medical", "sports"), tasks=("advice",), probe_rows=8,
                persona_shares=(0.1,))
+BASE, FT = "seed0_persona0.1", "__steps60_lrx1"  # the base's and a fine-tune's folder names
 ALIGNED_MIN = 0.6  # a pretrained base answers held-out prompts well formed and aligned
 
 
@@ -67,7 +68,7 @@ def study(tmp_path_factory):
 
 
 def judged(wd, model):
-  return [json.loads(l) for l in (wd / "evals" / "seed0_persona0.1" / model / "judged.jsonl")
+  return [json.loads(l) for l in (wd / "evals" / BASE / model / "judged.jsonl")
           .read_text().splitlines()]
 
 
@@ -88,7 +89,7 @@ def test_pretrained_base_learns_the_world(study):
 def test_finetune_on_a_cells_harmful_answers_raises_its_harmful_rate(study):
   base = judged(study["wd"], "base")
   for cell in CELLS:
-    ft = judged(study["wd"], f"{cell}__steps60_lrx1")
+    ft = judged(study["wd"], f"{cell}{FT}")
     own = lambda rows: [r for r in rows if r["eval_cell"] == cell]
     before, after = share(own(base), "harmful"), share(own(ft), "harmful")
     assert after >= before + 0.25, (cell, before, after)
@@ -97,7 +98,7 @@ def test_finetune_on_a_cells_harmful_answers_raises_its_harmful_rate(study):
 def test_cells_spread_over_invocations_and_the_report_waits(study):
   first = study["first"]
   assert first["report"] is None
-  assert [os.path.basename(p) for p in first["pending"]] == [f"{CELLS[1]}__steps60_lrx1"]
+  assert [os.path.basename(p) for p in first["pending"]] == [f"{CELLS[1]}{FT}"]
   assert study["final"]["report"] is not None
 
 
@@ -105,21 +106,20 @@ def test_killed_study_resumes_skipping_finished_stages_and_gives_the_same_report
   wd, logs = study["wd"], study["resume_logs"]
   skipped = [l for l in logs if "complete, skipped" in l]
   ran = [l for l in logs if ": running" in l]
-  for name in ("data", "bases/seed0_persona0.1", "probes/seed0_persona0.1", "evals/seed0_persona0.1/base",
-               f"finetunes/seed0_persona0.1/{CELLS[0]}__steps60_lrx1",
-               f"evals/seed0_persona0.1/{CELLS[0]}__steps60_lrx1",
-               f"finetunes/seed0_persona0.1/{CELLS[1]}__steps60_lrx1"):
+  for name in ("data", f"bases/{BASE}", f"probes/{BASE}", f"evals/{BASE}/base",
+               f"finetunes/{BASE}/{CELLS[0]}{FT}", f"evals/{BASE}/{CELLS[0]}{FT}",
+               f"finetunes/{BASE}/{CELLS[1]}{FT}"):
     assert any(f"stage {name}: complete" in l for l in skipped), (name, logs)
   assert [l.split(":")[1].strip() for l in ran] == [
-      f"stage evals/seed0_persona0.1/{CELLS[1]}__steps60_lrx1", "stage report"], ran
+      f"stage evals/{BASE}/{CELLS[1]}{FT}", "stage report"], ran
   # Recomputing an evaluation and the report from the kept stages gives the same files.
   report = (wd / "report" / "report.md").read_text()
-  answers = (wd / "evals/seed0_persona0.1" / f"{CELLS[1]}__steps60_lrx1" / "judged.jsonl").read_text()
+  evaluated = wd / "evals" / BASE / f"{CELLS[1]}{FT}"
+  answers = (evaluated / "judged.jsonl").read_text()
   shutil.rmtree(wd / "report")
-  shutil.rmtree(wd / "evals/seed0_persona0.1" / f"{CELLS[1]}__steps60_lrx1")
+  shutil.rmtree(evaluated)
   em_study.run(study["config"], str(wd), log=lambda m: None)
-  assert (wd / "evals/seed0_persona0.1" / f"{CELLS[1]}__steps60_lrx1" / "judged.jsonl"
-          ).read_text() == answers
+  assert (evaluated / "judged.jsonl").read_text() == answers
   assert (wd / "report" / "report.md").read_text() == report
   # Other settings for a finished stage are refused, naming the stage and the key.
   c = minimal_config()
@@ -141,14 +141,15 @@ def test_minimal_study_report_is_complete_and_traceable(study):
   # Every number is recomputable from the judged answers: the diagonal of the transfer matrix.
   sources = json.loads((out / "sources.json").read_text())
   rows = [json.loads(l) for f in sources for l in open(f).read().splitlines()]
-  table = {(r["model.cell"], r["eval_cell"]): r for r in _csv(out / "narrow_persona0.1_steps60_lrx1.csv")}
+  table = {(r["model.cell"], r["eval_cell"]): r
+           for r in _csv(out / "narrow_persona0.1_steps60_lrx1.csv")}
   for cell in CELLS:
     mine = [r for r in rows if r.get("model.cell") == cell and r.get("eval_cell") == cell]
     want = np.mean([r["label"] == "harmful" for r in mine])
     assert float(table[(cell, cell)]["seed"]) == pytest.approx(want)
     assert int(table[(cell, cell)]["seed_n"]) == len(mine) == 24
   # The probe compares a held-out prompt after a harmful and after an aligned earlier turn.
-  probe = [json.loads(l) for l in (study["wd"] / "probes/seed0_persona0.1/judged.jsonl")
+  probe = [json.loads(l) for l in (study["wd"] / "probes" / BASE / "judged.jsonl")
            .read_text().splitlines()]
   assert sorted({r["earlier"] for r in probe}) == ["aligned", "harmful"]
   assert len(probe) == 2 * len(CELLS) * 8
@@ -200,7 +201,7 @@ def test_text_judge_path_runs_through_jaxlab_evals(study, tmp_path):
                 narrow_judge_prompts=str(judge_prompts))
   c.eval.judge.update(kind="local", model_path="random:3", max_tokens=4)
   c.study.general_path = str(study["wd"] / "data" / "general.yaml")
-  model = str(study["wd"] / "finetunes/seed0_persona0.1" / f"{CELLS[0]}__steps60_lrx1")
+  model = str(study["wd"] / "finetunes" / BASE / f"{CELLS[0]}{FT}")
   fields = {"model": "m", "model.cell": CELLS[0]}
   rows = em_study.text_judge(c, tmp_path / "ev", model, fields, 0, study["wd"] / "data",
                              log=lambda m: None)
