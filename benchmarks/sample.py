@@ -71,8 +71,9 @@ def bench_torch(model, prompts, args, threads: int) -> tuple[float, float]:
 
 
 def profile_decode(spec, trainable, frozen, batch, prompt_len, new_tokens):
-  """Seconds (wall, process CPU) of the pieces of the sampler's decode steps, each run alone in
-  a loop of as many steps as the sampler makes, with its cache lengths (decode_segments)."""
+  """Seconds (wall, process CPU) of the pieces of the sampler: its prefill, and the pieces of its
+  decode steps, each run alone in a loop of as many steps as the sampler makes, with its cache
+  lengths (decode_segments)."""
   import jax
   import jax.numpy as jnp
   from jaxlab.sample import cache as cache_lib
@@ -120,7 +121,17 @@ def profile_decode(spec, trainable, frozen, batch, prompt_len, new_tokens):
       return acc + tok[:, None] % 2 + (lp[:, None] > 0)
     return jax.lax.fori_loop(0, steps, step, jnp.zeros((b, 1), jnp.int32))
 
-  pieces = {"cached forward, all layers (no logits)": partial(over_cache(forward), caches=caches),
+  def prefill(tr, fr, tokens_BxP):  # the prompt bucket through every layer, then one logit row
+    model = spec.merge(tr, fr)
+    mask_BxPxP = jnp.broadcast_to(jnp.tril(jnp.ones((p, p), bool)), (b, p, p))
+    positions_BxP = jnp.broadcast_to(jnp.arange(p), (b, p))
+    x, _ = cache_lib.forward(model, cache_lib.init_cache(cfg, b, segs[0][0]), tokens_BxP,
+                             positions_BxP, 0, mask_BxPxP, prefill=True)
+    return model.logits(x[:, -1:])
+
+  tokens_BxP = jnp.ones((b, p), jnp.int32)
+  pieces = {"prefill (prompt bucket, once)": partial(jax.jit(prefill), tokens_BxP=tokens_BxP),
+            "cached forward, all layers (no logits)": partial(over_cache(forward), caches=caches),
             "  of which attention over the cache + o_proj": partial(over_cache(attention),
                                                                     caches=caches),
             "logits (final norm + lm head)": logits,
@@ -221,7 +232,7 @@ def main():
   if args.profile:
     lengths = [len(x) for x in prompts]
     prof = profile_decode(spec, trainable, frozen, args.batch, args.max_prompt, args.new_tokens)
-    print(f"decode profile ({args.new_tokens - 1} steps, batch {args.batch}, prompt bucket "
+    print(f"sampler profile (prefill, then {args.new_tokens - 1} decode steps, batch {args.batch}, prompt bucket "
           f"{args.max_prompt}; each piece alone; seconds wall / process CPU; whole sampler "
           f"median {med(jax_s):.3f} / {med(cpu_s):.3f}, prompts {min(lengths)}-{max(lengths)}):")
     for name, (w, c) in prof.items():
