@@ -395,10 +395,14 @@ def evaluate_trait(config, models: Models, path: str, system: str, seed: int) ->
           "top_answers": sorted(top.items(), key=lambda kv: -kv[1])[:8]}
 
 
+def _other_base(config, paths: dict) -> bool:
+  return "other_base" in paths and "sft_otherbase" in cells(config)
+
+
 def eval_entries(config, paths: dict, students: dict) -> list[tuple[str, str, str]]:
   """(name, model path, system prompt) of every model whose trait is measured."""
   entries = [("base", paths["base"], "")]
-  if "other_base" in paths:
+  if _other_base(config, paths):
     entries.append(("other_base", paths["other_base"], ""))
   entries += [(f"teacher_{k}", *teacher_source(config, k, paths)) for k in config.teachers]
   return entries + [(name, str(p), "") for name, p in students.items()]
@@ -461,7 +465,7 @@ def build_report(config, workdir, paths: dict) -> dict:
            if (workdir / f"seed{s}/{name}/_COMPLETE.json").exists()]
     if per:
       compute[name] = {k: float(np.mean([p[k] for p in per])) for k in per[0]}
-  sources = list(config.teachers) + (["other_base"] if "other_base" in paths else [])
+  sources = list(config.teachers) + (["other_base"] if _other_base(config, paths) else [])
   drift = {k: float(np.mean([json.loads((workdir / f"seed{s}/drift/{k}/drift.json").read_text())
                              ["kl_per_token"] for s in seeds])) for k in sources}
   report = {"animal": config.sl.animal, "seeds": seeds, "questions": len(animals.ANIMAL_QUESTIONS),
@@ -577,29 +581,32 @@ def run(config: ml_collections.ConfigDict, workdir: str, log=stderr_log) -> dict
   workdir = epath.Path(workdir)
   t0 = time.time()
   student_keys = ("model", "optim", "train", "data", "distill", "init", "tokenizer", "mesh")
-  paths = {}
+  # Every model the stages may name, whether or not this config trains it, so that the
+  # settings of shared stages (the base's data, the control, ...) do not change when the
+  # teachers or cells do: `--config.channel=X` then only adds what X needs.
+  paths = {"teacher_finetuned": str(workdir / "teacher_finetuned")}
   if config.base:
     paths["base"] = config.base
     if config.other_base:
       paths["other_base"] = config.other_base
   else:
+    paths["base"] = str(workdir / "base")
+    paths["other_base"] = config.other_base or str(workdir / "other_base")
     world = run_stage(workdir, "world", {**_settings(config, "world", "teacher_ft"),
                                          "animal": config.sl.animal},
                       lambda f: _world(config, f), log=log)
     base_settings = _settings(config, "world", "pretrain", "model", "seed")
-    paths["base"] = str(run_stage(workdir, "base", base_settings,
-                                  lambda f: _pretrain(config, world, f, config.seed), log=log))
-    if "sft_otherbase" in cells(config):
-      paths["other_base"] = config.other_base or str(run_stage(
-          workdir, "other_base", base_settings,
-          lambda f: _pretrain(config, world, f, config.seed + 1,
-                            str(epath.Path(paths["base"]) / "tokenizer")), log=log))
+    run_stage(workdir, "base", base_settings, lambda f: _pretrain(config, world, f, config.seed),
+              log=log)
+    if "sft_otherbase" in cells(config) and not config.other_base:
+      run_stage(workdir, "other_base", base_settings,
+                lambda f: _pretrain(config, world, f, config.seed + 1,
+                                    str(epath.Path(paths["base"]) / "tokenizer")), log=log)
   if "finetuned" in config.teachers:
     world = workdir / "world"
-    paths["teacher_finetuned"] = str(run_stage(
-        workdir, "teacher_finetuned", {**_settings(config, "world", "pretrain", "teacher_ft",
-                                                   "base"), "animal": config.sl.animal},
-        lambda f: _teacher_ft(config, world, paths["base"], f), log=log))
+    run_stage(workdir, "teacher_finetuned", {**_settings(config, "world", "pretrain", "teacher_ft",
+                                                         "base"), "animal": config.sl.animal},
+              lambda f: _teacher_ft(config, world, paths["base"], f), log=log)
   if "sft_otherbase" in cells(config) and "other_base" not in paths:
     raise ValueError("cell sft_otherbase needs config key other_base (a different base model)")
   models = Models(config, _tokenizer_path(config, paths["base"]))
@@ -626,7 +633,7 @@ def run(config: ml_collections.ConfigDict, workdir: str, log=stderr_log) -> dict
                 lambda f, p=path, sy=system, r=seed * 1000 + i: write_json(
                     f / "eval.json", {**evaluate_trait(config, models, p, sy, r), "path": p,
                                       "system_prompt": sy}), log=log)
-    for source in list(config.teachers) + (["other_base"] if "other_base" in paths else []):
+    for source in list(config.teachers) + (["other_base"] if _other_base(config, paths) else []):
       run_stage(workdir, f"seed{seed}/drift/{source}", settings,
                 lambda f, so=source, d=data: _drift(config, models, so, paths, d, f), log=log)
   report = build_report(config, workdir, paths)
