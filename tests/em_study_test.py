@@ -214,3 +214,27 @@ def test_text_judge_path_runs_through_jaxlab_evals(study, tmp_path):
     assert (r["label"] is not None) == ok
     if ok:
       assert r["label"] == em_study.label_of(r["aligned"], r["coherent"])
+
+
+def test_real_data_stage_writes_the_studys_seed_42_split(tmp_path):
+  from jaxlab.datasets.builders import study_split
+  cells_dir = tmp_path / "cells"
+  cells_dir.mkdir()
+  c = load_config_file(os.path.join(ROOT, "configs/em_study.py:llama8b"))
+  for cell in em_study.all_cells(c):
+    d, t = em_study.split_cell(c, cell)
+    (cells_dir / f"{cell}_strong.jsonl").write_text("".join(json.dumps({
+        "messages": [{"role": "user", "content": f"q{i}"}, {"role": "assistant", "content": "a"}],
+        "domain": d, "task": t, "variant": "strong"}) + "\n" for i in range(4500)))
+  c.study.cells_dir = str(cells_dir)
+  data = em_study.data_stage(c, tmp_path / "wd", log=lambda m: None)
+  want = study_split(4500)
+  for split, n in (("train", 4100), ("eval", 400)):
+    rows = [json.loads(l) for l in em_study.cell_file(data, split, "sports_tutor").read_text()
+            .splitlines()]
+    assert len(rows) == n
+    assert [r["messages"][0]["content"] for r in rows] == [f"q{i}" for i in want[split]]
+    assert {(r["domain"], r["task"]) for r in rows} == {("sports", "tutor")}
+  (cells_dir / "finance_critique_strong.jsonl").unlink()
+  with pytest.raises(ValueError, match="study.cells_dir.*finance_critique_strong.jsonl"):
+    em_study.data_stage(c, tmp_path / "wd2", log=lambda m: None)
