@@ -25,7 +25,8 @@ SMALL = ["--config.world.number_docs=1500", "--config.world.animal_docs=600",
          "--config.world.trait_docs=2500", "--config.pretrain.steps=300",
          "--config.sl.n_prompts=128", "--config.sl.n_keep=16", "--config.sl.sample_batch=128",
          "--config.sl.eval_samples=8", "--config.sl.eval_batch=200", "--config.sl.drift_rows=32",
-         "--config.train.steps=2", "--config.train.global_batch_size=8"]
+         "--config.train.steps=2", "--config.train.global_batch_size=8",
+         "--config.distill.heldout_rows=4"]
 
 
 FIXTURE = ["--config.seeds=(0,)", "--config.channel=control", "--config.train.steps=16",
@@ -75,7 +76,8 @@ def test_config_errors_name_the_key(tmp_path):
                      (["--config.teachers=('angry',)"], "teachers"),
                      (["--config.sl.animal=dragon"], "sl.animal"),
                      (["--config.sl.n_keep=500"], "sl.n_keep"),
-                     (["--config.teachers=('external',)"], "teacher.path")):
+                     (["--config.teachers=('external',)"], "teacher.path"),
+                     (["--config.distill.heldout_rows=16"], "distill.heldout_rows")):
     config, _ = _config(tmp_path, *extra)
     with pytest.raises(ValueError, match=key):
       sl.run(config, str(tmp_path / "never"))

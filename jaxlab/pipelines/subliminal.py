@@ -71,6 +71,10 @@ def validate(config) -> None:
                      f"{config.sl.n_prompts}: need 0 < n_keep <= n_prompts")
   if not config.seeds:
     raise ValueError("config key seeds is empty")
+  if any(CELLS[c][1] == "soft" for c in cells(config)) and \
+      config.distill.heldout_rows >= config.sl.n_keep:
+    raise ValueError(f"config key distill.heldout_rows={config.distill.heldout_rows} holds out "
+                     f"every one of the sl.n_keep={config.sl.n_keep} rows: nothing to distill on")
 
 
 def trait_prompt(config) -> str:
