@@ -139,7 +139,9 @@ def test_silent_bit_flip_is_caught_by_the_fingerprint(tmp_path, capfd):
   plain = ocp.CheckpointManager(tmp_path / "ck", item_names=("state",))
   raw = plain.restore(2, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract)))
   diff = np.asarray(raw["state"]["w"]) != np.asarray(states[1]["w"])
-  assert diff.sum() == 1 and np.isfinite(np.asarray(raw["state"]["w"])).all()  # silent damage
+  # Silent damage: Orbax restores without an error but values changed (one or a whole
+  # compressed block of them, depending on where the flipped byte lands in the chunk layout).
+  assert diff.sum() >= 1
   ck = checkpoint.Checkpointer(tmp_path / "ck", every=1, keep=3, async_save=False)
   restored, _, _ = ck.restore(abstract)
   assert int(restored["step"]) == 1
