@@ -30,20 +30,16 @@ Keys beyond configs/sft.py:
   data.prompt_len / data.teacher_prompt_len / data.completion_len   padded lengths; the
                           completion length is also the on-policy sampling budget
 """
-import importlib.util
-import os
 
 import ml_collections
+
+from jaxlab.config import sibling_config
 
 VARIANTS = ("tiny",)  # every variant (the shape-check test)
 
 
 def _sft_config(variant):
-  spec = importlib.util.spec_from_file_location(
-      "_jaxlab_sft_config", os.path.join(os.path.dirname(os.path.abspath(__file__)), "sft.py"))
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module.get_config(variant)
+  return sibling_config(__file__, "sft.py", variant)
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:

@@ -38,10 +38,10 @@ every chip on fsdp (subliminal: (1,2,-1), its 22-row micro-batches split two way
 em_qwen_coder32b on v5e-16 uses 90% of each chip (the check's limit): little room for longer
 sequences or bigger batches there.
 """
-import importlib.util
-import os
 
 import ml_collections
+
+from jaxlab.config import sibling_config
 
 from jaxlab.models import presets
 
@@ -56,11 +56,7 @@ EM_DATA = "../shared/data/emergent-misalignment/data/insecure.jsonl"
 
 
 def _sft_config(variant):
-  spec = importlib.util.spec_from_file_location(
-      "_jaxlab_sft_config", os.path.join(os.path.dirname(os.path.abspath(__file__)), "sft.py"))
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module.get_config(variant)
+  return sibling_config(__file__, "sft.py", variant)
 
 
 def _set_model(c, preset: str) -> None:

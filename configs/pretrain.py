@@ -16,20 +16,16 @@ Variants:
   tiny   a ~1M-parameter model from scratch on CPU (sources given on the command line; the EM
          study and subliminal pipelines write and pass them).
 """
-import importlib.util
-import os
 
 import ml_collections
+
+from jaxlab.config import sibling_config
 
 VARIANTS = ("tiny",)  # every variant (the shape-check test)
 
 
 def _sft_config(variant):
-  spec = importlib.util.spec_from_file_location(
-      "_jaxlab_sft_config", os.path.join(os.path.dirname(os.path.abspath(__file__)), "sft.py"))
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module.get_config(variant)
+  return sibling_config(__file__, "sft.py", variant)
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:

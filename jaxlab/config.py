@@ -59,6 +59,13 @@ def with_run_defaults(config: ml_collections.ConfigDict) -> ml_collections.Confi
   return config
 
 
+def sibling_config(config_file: str, name: str, arg: str | None = None) -> ml_collections.ConfigDict:
+  """get_config(arg) of the config file `name` beside `config_file`: how one config extends
+  another (e.g. configs/distill.py starts from configs/sft.py's)."""
+  path = os.path.join(os.path.dirname(os.path.abspath(config_file)), name)
+  return load_config_file(path + (f":{arg}" if arg else ""))
+
+
 def _all_keys(config: ml_collections.ConfigDict, prefix: str = "") -> list[str]:
   keys = []
   for k, v in config.items():
