@@ -42,7 +42,6 @@ sequences or bigger batches there.
 import ml_collections
 
 from jaxlab.config import sibling_config
-
 from jaxlab.models import presets
 
 VARIANTS = ("study_llama8b", "study_qwen14b", "em_qwen_coder32b", "em_qwen7b", "rank1_qwen14b",
