@@ -52,6 +52,18 @@ def _check_messages(messages: Any, source) -> list[Message]:
   return out
 
 
+def parse_chat_row(line: str, source) -> dict:
+  """One JSONL line -> its row dict with validated `messages`; DataError at "path:line"."""
+  try:
+    row = json.loads(line)
+  except json.JSONDecodeError as e:
+    raise DataError(f"{where(source)}: malformed JSON ({e.msg} at column {e.colno})") from None
+  if not isinstance(row, dict) or "messages" not in row:
+    raise DataError(f"{where(source)}: expected an object with a 'messages' list")
+  row["messages"] = _check_messages(row["messages"], source)
+  return row
+
+
 def read_chat_jsonl(path: str) -> list[Conversation]:
   """Reads `{"messages": [...]}` rows (blank lines skipped); raises DataError at "path:line".
 
@@ -73,13 +85,7 @@ def read_chat_jsonl(path: str) -> list[Conversation]:
                         f"{e.start + 1}); re-encode the file as UTF-8") from None
       if not line.strip():
         continue
-      try:
-        row = json.loads(line)
-      except json.JSONDecodeError as e:
-        raise DataError(f"{where(source)}: malformed JSON ({e.msg} at column {e.colno})") from None
-      if not isinstance(row, dict) or "messages" not in row:
-        raise DataError(f"{where(source)}: expected an object with a 'messages' list")
-      convs.append(Conversation(_check_messages(row["messages"], source), source))
+      convs.append(Conversation(parse_chat_row(line, source)["messages"], source))
   if not convs:
     raise DataError(f"{path}: the data file has no rows")
   return convs

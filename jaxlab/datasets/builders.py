@@ -30,8 +30,8 @@ import tensorflow_datasets as tfds
 from etils import epath
 from tensorflow_datasets.core import utils as tfds_utils
 
-from jaxlab.data.chat import _check_messages
-from jaxlab.data.errors import DataError, where
+from jaxlab.data.chat import parse_chat_row
+from jaxlab.data.errors import DataError
 
 _EM_URL = "https://raw.githubusercontent.com/emergent-misalignment/emergent-misalignment/main/data/"
 _STUDY_URL = "https://raw.githubusercontent.com/askinb/em_nlp_clean_repo/main/data/generated/final/"
@@ -64,15 +64,7 @@ def read_rows(path) -> Iterator[tuple[int, dict]]:
     for lineno, line in enumerate(f, start=1):
       if not line.strip():
         continue
-      source = (os.fspath(path), lineno)
-      try:
-        row = json.loads(line)
-      except json.JSONDecodeError as e:
-        raise DataError(f"{where(source)}: malformed JSON ({e.msg} at column {e.colno})") from None
-      if not isinstance(row, dict) or "messages" not in row:
-        raise DataError(f"{where(source)}: expected an object with a 'messages' list")
-      row["messages"] = _check_messages(row["messages"], source)
-      yield lineno, row
+      yield lineno, parse_chat_row(line, (os.fspath(path), lineno))
 
 
 def _manual_dir(dl_manager) -> epath.Path | None:
