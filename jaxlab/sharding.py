@@ -27,6 +27,7 @@ DEFAULT_RULES: dict[str, Any] = {
     "mlp": "tensor",
     "head_dim": None,
     "norm": None,
+    "layers": None,  # the stacked layer axis of a scanned model (jaxlab.models.decoder)
 }
 
 

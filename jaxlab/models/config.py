@@ -4,6 +4,9 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
+# Names of jaxlab.models.decoder.REMAT_POLICIES, plus "none".
+REMAT_POLICY_NAMES = ("none", "full", "dots", "dots_no_batch", "save_qkvo")
+
 
 @dataclasses.dataclass(frozen=True)
 class LoraConfig:
@@ -52,8 +55,24 @@ class ModelConfig:
   # Storage dtype of the trainable params (hence of the optimizer moments); None = param_dtype.
   # Training configs set "float32": bf16 adapters/master weights round small updates to nothing.
   trainable_dtype: str | None = None
-  remat: bool = False
+  remat: bool = False  # the old switch: remat_policy "full" (True) or "none" (False)
+  # What the backward pass keeps of each block (decoder.REMAT_POLICIES); None = from `remat`.
+  remat_policy: str | None = None
+  # Layers as stacked params under lax.scan: compile time independent of depth (decoder.py).
+  scan_layers: bool = False
   lora: LoraConfig | None = None
+
+  def __post_init__(self):
+    if self.remat_policy is not None and self.remat_policy not in REMAT_POLICY_NAMES:
+      raise ValueError(f"config key model.remat_policy={self.remat_policy!r} is not one of "
+                       f"{REMAT_POLICY_NAMES}")
+
+  @property
+  def remat_mode(self) -> str:
+    """The remat policy in force: `remat_policy`, else "full" / "none" from `remat`."""
+    if self.remat_policy is not None:
+      return self.remat_policy
+    return "full" if self.remat else "none"
 
   @property
   def dim_per_head(self) -> int:

@@ -4,8 +4,12 @@ Every parameter carries `axes`: one logical axis name per dimension. The
 sharding layer (`jaxlab.sharding`) maps these names to mesh axes with rules
 from the config, so the model code never mentions a mesh.
 
+Layers are either a list of `Block`s (`layers/3/...`) or, with `cfg.scan_layers`, stacks of
+blocks whose params carry a leading "layers" axis (`stacks/0/...`), applied with `lax.scan`
+so tracing and compile time stop growing with depth (see `layer_runs`).
+
 Shapes in names: B batch, L length, D d_model, H heads, K kv heads, G = H/K,
-E head dim, F d_ff, V vocab.
+E head dim, F d_ff, V vocab, N layers of a stack.
 """
 from __future__ import annotations
 
@@ -16,8 +20,19 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from jax.ad_checkpoint import checkpoint_name
 
 from jaxlab.models.config import LoraConfig, ModelConfig
+
+# model.remat_policy -> what the backward pass keeps of a block's forward (the rest is
+# recomputed); "none" = no remat. "save_qkvo" keeps the attention inputs and output named
+# in `Attention`, so only the MLP and the projections' inputs are recomputed.
+REMAT_POLICIES = {
+    "full": None,  # keep only the block's input
+    "dots": jax.checkpoint_policies.checkpoint_dots,
+    "dots_no_batch": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+    "save_qkvo": jax.checkpoint_policies.save_only_these_names("q", "k", "v", "o"),
+}
 
 _NEG_INF = -1e30  # finite, so fully-masked (padding) rows stay NaN-free
 _CAUSAL_BLOCK = 128  # query block of Attention.attend_causal
@@ -114,11 +129,34 @@ def apply_rope(x_BxLxNxE: jax.Array, positions_BxL: jax.Array, inv_freq: np.ndar
   return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
 
 
-def _lora_for(cfg: ModelConfig, layer: int, name: str) -> LoraConfig | None:
+def _adapted(cfg: ModelConfig, layer: int) -> bool:
+  """Whether layer `layer` carries LoRA adapters (on the modules `lora.targets` match)."""
   lora = cfg.lora
-  if lora is None or (lora.layers is not None and layer not in lora.layers):
+  return lora is not None and (lora.layers is None or layer in lora.layers)
+
+
+def _lora_for(cfg: ModelConfig, layer: int, name: str) -> LoraConfig | None:
+  if not _adapted(cfg, layer):
     return None
-  return lora if any(re.search(t, name) for t in lora.targets) else None
+  return cfg.lora if any(re.search(t, name) for t in cfg.lora.targets) else None
+
+
+def layer_runs(cfg: ModelConfig) -> tuple[tuple[int, int], ...]:
+  """Maximal runs [start, stop) of consecutive layers with the same param structure.
+
+  Only layers of one structure can share a stack (a scan carries one pytree shape), and
+  layers differ only in carrying LoRA adapters or not; so `lora.layers=(0..15)` on 32 layers
+  gives two stacks, (0, 16) and (16, 32), and one adapted layer in the middle gives three.
+  """
+  runs = []
+  for i in range(cfg.n_layers):
+    if runs and _adapted(cfg, i) == _adapted(cfg, runs[-1][0]):
+      runs[-1][1] = i + 1
+    else:
+      runs.append([i, i + 1])
+  return tuple((a, b) for a, b in runs)
+
+
 
 
 class Attention(nnx.Module):
@@ -148,13 +186,15 @@ class Attention(nnx.Module):
     if cfg.qk_norm:
       q, k = self.q_norm(q), self.k_norm(k)
     inv_freq = rope_inv_freq(cfg)
-    return apply_rope(q, positions_BxL, inv_freq), apply_rope(k, positions_BxL, inv_freq), v
+    # Names for the "save_qkvo" remat policy (identity otherwise).
+    return (checkpoint_name(apply_rope(q, positions_BxL, inv_freq), "q"),
+            checkpoint_name(apply_rope(k, positions_BxL, inv_freq), "k"), checkpoint_name(v, "v"))
 
   def attend(self, q_BxLxHxE, k_BxSxKxE, v_BxSxKxE, mask_BxLxS):
     """softmax(q k^T / sqrt(E) + mask) v, computed in float32, grouped heads."""
     b, l, h, e = q_BxLxHxE.shape
     o_BxLxHxE = self._softmax_attention(q_BxLxHxE, k_BxSxKxE, v_BxSxKxE, mask_BxLxS)
-    return self.o_proj(o_BxLxHxE.reshape(b, l, h * e))
+    return self.o_proj(checkpoint_name(o_BxLxHxE.reshape(b, l, h * e), "o"))
 
   def _softmax_attention(self, q_BxLxHxE, k_BxSxKxE, v_BxSxKxE, mask_BxLxS):
     """The attention of `attend` before o_proj: [B,L,H,E]."""
@@ -197,7 +237,7 @@ class Attention(nnx.Module):
     empty_BxL = ~jnp.any(mask_BxLxL, axis=-1)
     o_BxLxHxE = jnp.where(empty_BxL[:, :, None, None], mean_v_Bx1xHxE.astype(o_BxLxHxE.dtype),
                           o_BxLxHxE)
-    return self.o_proj(o_BxLxHxE.reshape(b, l, h * e))
+    return self.o_proj(checkpoint_name(o_BxLxHxE.reshape(b, l, h * e), "o"))
 
   def __call__(self, x_BxLxD, positions_BxL, mask_BxLxL, *, causal: bool = False):
     """`causal=True` promises that the mask is causal by index (see `attend_causal`)."""
@@ -236,6 +276,42 @@ class Block(nnx.Module):
     return x_BxLxD + self.mlp(self.post_attention_layernorm(x_BxLxD))
 
 
+def stacked_blocks(cfg: ModelConfig, start: int, stop: int, rngs: nnx.Rngs) -> Block:
+  """Layers [start, stop) as one Block whose params have a leading "layers" axis [N, ...].
+
+  Built by `nnx.vmap` over split keys, so init (and `eval_shape` of a model spec) traces one
+  block whatever N is. The logical axes get "layers" prepended (sharding rule: replicated).
+  """
+  @nnx.split_rngs(splits=stop - start)
+  @nnx.vmap(in_axes=0, out_axes=0, axis_size=stop - start)
+  def make(rngs):
+    return Block(cfg, start, rngs)
+
+  stack = make(rngs)
+  for _, var in nnx.iter_graph(stack):
+    if isinstance(var, nnx.Variable):
+      var.set_metadata("axes", ("layers",) + tuple(var.axes))
+  return stack
+
+
+def scan_stack(stack: Block, fn, carry, xs=None, *, remat: str = "none"):
+  """`lax.scan` of fn(block, carry, x) -> (carry, y) over a stack's layers (and xs' leading axis).
+
+  The stack is split into its graph and stacked state; each step merges one layer's slice.
+  `remat` (a REMAT_POLICIES name) checkpoints each step; prevent_cse=False since the scan
+  already keeps XLA from merging the recomputation into the forward pass.
+  """
+  graphdef, state = nnx.split(stack)
+
+  def body(carry, state_and_x):
+    layer_state, x = state_and_x
+    return fn(nnx.merge(graphdef, layer_state), carry, x)
+
+  if remat != "none":
+    body = jax.checkpoint(body, policy=REMAT_POLICIES[remat], prevent_cse=False)
+  return jax.lax.scan(body, carry, (state, xs))
+
+
 def attention_mask(segment_ids_BxL: jax.Array) -> jax.Array:
   """[B,L,L] bool: causal, within the same packed segment, never onto padding (segment 0)."""
   l = segment_ids_BxL.shape[1]
@@ -252,7 +328,10 @@ class Decoder(nnx.Module):
     pdt = jnp.dtype(cfg.param_dtype)
     self.embed_tokens = nnx.Param(_init(0.02)(rngs.params(), (cfg.vocab_size, cfg.d_model), pdt),
                                   axes=("vocab", "embed"))
-    self.layers = nnx.List([Block(cfg, i, rngs) for i in range(cfg.n_layers)])
+    if cfg.scan_layers:
+      self.stacks = nnx.List([stacked_blocks(cfg, a, b, rngs) for a, b in layer_runs(cfg)])
+    else:
+      self.layers = nnx.List([Block(cfg, i, rngs) for i in range(cfg.n_layers)])
     self.norm = RMSNorm(cfg.d_model, cfg.norm_eps, cfg)
     if not cfg.tie_embeddings:
       self.lm_head = nnx.Param(_init(0.02)(rngs.params(), (cfg.d_model, cfg.vocab_size), pdt),
@@ -284,9 +363,14 @@ class Decoder(nnx.Module):
       segment_ids_BxL = jnp.ones_like(tokens_BxL)
     mask = attention_mask(segment_ids_BxL)
     x = self.embed(tokens_BxL)
+    if self.cfg.scan_layers:
+      step = lambda blk, x, _: (blk(x, positions_BxL, mask, causal=True), None)
+      for stack in self.stacks:
+        x, _ = scan_stack(stack, step, x, remat=self.cfg.remat_mode)
+      return x
+    step = lambda blk, x: blk(x, positions_BxL, mask, causal=True)
+    if self.cfg.remat_mode != "none":
+      step = nnx.remat(step, policy=REMAT_POLICIES[self.cfg.remat_mode])
     for block in self.layers:
-      if self.cfg.remat:
-        x = nnx.remat(lambda blk, x: blk(x, positions_BxL, mask, causal=True))(block, x)
-      else:
-        x = block(x, positions_BxL, mask, causal=True)
+      x = step(block, x)
     return x

@@ -1,7 +1,9 @@
 """Hugging Face checkpoints onto a mesh and back: `load_hf` and `export_hf`.
 
 Parameter paths mirror HF names (`layers/3/self_attn/q_proj/kernel` is
-`model.layers.3.self_attn.q_proj.weight`, transposed). Loading reads one tensor at a
+`model.layers.3.self_attn.q_proj.weight`, transposed). A scanned model's stacked leaf
+(`stacks/0/self_attn/q_proj/kernel`, [N, ...]) is the HF tensors of its N layers, read into
+and written from one slice each, so both layouts load and export the same HF folder. Loading reads one tensor at a
 time, and only the rows this host's devices hold, and places each slice straight into its
 target sharding, so host memory stays near one tensor plus what this host keeps.
 Exporting gathers one tensor at a time and streams it into size-capped safetensors shards.
@@ -24,7 +26,7 @@ from jax.experimental import multihost_utils
 from jaxlab import sharding as sharding_lib
 from jaxlab.models import hf_config, hf_tokenizer, safetensors_io
 from jaxlab.models.config import LoraConfig, ModelConfig
-from jaxlab.models.decoder import Decoder
+from jaxlab.models.decoder import Decoder, layer_runs
 from jaxlab.models.params import ModelSpec, cast_trainable, model_spec
 from jaxlab.models.params import trainable_dtype as _trainable_dtype
 
@@ -41,6 +43,16 @@ def hf_name(path: tuple) -> tuple[str, bool]:
   return "model." + ".".join(modules + [suffix]), leaf == "kernel"
 
 
+def hf_names(path: tuple, cfg: ModelConfig) -> tuple[list[str], bool]:
+  """`hf_name` of a base param path in either layout: one name per layer of a stacked leaf."""
+  if path[0] != "stacks":
+    name, transpose = hf_name(path)
+    return [name], transpose
+  start, stop = layer_runs(cfg)[path[1]]
+  names = [hf_name(("layers", i) + tuple(path[2:]))[0] for i in range(start, stop)]
+  return names, hf_name(("layers", start) + tuple(path[2:]))[1]
+
+
 def _flat(tree: dict) -> dict[tuple, Any]:
   return traversals.flatten_mapping(tree) if tree else {}
 
@@ -52,13 +64,17 @@ def _unflat(flat: dict[tuple, Any]) -> dict:
 @functools.partial(jax.jit, static_argnames=("transpose", "dtype", "sharding"))
 def _relayout(x, *, transpose: bool, dtype, sharding):
   """HF layout -> jaxlab layout and dtype, on the devices (no host copies)."""
-  y = (x.T if transpose else x).astype(dtype)
+  y = (jnp.swapaxes(x, -1, -2) if transpose else x).astype(dtype)
   return jax.lax.with_sharding_constraint(y, sharding)
 
 
-def _place(info: safetensors_io.TensorInfo, transpose: bool, target: jax.ShapeDtypeStruct,
-           sharding: jax.sharding.NamedSharding, relayout: str) -> jax.Array:
+def _place(infos: list[safetensors_io.TensorInfo], transpose: bool,
+           target: jax.ShapeDtypeStruct, sharding: jax.sharding.NamedSharding,
+           relayout: str) -> jax.Array:
   """Reads the stored rows this host's devices need and places them in `sharding`.
+
+  `infos` is one tensor, or for a stacked (scanned) leaf the N layers' tensors, which fill
+  the target's leading axis; the band is then N tensors' rows.
 
   Only the band of stored rows (the first dimension in the file) that this host's devices
   cover is read. With relayout="host" the band is transposed and cast by NumPy into a fresh
@@ -68,12 +84,15 @@ def _place(info: safetensors_io.TensorInfo, transpose: bool, target: jax.ShapeDt
   jitted transpose/cast runs on the accelerator.
   """
   on_host = relayout == "host"
+  lead = len(target.shape) - len(infos[0].shape)  # 1 for a stacked leaf, else 0
+  tspec = tuple(sharding.spec) + (None,) * (len(target.shape) - len(sharding.spec))
   if on_host or not transpose:
     shape, spec = tuple(target.shape), sharding.spec
-    read_dim = len(shape) - 1 if transpose else 0  # the target dim that is the file's rows
+    read_dim = len(shape) - 1 if transpose else lead  # the target dim that is the file's rows
   else:  # the file's layout, under the transposed sharding
-    shape, spec = tuple(reversed(target.shape)), jax.sharding.PartitionSpec(*reversed(sharding.spec))
-    read_dim = 0
+    shape = tuple(target.shape[:lead]) + tuple(reversed(target.shape[lead:]))
+    spec = jax.sharding.PartitionSpec(*tspec[:lead], *reversed(tspec[lead:]))
+    read_dim = lead
   placed = jax.sharding.NamedSharding(sharding.mesh, spec)
   full = lambda idx: tuple(idx) + (slice(None),) * (len(shape) - len(tuple(idx)))
   if shape:
@@ -82,11 +101,23 @@ def _place(info: safetensors_io.TensorInfo, transpose: bool, target: jax.ShapeDt
     lo, hi = min(s for s, _ in spans), max(e for _, e in spans)
   else:
     lo, hi = 0, 0
-  rows = safetensors_io.read_rows(info, lo, hi)
-  if on_host and (transpose or rows.dtype != target.dtype):
-    band = safetensors_io.aligned_empty(rows.shape[::-1] if transpose else rows.shape, target.dtype)
-    band[...] = rows.T if transpose else rows  # one pass: transpose and cast
-    rows = band
+  if lead:  # one layer at a time into the stacked band
+    rows = None
+    for j, info in enumerate(infos):
+      layer = safetensors_io.read_rows(info, lo, hi)
+      convert = on_host and (transpose or layer.dtype != target.dtype)
+      if rows is None:
+        band_shape = layer.shape[::-1] if convert and transpose else layer.shape
+        rows = safetensors_io.aligned_empty((len(infos),) + band_shape,
+                                            target.dtype if convert else layer.dtype)
+      rows[j] = layer.T if convert and transpose else layer
+  else:
+    rows = safetensors_io.read_rows(infos[0], lo, hi)
+    if on_host and (transpose or rows.dtype != target.dtype):
+      band = safetensors_io.aligned_empty(rows.shape[::-1] if transpose else rows.shape,
+                                          target.dtype)
+      band[...] = rows.T if transpose else rows  # one pass: transpose and cast
+      rows = band
 
   def slice_of(idx):
     if not shape:
@@ -117,15 +148,27 @@ def _check_names(path: str, tensors: dict, expected: dict[str, tuple], tied: boo
 def base_layout(cfg: ModelConfig) -> tuple[dict, dict]:
   """Flat {path: ShapeDtypeStruct} and {path: logical axes} of the base (non-LoRA) params.
 
-  Equal to `model_spec(cfg)`'s base leaves, but traced for one layer and repeated, since
-  tracing every layer's init costs seconds on big models.
+  Equal to `model_spec(cfg)`'s base leaves (either layout), but traced for one unrolled layer
+  and repeated or stacked, since tracing every layer's init costs seconds on big models.
   """
-  one = model_spec(cfg.replace(n_layers=1, lora=None, trainable_dtype=None))
+  one = model_spec(cfg.replace(n_layers=1, lora=None, trainable_dtype=None, scan_layers=False))
   abstract = _flat(one.abstract[0])
   axes = traversals.flatten_mapping(one.axes[0], is_leaf=lambda _, x: isinstance(x, tuple))
-  expand = lambda p: [("layers", i) + p[2:] for i in range(cfg.n_layers)] if p[0] == "layers" else [p]
-  return ({q: abstract[p] for p in abstract for q in expand(p)},
-          {q: axes[p] for p in axes for q in expand(p)})
+  out_abstract, out_axes = {}, {}
+  runs = layer_runs(cfg)
+  for p in abstract:
+    if p[0] != "layers":
+      out_abstract[p], out_axes[p] = abstract[p], axes[p]
+    elif cfg.scan_layers:
+      for r, (start, stop) in enumerate(runs):
+        q = ("stacks", r) + p[2:]
+        out_abstract[q] = jax.ShapeDtypeStruct((stop - start,) + abstract[p].shape,
+                                               abstract[p].dtype)
+        out_axes[q] = ("layers",) + axes[p]
+    else:
+      for i in range(cfg.n_layers):
+        out_abstract[("layers", i) + p[2:]], out_axes[("layers", i) + p[2:]] = abstract[p], axes[p]
+  return out_abstract, out_axes
 
 
 def init_lora(spec: ModelSpec, mesh, seed: int = 0, rules=sharding_lib.DEFAULT_RULES) -> dict:
@@ -139,10 +182,11 @@ def init_lora(spec: ModelSpec, mesh, seed: int = 0, rules=sharding_lib.DEFAULT_R
 
 def load_hf(path: str, mesh, *, dtype: str | None = None, param_dtype: str | None = None,
             rules=sharding_lib.DEFAULT_RULES, lora: LoraConfig | None = None,
-            seed: int = 0, relayout: str = "auto",
-            trainable_dtype: str | None = None) -> tuple[ModelConfig, dict, dict]:
+            seed: int = 0, relayout: str = "auto", trainable_dtype: str | None = None,
+            scan_layers: bool = False) -> tuple[ModelConfig, dict, dict]:
   """(cfg, trainable, frozen) from an HF folder; base weights are frozen when `lora` is set.
 
+  `scan_layers` reads the layers straight into a scanned model's stacks (no unrolled copy).
   `param_dtype` defaults to the stored tensors' dtype (bf16 stays bf16) and `dtype` (compute)
   to `param_dtype`. Adapters, when `lora` is given, are initialised from `seed`.
   `trainable_dtype` (training passes "float32") is the storage dtype of what trains: the
@@ -163,25 +207,29 @@ def load_hf(path: str, mesh, *, dtype: str | None = None, param_dtype: str | Non
   stored = embed.dtype.name if embed is not None else cfg.param_dtype  # trust the file over config
   param_dtype = param_dtype or stored
   cfg = cfg.replace(param_dtype=param_dtype, dtype=dtype or param_dtype, lora=lora,
-                    trainable_dtype=trainable_dtype)
+                    trainable_dtype=trainable_dtype, scan_layers=scan_layers)
   abstract, axes = base_layout(cfg)
   if lora is None:  # the base trains: read it straight into its trainable dtype
     abstract = {p: jax.ShapeDtypeStruct(a.shape, _trainable_dtype(cfg, a.dtype))
                 for p, a in abstract.items()}
   shardings = {p: jax.sharding.NamedSharding(
       mesh, sharding_lib.logical_to_spec(axes[p], a.shape, mesh, rules)) for p, a in abstract.items()}
-  names = {p: hf_name(p) for p in abstract}
-  _check_names(path, tensors, {n: p for p, (n, _) in names.items()}, cfg.tie_embeddings)
-  for p, (name, transpose) in names.items():
-    want = abstract[p].shape[::-1] if transpose else abstract[p].shape
-    if tensors[name].shape != tuple(want):
-      raise ValueError(f"{path}: tensor {name!r} has shape {tensors[name].shape}, "
-                       f"expected {tuple(want)} from config.json")
+  names = {p: hf_names(p, cfg) for p in abstract}
+  _check_names(path, tensors, {n: p for p, (ns, _) in names.items() for n in ns},
+               cfg.tie_embeddings)
+  for p, (ns, transpose) in names.items():
+    layer_shape = abstract[p].shape[1:] if p[0] == "stacks" else abstract[p].shape
+    want = layer_shape[::-1] if transpose else layer_shape
+    for name in ns:
+      if tensors[name].shape != tuple(want):
+        raise ValueError(f"{path}: tensor {name!r} has shape {tensors[name].shape}, "
+                         f"expected {tuple(want)} from config.json")
   # Largest first: the big temporaries come while little else is resident. Two threads
   # overlap one tensor's file read with another's transpose (both release the GIL), so at
-  # most two tensors' temporaries exist at once.
-  order = sorted(abstract, key=lambda p: -tensors[names[p][0]].nbytes)
-  place = lambda p: _place(tensors[names[p][0]], names[p][1], abstract[p], shardings[p], relayout)
+  # most two tensors' (stacks') temporaries exist at once.
+  order = sorted(abstract, key=lambda p: -sum(tensors[n].nbytes for n in names[p][0]))
+  place = lambda p: _place([tensors[n] for n in names[p][0]], names[p][1], abstract[p],
+                           shardings[p], relayout)
   with concurrent.futures.ThreadPoolExecutor(2, thread_name_prefix="load_hf") as pool:
     params = _unflat(dict(zip(order, pool.map(place, order))))
   if lora is None:
@@ -225,18 +273,22 @@ def export_hf(path: str, cfg: ModelConfig, params: dict, *, tokenizer_dir: str |
     raise ValueError(f"params do not match the config (merge LoRA first): extra {extra[:5]}, "
                      f"missing {missing[:5]}")
   np_dtype = np.dtype(jnp.dtype(dtype))
-  entries = {}
-  for p in sorted(abstract, key=_hf_order):
-    name, transpose = hf_name(p)
-    shape = abstract[p].shape[::-1] if transpose else abstract[p].shape
-    entries[name] = (p, transpose, tuple(shape))
+  entries = {}  # HF name -> (param path, layer index in its stack or None, transpose, shape)
+  for p in abstract:
+    ns, transpose = hf_names(p, cfg)
+    stacked = p[0] == "stacks"
+    layer_shape = abstract[p].shape[1:] if stacked else abstract[p].shape
+    for j, name in enumerate(ns):
+      entries[name] = (p, j if stacked else None, transpose,
+                       tuple(layer_shape[::-1] if transpose else layer_shape))
+  entries = dict(sorted(entries.items(), key=lambda e: _hf_order(e[0])))
 
   def fetch(name):
-    p, transpose, _ = entries[name]
-    x = _to_host(flat[p])
+    p, j, transpose, _ = entries[name]
+    x = _to_host(flat[p] if j is None else _layer(flat[p], j))
     return (x.T if transpose else x).astype(np_dtype)
 
-  nbytes = {n: int(np.prod(s, dtype=np.int64)) * np_dtype.itemsize for n, (_, _, s) in entries.items()}
+  nbytes = {n: int(np.prod(e[3], dtype=np.int64)) * np_dtype.itemsize for n, e in entries.items()}
   shards = _shard_plan(list(nbytes.items()), max_shard_bytes)
   writer = jax.process_index() == 0
   if writer:
@@ -247,7 +299,7 @@ def export_hf(path: str, cfg: ModelConfig, params: dict, *, tokenizer_dir: str |
   weight_map, files = {}, []
   for k, names in enumerate(shards):
     file = f"model-{k + 1:05d}-of-{len(shards):05d}.safetensors"
-    specs = [(n, entries[n][2], np_dtype) for n in names]
+    specs = [(n, entries[n][3], np_dtype) for n in names]
     if writer:
       safetensors_io.write_file(os.path.join(path, file), specs, fetch)
     else:
@@ -267,10 +319,18 @@ def export_hf(path: str, cfg: ModelConfig, params: dict, *, tokenizer_dir: str |
   return files
 
 
-def _hf_order(p: tuple) -> tuple:
-  """embed_tokens, layers in order, norm, lm_head, as HF writes them."""
-  rank = {"embed_tokens": 0, "layers": 1, "norm": 2, "lm_head": 3}[p[0]]
-  return (rank, p[1] if rank == 1 else -1, tuple(str(x) for x in p[2:]))
+@jax.jit
+def _layer(x: jax.Array, i) -> jax.Array:
+  """Layer i of a stacked leaf (a traced index: one compile per shape, not per layer)."""
+  return jax.lax.dynamic_index_in_dim(x, i, keepdims=False)
+
+
+def _hf_order(name: str) -> tuple:
+  """embed_tokens, layers in order (each in its path order), norm, lm_head, as HF writes them."""
+  parts = name.split(".")
+  if parts[:2] == ["model", "layers"]:
+    return (1, int(parts[2]), tuple(parts[3:]))
+  return ({"model.embed_tokens.weight": 0, "lm_head.weight": 3}.get(name, 2), -1, tuple(parts))
 
 
 def _write_json(file: str, obj: dict) -> None:

@@ -4,6 +4,10 @@ A model is split into `trainable` and `frozen` pure dicts: with LoRA the
 adapters train and the base weights are frozen; without it everything trains
 and `frozen` is empty. Gradients and optimizer state exist only for
 `trainable`, so LoRA on a 32B model carries no full-size optimizer state.
+
+With `cfg.scan_layers` the per-layer params are stacked (`stacks/r/...` with a leading
+layer axis, see `decoder.layer_runs`); `stack_layers` / `unstack_layers` convert between
+that and the unrolled `layers/i/...` layout.
 """
 from __future__ import annotations
 
@@ -17,7 +21,7 @@ from flax.nnx import traversals
 
 from jaxlab import sharding as sharding_lib
 from jaxlab.models.config import ModelConfig
-from jaxlab.models.decoder import Decoder
+from jaxlab.models.decoder import Decoder, layer_runs
 
 
 def _pure(state: nnx.State, fn) -> dict:
@@ -102,3 +106,47 @@ def merge_lora(trainable: dict, frozen: dict, cfg: ModelConfig) -> dict:
 
 def count(tree: dict) -> int:
   return sum(int(x.size) for x in jax.tree.leaves(tree))
+
+
+def stack_layers(tree: dict, cfg: ModelConfig) -> dict:
+  """Unrolled params (`layers/i/...`) in the scanned layout of `cfg` (`stacks/r/...`, [N, ...]).
+
+  Works on trainable and frozen dicts alike: a stack whose layers hold nothing in `tree` (no
+  adapters there) is left out. Under jit the stacking is a copy of every layer's weights.
+  """
+  if "layers" not in tree:
+    return tree
+  out = {k: v for k, v in tree.items() if k != "layers"}
+  stacks = {}
+  for r, (start, stop) in enumerate(layer_runs(cfg)):
+    have = [i for i in range(start, stop) if i in tree["layers"]]
+    if not have:
+      continue
+    if len(have) != stop - start:
+      raise ValueError(f"layers {have} of stack [{start}, {stop}) have params, the others not: "
+                       "the tree does not match the model config")
+    stacks[r] = jax.tree.map(lambda *xs: jnp.stack(xs), *(tree["layers"][i] for i in have))
+  return {**out, "stacks": stacks} if stacks else out
+
+
+def unstack_layers(tree: dict, cfg: ModelConfig) -> dict:
+  """Scanned params (`stacks/r/...`) in the unrolled layout (`layers/i/...`); inverse of
+  `stack_layers`."""
+  if "stacks" not in tree:
+    return tree
+  out = {k: v for k, v in tree.items() if k != "stacks"}
+  layers = {}
+  for r, (start, stop) in enumerate(layer_runs(cfg)):
+    if r in tree["stacks"]:
+      for i in range(start, stop):
+        layers[i] = jax.tree.map(lambda x, j=i - start: x[j], tree["stacks"][r])
+  return {**out, "layers": layers} if layers else out
+
+
+def with_layout(cfg: ModelConfig, trainable: dict, frozen: dict, scan_layers: bool):
+  """(cfg, trainable, frozen) converted to the unrolled or scanned layout `scan_layers` asks."""
+  if cfg.scan_layers == scan_layers:
+    return cfg, trainable, frozen
+  new = cfg.replace(scan_layers=scan_layers)
+  convert = (lambda t: stack_layers(t, new)) if scan_layers else (lambda t: unstack_layers(t, cfg))
+  return new, convert(trainable), convert(frozen)

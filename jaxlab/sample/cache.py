@@ -8,6 +8,10 @@ runs Q new tokens through the model, writes their k/v at slots [start, start+Q)
 and returns the hidden states; it only uses the Decoder's public pieces (embed,
 layers, qkv, attend, o_proj, logits) and computes attention over the cache with
 the same float32 math as `Attention.attend`.
+
+A scanned model (`cfg.scan_layers`) has one cache array per layer stack, [N, B, K, S, E],
+carried through the scan over the stack and updated in place at (layer, slot), so a decode
+step writes only its new slots, as the unrolled loop does.
 """
 from __future__ import annotations
 
@@ -16,27 +20,29 @@ from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
-from jax.sharding import Mesh, NamedSharding
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from jaxlab import sharding as sharding_lib
 from jaxlab.models.config import ModelConfig
 from jaxlab.models.decoder import _NEG_INF as NEG_INF  # the decoder's finite mask value
-from jaxlab.models.decoder import Decoder
+from jaxlab.models.decoder import Decoder, layer_runs, scan_stack
 
 CACHE_AXES = ("batch", "kv_heads", None, None)
 
 
 class KVCache(NamedTuple):
-  """Per-layer keys and values, each [B, K, S, E]."""
+  """Per-layer keys and values, each [B, K, S, E] (per layer stack [N, B, K, S, E] if scanned)."""
   k: tuple[jax.Array, ...]
   v: tuple[jax.Array, ...]
 
 
 def cache_sharding(cfg: ModelConfig, batch: int, length: int, mesh: Mesh,
                    rules=sharding_lib.DEFAULT_RULES) -> NamedSharding:
-  """Sharding of one [B, K, S, E] cache array: batch over ('data','fsdp'), K over 'tensor'."""
+  """Sharding of one cache array: batch over ('data','fsdp'), K over 'tensor' (layers of a
+  scanned model's [N, B, K, S, E] stack replicated)."""
   shape = (batch, cfg.n_kv_heads, length, cfg.dim_per_head)
-  return NamedSharding(mesh, sharding_lib.logical_to_spec(CACHE_AXES, shape, mesh, rules))
+  spec = sharding_lib.logical_to_spec(CACHE_AXES, shape, mesh, rules)
+  return NamedSharding(mesh, P(None, *spec) if cfg.scan_layers else spec)
 
 
 def constrain(x: jax.Array, sharding: NamedSharding | None) -> jax.Array:
@@ -48,9 +54,10 @@ def init_cache(cfg: ModelConfig, batch: int, length: int, mesh: Mesh | None = No
   """Zero cache of `length` slots for `batch` rows (sharded when a mesh is given)."""
   sh = None if mesh is None else cache_sharding(cfg, batch, length, mesh, rules)
   shape = (batch, cfg.n_kv_heads, length, cfg.dim_per_head)
-  zeros = lambda: constrain(jnp.zeros(shape, jnp.dtype(cfg.dtype)), sh)
-  return KVCache(tuple(zeros() for _ in range(cfg.n_layers)),
-                 tuple(zeros() for _ in range(cfg.n_layers)))
+  zeros = lambda lead: constrain(jnp.zeros(lead + shape, jnp.dtype(cfg.dtype)), sh)
+  leads = ([(stop - start,) for start, stop in layer_runs(cfg)] if cfg.scan_layers
+           else [()] * cfg.n_layers)
+  return KVCache(tuple(zeros(n) for n in leads), tuple(zeros(n) for n in leads))
 
 
 def attend_cache(attn, q_BxQxHxE: jax.Array, k_BxKxSxE: jax.Array, v_BxKxSxE: jax.Array,
@@ -80,19 +87,44 @@ def forward(model: Decoder, cache: KVCache, tokens_BxQ: jax.Array, positions_BxQ
   after the write (mask [B,Q,S]).
   """
   x = model.embed(tokens_BxQ)
+  if model.cfg.scan_layers:
+    return _forward_scanned(model, cache, x, positions_BxQ, start, mask, prefill, sharding)
   ks, vs = [], []
   for i, block in enumerate(model.layers):
-    attn = block.self_attn
-    q, k, v = attn.qkv(block.input_layernorm(x), positions_BxQ)
-    heads_first = lambda x, c: jnp.swapaxes(x, 1, 2).astype(c.dtype)
-    ck = jax.lax.dynamic_update_slice(cache.k[i], heads_first(k, cache.k[i]), (0, 0, start, 0))
-    cv = jax.lax.dynamic_update_slice(cache.v[i], heads_first(v, cache.v[i]), (0, 0, start, 0))
-    ck, cv = constrain(ck, sharding), constrain(cv, sharding)
+    write = lambda c, new: jax.lax.dynamic_update_slice(c, new, (0, 0, start, 0))
+    x, ck, cv = _block(block, x, positions_BxQ, cache.k[i], cache.v[i], mask, prefill, write,
+                       lambda c: c, sharding)
     ks.append(ck)
     vs.append(cv)
-    if prefill:
-      x = x + attn.attend(q, k, v, mask)
-    else:
-      x = x + attend_cache(attn, q, ck, cv, mask)
-    x = x + block.mlp(block.post_attention_layernorm(x))
+  return x, KVCache(tuple(ks), tuple(vs))
+
+
+def _block(block, x, positions_BxQ, ck, cv, mask, prefill, write, read, sharding):
+  """One layer of `forward`: (x, k cache, v cache) after it. write(cache, new k/v [B,K,Q,E])
+  stores the new slots, read(cache) is this layer's [B,K,S,E]."""
+  attn = block.self_attn
+  q, k, v = attn.qkv(block.input_layernorm(x), positions_BxQ)
+  heads_first = lambda x: jnp.swapaxes(x, 1, 2).astype(ck.dtype)
+  ck = constrain(write(ck, heads_first(k)), sharding)
+  cv = constrain(write(cv, heads_first(v)), sharding)
+  if prefill:
+    x = x + attn.attend(q, k, v, mask)
+  else:
+    x = x + attend_cache(attn, q, read(ck), read(cv), mask)
+  return x + block.mlp(block.post_attention_layernorm(x)), ck, cv
+
+
+def _forward_scanned(model, cache, x, positions_BxQ, start, mask, prefill, sharding):
+  """`forward` over layer stacks: each stack's cache [N,B,K,S,E] rides in the scan carry, so
+  layer i updates it in place at (i, slot) and its attention reads slice i."""
+  ks, vs = [], []
+  for stack, ck, cv in zip(model.stacks, cache.k, cache.v):
+    def step(block, carry, i):
+      x, ck, cv = carry
+      write = lambda c, new: jax.lax.dynamic_update_slice(c, new[None], (i, 0, 0, start, 0))
+      read = lambda c: jax.lax.dynamic_index_in_dim(c, i, keepdims=False)
+      return _block(block, x, positions_BxQ, ck, cv, mask, prefill, write, read, sharding), None
+    (x, ck, cv), _ = scan_stack(stack, step, (x, ck, cv), jnp.arange(ck.shape[0]))
+    ks.append(ck)
+    vs.append(cv)
   return x, KVCache(tuple(ks), tuple(vs))
