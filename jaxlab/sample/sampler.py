@@ -159,7 +159,7 @@ def sample(spec: ModelSpec, trainable: dict, frozen: dict, prompt_tokens_BxP: ja
     if i > 0:
       grow = cache_len(i) - cache_len(i - 1)
       pad = lambda c: cache_lib.constrain(
-          jnp.pad(c, ((0, 0), (0, 0), (0, grow), (0, 0))), shard(cache_len(i)))
+          jnp.pad(c, ((0, 0),) * (c.ndim - 2) + ((0, grow), (0, 0))), shard(cache_len(i)))
       state["cache"] = jax.tree.map(pad, state["cache"])
       state["valid"] = jnp.pad(state["valid"], ((0, 0), (0, grow)))
     state = jax.lax.while_loop(lambda st, end=end: (st["t"] < end) & ~jnp.all(st["done"]),
