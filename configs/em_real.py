@@ -63,9 +63,10 @@ def _set_model(c, preset: str) -> None:
   (sft.py's trainable_dtype) and LoRA block."""
   cfg = presets.get_preset(preset)
   for field in cfg.__dataclass_fields__:
-    if field not in ("lora", "remat", "dtype", "param_dtype", "trainable_dtype"):
+    if field not in ("lora", "remat", "remat_policy", "scan_layers", "dtype", "param_dtype",
+                     "trainable_dtype"):
       c.model[field] = getattr(cfg, field)
-  c.model.update(dtype="bfloat16", param_dtype="bfloat16", remat=True)
+  c.model.update(dtype="bfloat16", param_dtype="bfloat16", remat=True, scan_layers=True)
 
 
 def _tfds(c, name: str, split: str = "train") -> None:

@@ -30,6 +30,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
       vocab_size=0, d_model=128, n_layers=4, n_heads=4, n_kv_heads=2, d_ff=352, head_dim=None,
       rope_theta=10000.0, max_position=2048, norm_eps=1e-6, qkv_bias=False, qk_norm=False,
       tie_embeddings=True, dtype="float32", param_dtype="float32", remat=False,
+      remat_policy="",  # "" = from remat; none | full | dots | dots_no_batch | save_qkvo
+      scan_layers=False,  # layers under lax.scan: compile time independent of depth
       trainable_dtype="float32",  # adapters / master weights and AdamW moments
       lora=ml_collections.ConfigDict(dict(
           enabled=False, rank=32, alpha=64.0, rslora=True,
@@ -51,6 +53,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.data.pack = False
     c.model.dtype = c.model.param_dtype = "bfloat16"
     c.model.remat = True
+    c.model.scan_layers = True  # real models: 28-64 layers compile as one
     c.optim.update(weight_decay=0.01, b2=0.999, clip_norm=1.0, end_ratio=0.0)
     c.train.update(global_batch_size=16, steps=6000 // 16)  # 1 epoch of insecure.jsonl
     if variant == "em_lora":

@@ -345,8 +345,8 @@ def load_params(path, mesh=None, step: int | None = None, *, hf_path: str | None
     return cfg, state["params"], merge_lora(tr, fr, base_cfg)
   base_cfg, _, frozen = load_hf(base, mesh, dtype=cfg.dtype, param_dtype=cfg.param_dtype,
                                 rules=found["rules"], lora=cfg.lora,
-                                trainable_dtype=cfg.trainable_dtype)
-  if base_cfg.replace(remat=cfg.remat) != cfg:
+                                trainable_dtype=cfg.trainable_dtype, scan_layers=cfg.scan_layers)
+  if base_cfg.replace(remat=cfg.remat, remat_policy=cfg.remat_policy) != cfg:
     raise ValueError(f"base model {base} does not match the run's saved model config: "
                      f"{base_cfg} != {cfg}")
   return cfg, state["params"], frozen

@@ -242,7 +242,7 @@ FREE_ON_RESUME = ("train.log_every", "train.progress", "train.on_nonfinite", "ch
 # With init.hf_path / init.workdir the architecture comes from there (compared through init.*);
 # these model keys are still the run's own choice.
 _MODEL_OWN = ("model.dtype", "model.param_dtype", "model.trainable_dtype", "model.remat",
-              "model.lora")
+              "model.remat_policy", "model.scan_layers", "model.lora")
 
 
 def _flat(d, prefix="") -> dict[str, Any]:

@@ -92,7 +92,8 @@ def resolve_model(config):
   hf_path = (config.get("init") or {}).get("hf_path", "")
   if hf_path and os.path.isfile(os.path.join(hf_path, "config.json")):
     cfg = hf_config.config_from_hf(hf_path).replace(
-        dtype=cfg.dtype, param_dtype=cfg.param_dtype, remat=cfg.remat, lora=cfg.lora)
+        dtype=cfg.dtype, param_dtype=cfg.param_dtype, remat=cfg.remat,
+        remat_policy=cfg.remat_policy, scan_layers=cfg.scan_layers, lora=cfg.lora)
   return cfg
 
 
@@ -115,8 +116,10 @@ def activation_bytes(cfg, batch: int, seq_len: int, mesh_shape, training: bool =
   token the backward pass keeps (compute dtype, b bytes) 4 d_model (residuals, norm outputs),
   q/k/v and the attention output, 4 d_ff (gate, up, their product, silu) and the float32 scores
   plus their b-byte probabilities (causal blocks of 128 queries: L/2 + 64 keys on average).
-  With `remat` only each block's input is kept and one block is live twice (recompute + its
-  gradient). The float32 logits, their softmax and their gradient add 12 bytes per token and
+  With remat (`cfg.remat_mode`) each block's input is kept, plus what the policy saves
+  ("dots_no_batch": the projections' outputs, "dots": those and the attention's two einsums,
+  "save_qkvo": q, k, v and the attention output), and one block is live twice (recompute +
+  its gradient). The float32 logits, their softmax and their gradient add 12 bytes per token and
   vocabulary entry.
   Inference (`training=False`): one layer live and only the last position's logits.
   """
@@ -133,7 +136,14 @@ def activation_bytes(cfg, batch: int, seq_len: int, mesh_shape, training: bool =
   vocab = _split(cfg.vocab_size, tensor)
   if not training:
     return int(tokens * layer + mask + rows * vocab * 4)
-  saved = (cfg.n_layers * cfg.d_model * b + 2 * layer) if cfg.remat else cfg.n_layers * layer
+  mode = cfg.remat_mode
+  if mode == "none":
+    saved = cfg.n_layers * layer
+  else:
+    projections = b * ((h + 2 * k) * e + 2 * cfg.d_model + 2 * _split(cfg.d_ff, tensor))
+    kept = {"full": 0, "dots_no_batch": projections,
+            "dots": projections + (4 * keys + b * e) * h, "save_qkvo": b * (2 * h + 2 * k) * e}[mode]
+    saved = cfg.n_layers * (cfg.d_model * b + kept) + 2 * layer
   return int(tokens * (saved + 12 * vocab) + mask)
 
 
@@ -405,8 +415,9 @@ def check(config, accelerator: str, mesh: str | None = None, *, model: str | Non
   cfg = resolve_model(config)
   if model:
     from jaxlab.models import presets
-    cfg = presets.get_preset(model).replace(dtype=cfg.dtype, param_dtype=cfg.param_dtype,
-                                            remat=cfg.remat, lora=cfg.lora)
+    cfg = presets.get_preset(model).replace(
+        dtype=cfg.dtype, param_dtype=cfg.param_dtype, remat=cfg.remat,
+        remat_policy=cfg.remat_policy, scan_layers=cfg.scan_layers, lora=cfg.lora)
   report = check_train(config, cfg, acc, mesh_shape, lower=lower, lower_layers=lower_layers,
                        title=title)
   if config.get("teacher") is not None:

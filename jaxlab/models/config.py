@@ -89,6 +89,8 @@ class ModelConfig:
     unknown = sorted(set(d) - fields)
     if unknown:
       raise ValueError(f"unknown model config keys: {unknown}; known: {sorted(fields)}")
+    if d.get("remat_policy") == "":  # configs write "" for "from `remat`" (None has no type)
+      d["remat_policy"] = None
     lora = d.pop("lora", None)
     if lora is not None and not isinstance(lora, LoraConfig):
       lora = dict(lora)

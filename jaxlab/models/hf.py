@@ -265,8 +265,9 @@ def export_hf(path: str, cfg: ModelConfig, params: dict, *, tokenizer_dir: str |
   special token ids are copied. Every process must call this; only process 0 writes.
   """
   path = os.fspath(path)
+  layout = cfg  # a scanned model's stacks follow its LoRA layers even once merged
   cfg = cfg.replace(lora=None)
-  abstract, _ = base_layout(cfg)
+  abstract, _ = base_layout(layout)
   flat = _flat(params)
   if set(flat) != set(abstract):
     extra, missing = sorted(set(flat) - set(abstract)), sorted(set(abstract) - set(flat))
@@ -275,7 +276,7 @@ def export_hf(path: str, cfg: ModelConfig, params: dict, *, tokenizer_dir: str |
   np_dtype = np.dtype(jnp.dtype(dtype))
   entries = {}  # HF name -> (param path, layer index in its stack or None, transpose, shape)
   for p in abstract:
-    ns, transpose = hf_names(p, cfg)
+    ns, transpose = hf_names(p, layout)
     stacked = p[0] == "stacks"
     layer_shape = abstract[p].shape[1:] if stacked else abstract[p].shape
     for j, name in enumerate(ns):

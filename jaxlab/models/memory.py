@@ -52,7 +52,8 @@ def footprint(cfg: ModelConfig, mesh_shape, rules=sharding_lib.DEFAULT_RULES) ->
   """Exact counts from a one-layer spec scaled by the layer count (layers are identical)."""
   mesh = AbstractMesh(tuple(mesh_shape), sharding_lib.MESH_AXES)
   lora = cfg.lora
-  one = cfg.replace(n_layers=1, lora=None if lora is None else dataclasses.replace(lora, layers=None))
+  one = cfg.replace(n_layers=1, scan_layers=False,  # per-device bytes are the same stacked
+                    lora=None if lora is None else dataclasses.replace(lora, layers=None))
   spec = model_spec(one)
   base_ab, base_ax = (spec.abstract[1], spec.axes[1]) if lora else (spec.abstract[0], spec.axes[0])
   layer = _per_device(base_ax["layers"][0], base_ab["layers"][0], mesh, rules)

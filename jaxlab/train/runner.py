@@ -66,16 +66,16 @@ def _is_workdir(path: str) -> bool:
 
 def load_model(path: str, mesh, rules, *, key: str, dtype: str | None = None,
                param_dtype: str | None = None, lora=None, seed: int = 0,
-               trainable_dtype: str | None = None):
+               trainable_dtype: str | None = None, scan_layers: bool = False):
   """(cfg, trainable, frozen) from an HF folder or a jaxlab workdir; `key` names the config key
   in errors. With `lora`, the loaded weights are the frozen base and fresh adapters train;
   what trains is stored in `trainable_dtype` (None: as loaded)."""
   from jaxlab.checkpoint import load_params
   from jaxlab.models.hf import init_lora, load_hf
-  from jaxlab.models.params import cast_trainable, merge_lora
+  from jaxlab.models.params import cast_trainable, merge_lora, with_layout
   if _is_workdir(path):
     cfg, trainable, frozen = load_params(path, mesh)
-    params = merge_lora(trainable, frozen, cfg)
+    cfg, params, _ = with_layout(cfg, merge_lora(trainable, frozen, cfg), {}, scan_layers)
     cfg = cfg.replace(lora=lora, trainable_dtype=trainable_dtype)
     if dtype:
       cfg = cfg.replace(dtype=dtype)
@@ -84,7 +84,7 @@ def load_model(path: str, mesh, rules, *, key: str, dtype: str | None = None,
     return cfg, init_lora(model_spec(cfg), mesh, seed, rules), params
   if os.path.isfile(os.path.join(path, "config.json")):
     return load_hf(path, mesh, dtype=dtype, param_dtype=param_dtype, rules=rules, lora=lora,
-                   seed=seed, trainable_dtype=trainable_dtype)
+                   seed=seed, trainable_dtype=trainable_dtype, scan_layers=scan_layers)
   raise ValueError(f"config key {key}={path!r} is neither a Hugging Face checkpoint folder "
                    "(config.json + *.safetensors) nor a jaxlab workdir (checkpoints/)")
 
@@ -100,8 +100,9 @@ def init_student(config, tokenizer, mesh, rules):
   key = "init.hf_path" if config.init.hf_path else "init.workdir"
   cfg, *params = load_model(source, mesh, rules, key=key, dtype=config.model.dtype,
                             param_dtype=config.model.param_dtype, lora=lora, seed=config.seed,
-                            trainable_dtype=config.model.get("trainable_dtype") or None)
-  cfg = cfg.replace(remat=config.model.remat)
+                            trainable_dtype=config.model.get("trainable_dtype") or None,
+                            scan_layers=config.model.get("scan_layers", False))
+  cfg = cfg.replace(remat=config.model.remat, remat_policy=config.model.get("remat_policy"))
   with config.unlocked():  # the saved config describes the model actually trained
     config.model.update({k: v for k, v in dataclasses.asdict(cfg).items()
                          if k in config.model and k != "lora"})
