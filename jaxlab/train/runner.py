@@ -102,7 +102,8 @@ def init_student(config, tokenizer, mesh, rules):
                             param_dtype=config.model.param_dtype, lora=lora, seed=config.seed,
                             trainable_dtype=config.model.get("trainable_dtype") or None,
                             scan_layers=config.model.get("scan_layers", False))
-  cfg = cfg.replace(remat=config.model.remat, remat_policy=config.model.get("remat_policy"))
+  cfg = cfg.replace(remat=config.model.remat,  # "" in a config: from `remat`
+                    remat_policy=config.model.get("remat_policy") or None)
   with config.unlocked():  # the saved config describes the model actually trained
     config.model.update({k: v for k, v in dataclasses.asdict(cfg).items()
                          if k in config.model and k != "lora"})
