@@ -50,10 +50,11 @@ def assert_close_on_tokens(a, b, seg):
 
 # ------------------------------------------------------------------ logits parity and round trip
 
-def test_logits_match_transformers_on_padded_batch(ckpt, mesh):
+@pytest.mark.parametrize("scan", [False, True], ids=["unrolled", "scanned"])
+def test_logits_match_transformers_on_padded_batch(ckpt, mesh, scan):
   family, path, model, tok = ckpt
-  cfg, trainable, frozen = hf.load_hf(path, mesh)
-  assert frozen == {} and cfg.param_dtype == "float32"
+  cfg, trainable, frozen = hf.load_hf(path, mesh, scan_layers=scan)
+  assert frozen == {} and cfg.param_dtype == "float32" and cfg.scan_layers == scan
   ids, pos, seg, _ = hf_util.chat_batch(tok)
   assert (seg[0] == 0).any() and seg[1, 0] == 0  # right- and left-padded rows
   ref = hf_util.torch_logits(model, ids, pos, seg)
@@ -208,10 +209,12 @@ def test_sharded_checkpoint_with_index(tmp_path, mesh):
   jax.tree.map(np.testing.assert_array_equal, one, many)
 
 
+@pytest.mark.parametrize("scan", [False, True], ids=["unrolled", "scanned"])
 @pytest.mark.parametrize("lora", [None, LoraConfig(rank=2, layers=(1,))])
-def test_base_layout_equals_model_spec(lora):
+def test_base_layout_equals_model_spec(lora, scan):
   cfg = hf_config.config_from_hf(hf_util.FAMILIES["qwen3_qk_norm"][0](
-      **{**hf_util.SMALL, "num_hidden_layers": 3}, head_dim=32).to_dict()).replace(lora=lora)
+      **{**hf_util.SMALL, "num_hidden_layers": 3}, head_dim=32).to_dict()).replace(
+          lora=lora, scan_layers=scan)
   spec = model_spec(cfg)
   base = 1 if lora else 0
   abstract, axes = hf.base_layout(cfg)

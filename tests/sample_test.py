@@ -8,7 +8,7 @@ import pytest
 
 from jaxlab import sharding
 from jaxlab.models import ModelConfig
-from jaxlab.models.params import init_params, model_spec
+from jaxlab.models.params import init_params, model_spec, stack_layers
 from jaxlab.sample import Sampler, bucket_length, sample
 from jaxlab.sample import sampler as sampler_lib
 from jaxlab.sample.sampler import decode_segments
@@ -27,6 +27,14 @@ def setup():
   mesh = sharding.make_mesh((1, 1, 1), jax.devices()[:1])
   trainable, frozen = init_params(spec, mesh, seed=0)
   return spec, mesh, trainable, frozen
+
+
+@pytest.fixture(scope="module")
+def scanned(setup):
+  """The same model with its layers stacked under lax.scan (stacked KV cache)."""
+  _, mesh, trainable, frozen = setup
+  spec = model_spec(CFG.replace(scan_layers=True))
+  return spec, mesh, stack_layers(trainable, spec.cfg), stack_layers(frozen, spec.cfg)
 
 
 @pytest.fixture(scope="module")
@@ -249,9 +257,10 @@ def test_decode_segments_cover_the_steps():
     assert ends == sorted(set(ends)) and ends[-1] == t - 1 and len(ends) <= 4, (t, ends)
 
 
-def test_segmented_decode_equals_one_segment(setup, monkeypatch):
+@pytest.mark.parametrize("layout", ["setup", "scanned"])
+def test_segmented_decode_equals_one_segment(layout, request, monkeypatch):
   """Growing the cache between decode segments changes nothing: tokens, log-probs, stops."""
-  spec, _, trainable, frozen = setup
+  spec, _, trainable, frozen = request.getfixturevalue(layout)
   tok, lengths = pad(PROMPTS * 2, 12, "right")
   rows = np.arange(8, dtype=np.int32)
   kw = dict(max_new_tokens=40, temperature=1.0, stop_ids=(1, 2), padding="right", row_ids_B=rows)
