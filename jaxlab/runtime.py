@@ -80,6 +80,29 @@ def cpu_backend_expected() -> bool:
                                          "/dev/kfd"))
 
 
+def enable_compile_cache(path: str | None = None) -> str:
+  """Turns on JAX's persistent compilation cache; returns its folder ("" when off).
+
+  A pipeline (the EM study, subliminal learning) trains and samples dozens of models of one
+  architecture in one process or several; each run builds fresh jitted functions, so without
+  a cache XLA compiles the same train step and sampler again for every cell and seed (on the
+  tiny CPU configs that is most of the wall time). The cache is keyed by the compiled program,
+  its compile options and the jax/XLA version, so a changed model, shape or setting compiles
+  anew: it can only save time. Folder: `path`, else $JAXLAB_COMPILE_CACHE, else
+  ~/.cache/jaxlab/xla; JAXLAB_COMPILE_CACHE=off disables it. Idempotent.
+  """
+  import jax  # pylint: disable=g-import-not-at-top
+  path = path or os.environ.get("JAXLAB_COMPILE_CACHE", "") or os.path.join(
+      os.path.expanduser("~"), ".cache", "jaxlab", "xla")
+  if path == "off":
+    return ""
+  if jax.config.jax_compilation_cache_dir != path:
+    jax.config.update("jax_compilation_cache_dir", path)
+    # Programs that compile in under a second are not worth a file read.
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
+  return path
+
+
 def setup() -> dict:
   """Once per process, first thing (before `import jax`): allocator, multi-host init.
 
@@ -98,4 +121,4 @@ def setup() -> dict:
   platform = jax.default_backend()
   if platform != "cpu":
     restore_host_allocator()
-  return {"platform": platform, "host_malloc_tuned": _tuned}
+  return {"platform": platform, "host_malloc_tuned": _tuned, "compile_cache": enable_compile_cache()}

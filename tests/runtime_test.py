@@ -73,3 +73,25 @@ def test_cpu_backend_expected_follows_jax_platforms(monkeypatch):
   for value, want in [("cpu", True), ("tpu", False), ("cuda,cpu", False), ("cpu,tpu", True)]:
     monkeypatch.setenv("JAX_PLATFORMS", value)
     assert runtime.cpu_backend_expected() is want, value
+
+
+CACHE = r"""
+import json, os
+from jaxlab import runtime
+out = runtime.setup()
+import jax
+jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+jax.jit(lambda x: (x @ x.T).sum() * 3.0)(jax.numpy.ones((64, 64))).block_until_ready()
+print(json.dumps(out))
+"""
+
+
+def test_compile_cache_is_written_to_its_folder_and_can_be_switched_off(tmp_path):
+  env = {**os.environ, "PYTHONPATH": ROOT, "JAX_PLATFORMS": "cpu"}
+  run = lambda **kw: json.loads(subprocess.run(
+      [sys.executable, "-c", CACHE], env={**env, **kw}, capture_output=True, text=True,
+      timeout=120, check=True).stdout.strip().splitlines()[-1])
+  folder = tmp_path / "xla"
+  assert run(JAXLAB_COMPILE_CACHE=str(folder))["compile_cache"] == str(folder)
+  assert len(os.listdir(folder)) >= 1  # the compiled program, keyed by its content
+  assert run(JAXLAB_COMPILE_CACHE="off")["compile_cache"] == ""
