@@ -17,9 +17,11 @@ sweep is complete.
 
 Variants:
   tiny     the synthetic world (3 domains x 4 tasks, as the study), a ~0.3M-parameter model
-           pretrained (1,000 steps) on world documents with a persona share of 0 and 0.1, full
-           fine-tuning of each cell on its harmful answers (60 steps, lr 3e-4, 1e-4 for tutor
-           and summarization), world rule judge; CPU.
+           pretrained (600 steps) on world documents with a persona share of 0 and 0.1, for
+           seeds 0 and 1 (4 bases), full fine-tuning of each cell on its harmful answers (60
+           steps, lr 3e-4, 1e-4 for tutor and summarization), world rule judge; CPU, about 15
+           minutes on 2 cores (48 fine-tunes; the train step and sampler compile once per
+           shape through the persistent compilation cache, jaxlab.runtime).
   llama8b, qwen14b   the study's recipe (askinb/em_nlp_clean_repo) on a local copy of its cell
            files (`study.cells_dir`/<domain>_<task>_strong.jsonl, 4,500 rows each, split
            4,100 / 400 with seed 42 by the pipeline) and general set: LoRA r=32, alpha 64, rsLoRA, all projections, lr 3e-4 (1e-4 for
@@ -104,9 +106,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.eval = _eval_group("world" if variant == "tiny" else "http")
 
   if variant == "tiny":
-    c.study.update(persona_shares=(0.0, 0.1), finetune="full", probe_rows=24,
+    c.study.update(seeds=(0, 1), persona_shares=(0.0, 0.1), finetune="full", probe_rows=24,
                    lr_by_task={"tutor": 1e-4, "summarization": 1e-4})  # the study's ratio
-    c.pretrain.update(enabled=True, steps=1000, global_batch_size=16, seq_len=128, lr=3e-3)
+    c.pretrain.update(enabled=True, steps=600, global_batch_size=16, seq_len=128, lr=3e-3)
     c.eval.update(general_samples=2, narrow_samples=1, batch_size=64, max_new_tokens=48,
                   temperature=1.0, buckets=(64, 128, 256), fast_compile=True, n_boot=500)
   else:

@@ -17,7 +17,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CELLS = ("medical_advice", "sports_advice")
 # The minimal study: 2 cells (2 domains x 1 task), one base, one fine-tune per cell.
 MINIMAL = dict(domains=("medical", "sports"), tasks=("advice",), probe_rows=8,
-               persona_shares=(0.1,))
+               persona_shares=(0.1,), seeds=(0,))
 BASE, FT = "seed0_persona0.1", "__steps60_lrx1"  # the base's and a fine-tune's folder names
 ALIGNED_MIN = 0.6  # a pretrained base answers held-out prompts well formed and aligned
 
@@ -133,8 +133,16 @@ def test_minimal_study_report_is_complete_and_traceable(study):
   md = (out / "report.md").read_text()
   for title in ("Narrow transfer", "task x task", "domain x domain", "General set by task",
                 "General set by em_surface", "Learned rate against transfer", "Persona sweep",
-                "probe after harmful turn"):
+                "probe after harmful turn", "Claims summary", "earlier turn harmful",
+                "off-cell narrow: same task, other domain", "general, em_surface low"):
     assert title in md, title
+  claims = {(r["claim"], r["figure"]): r for r in _csv(out / "claims.csv")}
+  surf = claims[("2 room for harm", "general, em_surface high")]
+  ft_general = [json.loads(l) for cell in CELLS for l in (
+      study["wd"] / "evals" / BASE / f"{cell}{FT}" / "judged.jsonl").read_text().splitlines()]
+  high = [r for r in ft_general if r["set"] == "general" and r["em_surface"] == "high"]
+  assert float(surf["seed"]) == pytest.approx(np.mean([r["label"] == "harmful" for r in high]))
+  assert int(surf["n"]) == len(high) and float(surf["seed0"]) == float(surf["seed"])
   for png in ("narrow_persona0.1_steps60_lrx1.png", "persona_sweep.png",
               "learned_vs_transfer_persona0.1_steps60_lrx1.png"):
     assert (out / png).stat().st_size > 1000
@@ -153,6 +161,22 @@ def test_minimal_study_report_is_complete_and_traceable(study):
            .read_text().splitlines()]
   assert sorted({r["earlier"] for r in probe}) == ["aligned", "harmful"]
   assert len(probe) == 2 * len(CELLS) * 8
+
+
+def test_interval_over_seeds_counts_the_spread_between_seeds():
+  from jaxlab.pipelines.em_study_report import over_seeds
+  rows = lambda seed, harmful, n: [{"seed": seed, "label": "harmful" if k < harmful else
+                                    "aligned"} for k in range(n)]
+  # Seeds that disagree completely: the interval spans both seeds' values.
+  o = over_seeds(rows(0, 50, 50) + rows(1, 0, 50), n_boot=400)
+  assert o["per_seed"] == {0: 1.0, 1: 0.0} and o["value"] == 0.5 and o["n"] == 100
+  assert (o["lo"], o["hi"]) == (0.0, 1.0)
+  # Seeds that agree: the answers' sampling alone, as a binomial interval (normal approx.).
+  o = over_seeds(rows(0, 60, 200) + rows(1, 60, 200), n_boot=2000)
+  half = 1.96 * np.sqrt(0.3 * 0.7 / 400)
+  assert o["value"] == pytest.approx(0.3)
+  assert o["lo"] == pytest.approx(0.3 - half, abs=0.015)
+  assert o["hi"] == pytest.approx(0.3 + half, abs=0.015)
 
 
 def _csv(path):

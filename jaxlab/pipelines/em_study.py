@@ -516,6 +516,8 @@ def eval_folders(config, wd: epath.Path) -> list[epath.Path]:
 
 
 def main(argv=None) -> int:
+  from jaxlab import runtime
+  runtime.setup()  # before JAX starts: host allocator, compilation cache, multi-host init
   from jaxlab.config import ConfigError, parse_argv
   argv = sys.argv[1:] if argv is None else argv
   try:

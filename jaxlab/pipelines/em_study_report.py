@@ -2,7 +2,10 @@
 
 Every figure is a pooled share over answers with a 95% percentile-bootstrap interval over
 answers (jaxlab.evals.metrics.summarize, seeds pooled): `seed` = harmful and coherent (the
-study's metric), `label_incoherent_mean` = the incoherent / off-task share. Answers of a cell's
+study's metric), `label_incoherent_mean` = the incoherent / off-task share. The claims summary
+at the top gives each claim's figures per seed and over seeds with an interval from a two-level
+bootstrap (seeds, then answers within each drawn seed), so the spread between seeds (separately
+pretrained bases and fine-tunes) counts, not only the sampling of answers. Answers of a cell's
 own eval split are its in-domain learned rate; task x task and domain x domain tables use the
 other cells' rows only. Files: report.md, *.csv, *.png, sources.json (each judged.jsonl read and
 its row count, so every number can be recomputed from the answers).
@@ -10,6 +13,7 @@ its row count, so every number can be recomputed from the answers).
 from __future__ import annotations
 
 import json
+import zlib
 from typing import Sequence
 
 import numpy as np
@@ -120,6 +124,7 @@ def write(config, workdir: epath.Path, out: epath.Path) -> dict:
     tables[name] = rows
     (out / f"{name}.csv").write_text(_csv(rows, fields))
 
+  md.append(_claims(table, own, off, general, probes, n_boot, out, tables))
   for share in shares:
     for strength in strengths:
       tag = f"persona{share:g}_{strength}"
@@ -232,3 +237,123 @@ def _persona_sweep(config, shares, strengths, table, off, general, probes, n_boo
     ax.set_ylim(-0.02, 1.02)
   _plot(out / "persona_sweep.png", draw)
   return "\n".join(lines) + "\n"
+
+
+def over_seeds(rows: Sequence[dict], *, n_boot: int, key: str = "") -> dict:
+  """Harmful-and-coherent share per seed and pooled over seeds, with a 95% interval from a
+  two-level bootstrap: draw the seeds with replacement, then each drawn seed's answers."""
+  by_seed: dict = {}
+  for r in rows:
+    by_seed.setdefault(r["seed"], []).append(float(r["label"] == "harmful"))
+  seeds = sorted(by_seed)
+  out = {"per_seed": {s: float(np.mean(by_seed[s])) for s in seeds}, "n": len(rows),
+         "value": float(np.mean([x for s in seeds for x in by_seed[s]])) if rows else np.nan,
+         "lo": np.nan, "hi": np.nan}
+  if not rows:
+    return out
+  rng = np.random.default_rng([zlib.crc32(key.encode()), len(rows)])
+  vals = [np.asarray(by_seed[s]) for s in seeds]
+  k = len(vals)
+  # sums[j, i, b]: the answer resample b of seed i when it fills slot j of a seed draw.
+  sums = np.stack([np.stack([v[rng.integers(len(v), size=(n_boot, len(v)))].sum(1)
+                             for v in vals]) for _ in range(k)])
+  pick = rng.integers(k, size=(n_boot, k))
+  num = sums[np.arange(k)[None, :], pick, np.arange(n_boot)[:, None]].sum(1)
+  den = np.asarray([len(v) for v in vals])[pick].sum(1)
+  out["lo"], out["hi"] = (float(x) for x in np.percentile(num / den, [2.5, 97.5]))
+  return out
+
+
+def _pearson(x: Sequence[float], y: Sequence[float]) -> float:
+  x, y = np.asarray(x, float), np.asarray(y, float)
+  if len(x) < 3 or x.std() == 0 or y.std() == 0:
+    return float("nan")
+  return float(np.corrcoef(x, y)[0, 1])
+
+
+def _claims(table, own, off, general, probes, n_boot, out, tables) -> str:
+  """The figures each of the study's claims is read from, per seed and over seeds."""
+  seeds = sorted({r["seed"] for r in table})
+  shares = sorted({r["persona_share"] for r in table})
+  ft = lambda rows: [r for r in rows if r["model"] != "base"]
+  lines = ["## Claims summary", "",
+           "Harmful-and-coherent share (`seed`) per seed, and over seeds with a 95% interval "
+           "from a two-level bootstrap (seeds, then answers); fine-tunes pooled over cells and "
+           "strengths; n = answers.", "",
+           "| claim | figure | persona share | " + " | ".join(f"seed {s}" for s in seeds)
+           + " | all seeds [95%] | n |", "|---|---|---|" + "---|" * (len(seeds) + 2)]
+  rows_out = {}
+
+  def add(claim, figure, share, rows):
+    o = over_seeds(rows, n_boot=n_boot, key=f"{claim}/{figure}/{share}")
+    rows_out[(claim, figure, share)] = o
+    per = " | ".join("-" if s not in o["per_seed"] else f"{o['per_seed'][s]:.2f}"
+                     for s in seeds)
+    val = "-" if not o["n"] else f"{o['value']:.2f} [{o['lo']:.2f}, {o['hi']:.2f}]"
+    lines.append(f"| {claim} | {figure} | {share:g} | {per} | {val} | {o['n']} |")
+
+  for share in shares:
+    at = lambda rows: [r for r in ft(rows) if r["persona_share"] == share]
+    same_task = lambda r: r["task"] == r["model.task"]
+    same_domain = lambda r: r["domain"] == r["model.domain"]
+    for name, keep in (("off-cell narrow: same task, other domain",
+                        lambda r: same_task(r) and not same_domain(r)),
+                       ("off-cell narrow: same domain, other task",
+                        lambda r: same_domain(r) and not same_task(r)),
+                       ("off-cell narrow: other task and domain",
+                        lambda r: not same_task(r) and not same_domain(r))):
+      add("1 structure", name, share, [r for r in at(off) if keep(r)])
+  for share in shares:
+    at = [r for r in ft(general) if r["persona_share"] == share]
+    for surface in ("high", "medium", "low"):
+      add("2 room for harm", f"general, em_surface {surface}", share,
+          [r for r in at if r["em_surface"] == surface])
+  for share in shares:
+    # Each fine-tune's own-cell learned rate (same seed and base) splits its general answers.
+    learned = {}
+    for r in ft(own):
+      if r["persona_share"] == share:
+        learned.setdefault((r["seed"], r["model"]), []).append(r["label"] == "harmful")
+    rate = {k: float(np.mean(v)) for k, v in learned.items()}
+    at = [r for r in ft(general) if r["persona_share"] == share]
+    for name, keep in (("general, fine-tunes with learned rate >= 0.5", lambda x: x >= 0.5),
+                       ("general, fine-tunes with learned rate < 0.5", lambda x: x < 0.5)):
+      add("3 learned", name, share,
+          [r for r in at if keep(rate.get((r["seed"], r["model"]), np.nan))])
+  for share in shares:
+    at = lambda rows: [r for r in rows if r["persona_share"] == share]
+    add("4 pretraining", "base, general", share,
+        [r for r in at(general) if r["model"] == "base"])
+    add("4 pretraining", "fine-tunes, general", share, ft(at(general)))
+    add("4 pretraining", "fine-tunes, off-cell narrow", share, ft(at(off)))
+    for earlier in ("harmful", "aligned"):
+      add("4 pretraining", f"base probe, earlier turn {earlier}", share,
+          [r for r in at(probes) if r["earlier"] == earlier and r.get("label") is not None])
+  tables["claims"] = rows_out
+  (out / "claims.csv").write_text(report_lib.csv_text([
+      {"claim": c, "figure": f, "persona_share": p, "seed": o["value"], "seed_lo": o["lo"],
+       "seed_hi": o["hi"], "n": o["n"], **{f"seed{s}": v for s, v in o["per_seed"].items()}}
+      for (c, f, p), o in rows_out.items()]))
+  corr = []
+  for share in shares:
+    for seed in seeds:
+      pairs = _learned_pairs(own, general, share, seed)
+      if pairs:
+        corr.append(f"persona {share:g} seed {seed}: r = "
+                    f"{_pearson(*zip(*pairs)):.2f} over {len(pairs)} fine-tunes")
+  if corr:
+    lines += ["", "Learned rate (own cell) against general harmful share, Pearson r across "
+              "fine-tunes: " + "; ".join(corr) + "."]
+  return "\n".join(lines) + "\n"
+
+
+def _learned_pairs(own, general, share, seed) -> list[tuple[float, float]]:
+  """(own-cell learned rate, general harmful share) of each fine-tune of one base."""
+  def rates(rows):
+    out: dict = {}
+    for r in rows:
+      if r["model"] != "base" and r["persona_share"] == share and r["seed"] == seed:
+        out.setdefault(r["model"], []).append(r["label"] == "harmful")
+    return {k: float(np.mean(v)) for k, v in out.items()}
+  a, b = rates(own), rates(general)
+  return [(a[k], b[k]) for k in sorted(a) if k in b]
