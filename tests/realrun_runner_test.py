@@ -242,7 +242,8 @@ def test_tokenizer_defaults_to_hf_path_and_mismatch_names_both(data, tmp_path, h
 
 # ------------------------------------------------------------------ LoRA-on-HF workdirs
 
-def test_lora_workdir_evaluates_and_exports_merged(data, tmp_path, hf_base):
+@pytest.mark.parametrize("scan", [False, True], ids=["unrolled", "scanned"])
+def test_lora_workdir_evaluates_and_exports_merged(data, tmp_path, hf_base, scan):
   from jaxlab import sharding
   from jaxlab.evals.models import load_model
   from jaxlab.models.hf import export_hf
@@ -250,11 +251,12 @@ def test_lora_workdir_evaluates_and_exports_merged(data, tmp_path, hf_base):
   w = tmp_path / "w"
   _run(data, w, steps=2, extra=[f"--config.init.hf_path={hf_base}", "--config.tokenizer.path=",
                                 "--config.model.lora.enabled=True", "--config.model.lora.rank=4",
-                                "--config.checkpoint.every=0"])
+                                "--config.checkpoint.every=0", f"--config.model.scan_layers={scan}"])
   saved = [p for p in os.listdir(w / "checkpoints" / "2" / "state")]
   assert saved  # adapters only: the frozen base is not in the checkpoint
   cfg, trainable, frozen = checkpoint.load_params(str(w))
   assert cfg.lora is not None and cfg.trainable_dtype == "float32" and frozen
+  assert cfg.scan_layers == scan and ("stacks" in frozen) == scan
   assert all(x.dtype == jnp.float32 for x in jax.tree.leaves(trainable))
   mesh = sharding.make_mesh((1, -1, 1))
   config, _ = parse_argv(["--config=configs/eval_em.py:tiny", f"--workdir={tmp_path}/e"])

@@ -56,21 +56,21 @@ class ModelConfig:
   # Training configs set "float32": bf16 adapters/master weights round small updates to nothing.
   trainable_dtype: str | None = None
   remat: bool = False  # the old switch: remat_policy "full" (True) or "none" (False)
-  # What the backward pass keeps of each block (decoder.REMAT_POLICIES); None = from `remat`.
-  remat_policy: str | None = None
+  # What the backward pass keeps of each block (decoder.REMAT_POLICIES); "" = from `remat`.
+  remat_policy: str = ""
   # Layers as stacked params under lax.scan: compile time independent of depth (decoder.py).
   scan_layers: bool = False
   lora: LoraConfig | None = None
 
   def __post_init__(self):
-    if self.remat_policy is not None and self.remat_policy not in REMAT_POLICY_NAMES:
+    if self.remat_policy and self.remat_policy not in REMAT_POLICY_NAMES:
       raise ValueError(f"config key model.remat_policy={self.remat_policy!r} is not one of "
                        f"{REMAT_POLICY_NAMES}")
 
   @property
   def remat_mode(self) -> str:
     """The remat policy in force: `remat_policy`, else "full" / "none" from `remat`."""
-    if self.remat_policy is not None:
+    if self.remat_policy:
       return self.remat_policy
     return "full" if self.remat else "none"
 
@@ -89,8 +89,6 @@ class ModelConfig:
     unknown = sorted(set(d) - fields)
     if unknown:
       raise ValueError(f"unknown model config keys: {unknown}; known: {sorted(fields)}")
-    if d.get("remat_policy") == "":  # configs write "" for "from `remat`" (None has no type)
-      d["remat_policy"] = None
     lora = d.pop("lora", None)
     if lora is not None and not isinstance(lora, LoraConfig):
       lora = dict(lora)

@@ -103,7 +103,7 @@ def init_student(config, tokenizer, mesh, rules):
                             trainable_dtype=config.model.get("trainable_dtype") or None,
                             scan_layers=config.model.get("scan_layers", False))
   cfg = cfg.replace(remat=config.model.remat,  # "" in a config: from `remat`
-                    remat_policy=config.model.get("remat_policy") or None)
+                    remat_policy=config.model.get("remat_policy") or "")
   with config.unlocked():  # the saved config describes the model actually trained
     config.model.update({k: v for k, v in dataclasses.asdict(cfg).items()
                          if k in config.model and k != "lora"})
