@@ -71,7 +71,7 @@ def _constrain_batch(x: jax.Array, mesh: Mesh | None, rules) -> jax.Array:
   return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, spec))
 
 
-def decode_segments(max_new_tokens: int, n: int = 4, multiple: int = 16) -> list[int]:
+def decode_segments(max_new_tokens: int, n: int = 8, multiple: int = 16) -> list[int]:
   """Ends (exclusive) of the decode-step segments: about `n` equal runs of the
   max_new_tokens - 1 steps, cut at multiples of `multiple` steps; [] when there are none."""
   steps = max_new_tokens - 1
@@ -104,7 +104,9 @@ def sample(spec: ModelSpec, trainable: dict, frozen: dict, prompt_tokens_BxP: ja
   is_stop = lambda tok_B: jnp.any(tok_B[:, None] == stop_K[None, :], axis=-1)
   row_ids_B = jnp.arange(b, dtype=jnp.int32) if row_ids_B is None else row_ids_B
   keys_B = row_keys(rng, row_ids_B.astype(jnp.uint32))
-  step_keys = lambda t: jax.vmap(jax.random.fold_in, (0, None))(keys_B, t)
+  # Every step's keys at once (one vectorised hash instead of one small one per decode step).
+  keys_TxB = jax.vmap(lambda t: jax.vmap(jax.random.fold_in, (0, None))(keys_B, t))(
+      jnp.arange(t_max, dtype=jnp.uint32))
   ban_V = None
   if min_new_tokens > 0 and stop_ids:
     ban_V = jnp.zeros((spec.cfg.vocab_size,), bool).at[stop_K].set(True)
@@ -112,7 +114,7 @@ def sample(spec: ModelSpec, trainable: dict, frozen: dict, prompt_tokens_BxP: ja
   def pick(logits, t):
     if ban_V is not None:
       logits = jnp.where(ban_V[None, :logits.shape[-1]] & (t < min_new_tokens), -jnp.inf, logits)
-    return select(logits, step_keys(t), temperature=temperature, top_k=top_k, top_p=top_p)
+    return select(logits, keys_TxB[t], temperature=temperature, top_k=top_k, top_p=top_p)
   ends = decode_segments(t_max)
   cache_len = lambda i: p + ends[i] if ends else p  # slots segment i attends to
   shard = lambda n: None if mesh is None else cache_lib.cache_sharding(cfg, b, n, mesh, rules)
