@@ -19,7 +19,7 @@ from jax.sharding import PartitionSpec as P  # noqa: E402
 from jaxlab import sharding  # noqa: E402
 from jaxlab.models import hf  # noqa: E402
 from jaxlab.models.config import LoraConfig  # noqa: E402
-from jaxlab.models.params import model_spec  # noqa: E402
+from jaxlab.models.params import model_spec, stack_layers  # noqa: E402
 
 jax.config.update("jax_default_matmul_precision", "highest")
 
@@ -84,6 +84,20 @@ def main(paths):
     for f in files:
       with open(os.path.join(path + "-export1", f), "rb") as a, \
            open(os.path.join(path + "-export8", f), "rb") as b:
+        assert a.read() == b.read(), f
+    # Scanned: each stacked leaf has its layer's sharding with the layers axis replicated, the
+    # values of the stacked unrolled load (host and device relayout), the same logits and export.
+    scfg, s8, _ = hf.load_hf(path, eight, scan_layers=True)
+    sspecs = check_shardings(scfg, s8, model_spec(scfg).axes[0], eight)
+    assert sspecs[("stacks", 0, "self_attn", "q_proj", "kernel")] == P(None, "fsdp", "tensor")
+    jax.tree.map(np.testing.assert_array_equal, s8, stack_layers(t8, scfg))
+    _, sd8, _ = hf.load_hf(path, eight, scan_layers=True, relayout="device", param_dtype="bfloat16")
+    jax.tree.map(np.testing.assert_array_equal, sd8, stack_layers(h8, scfg))
+    np.testing.assert_allclose(logits(scfg, s8, {}, ids), logits(cfg, t1, {}, ids), atol=1e-5)
+    hf.export_hf(path + "-export8s", scfg, s8, max_shard_bytes=100_000)
+    for f in files:
+      with open(os.path.join(path + "-export1", f), "rb") as a, \
+           open(os.path.join(path + "-export8s", f), "rb") as b:
         assert a.read() == b.read(), f
     print(f"{path}: OK ({len(specs)} params)")
   print("ALL OK")
