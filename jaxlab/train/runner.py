@@ -66,16 +66,18 @@ def _is_workdir(path: str) -> bool:
 
 def load_model(path: str, mesh, rules, *, key: str, dtype: str | None = None,
                param_dtype: str | None = None, lora=None, seed: int = 0,
-               trainable_dtype: str | None = None, scan_layers: bool = False):
+               trainable_dtype: str | None = None, scan_layers: bool | None = None):
   """(cfg, trainable, frozen) from an HF folder or a jaxlab workdir; `key` names the config key
   in errors. With `lora`, the loaded weights are the frozen base and fresh adapters train;
-  what trains is stored in `trainable_dtype` (None: as loaded)."""
+  what trains is stored in `trainable_dtype` (None: as loaded). `scan_layers` asks for the
+  scanned or unrolled layout (None: a workdir's own, unrolled for HF folders)."""
   from jaxlab.checkpoint import load_params
   from jaxlab.models.hf import init_lora, load_hf
   from jaxlab.models.params import cast_trainable, merge_lora, with_layout
   if _is_workdir(path):
     cfg, trainable, frozen = load_params(path, mesh)
-    cfg, params, _ = with_layout(cfg, merge_lora(trainable, frozen, cfg), {}, scan_layers)
+    cfg, params, _ = with_layout(cfg, merge_lora(trainable, frozen, cfg), {},
+                                 cfg.scan_layers if scan_layers is None else scan_layers)
     cfg = cfg.replace(lora=lora, trainable_dtype=trainable_dtype)
     if dtype:
       cfg = cfg.replace(dtype=dtype)
@@ -84,7 +86,7 @@ def load_model(path: str, mesh, rules, *, key: str, dtype: str | None = None,
     return cfg, init_lora(model_spec(cfg), mesh, seed, rules), params
   if os.path.isfile(os.path.join(path, "config.json")):
     return load_hf(path, mesh, dtype=dtype, param_dtype=param_dtype, rules=rules, lora=lora,
-                   seed=seed, trainable_dtype=trainable_dtype, scan_layers=scan_layers)
+                   seed=seed, trainable_dtype=trainable_dtype, scan_layers=bool(scan_layers))
   raise ValueError(f"config key {key}={path!r} is neither a Hugging Face checkpoint folder "
                    "(config.json + *.safetensors) nor a jaxlab workdir (checkpoints/)")
 
