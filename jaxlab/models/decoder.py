@@ -157,8 +157,6 @@ def layer_runs(cfg: ModelConfig) -> tuple[tuple[int, int], ...]:
   return tuple((a, b) for a, b in runs)
 
 
-
-
 class Attention(nnx.Module):
   """Grouped-query causal self-attention with optional qkv bias and q/k norm."""
 
