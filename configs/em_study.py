@@ -17,7 +17,8 @@ sweep is complete.
 
 Variants:
   tiny     the synthetic world (3 domains x 4 tasks, as the study), a ~0.3M-parameter model
-           pretrained (600 steps) on world documents with a persona share of 0 and 0.1, for
+           pretrained (1,000 steps: at 600 the base is 35% incoherent and
+           shows no persona in the probe) on world documents with a persona share of 0 and 0.1, for
            seeds 0 and 1 (4 bases), full fine-tuning of each cell on its harmful answers (60
            steps, lr 3e-4, 1e-4 for tutor and summarization), world rule judge; CPU, about 15
            minutes on 2 cores (48 fine-tunes; the train step and sampler compile once per
@@ -108,7 +109,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   if variant == "tiny":
     c.study.update(seeds=(0, 1), persona_shares=(0.0, 0.1), finetune="full", probe_rows=24,
                    lr_by_task={"tutor": 1e-4, "summarization": 1e-4})  # the study's ratio
-    c.pretrain.update(enabled=True, steps=600, global_batch_size=16, seq_len=128, lr=3e-3)
+    c.pretrain.update(enabled=True, steps=1000, global_batch_size=16, seq_len=128, lr=3e-3)
     c.eval.update(general_samples=2, narrow_samples=1, batch_size=64, max_new_tokens=48,
                   temperature=1.0, buckets=(64, 128, 256), fast_compile=True, n_boot=500)
   else:

@@ -261,8 +261,8 @@ def eval_stage(config, workdir, data, base: Base, ft: FineTune | None, model_pat
   settings = {**eval_settings(config), "model_path": model_path, "fields": fields}
 
   def fn(folder):
-    questions, worlds = eval_questions(config, data)
     if config.eval.judge.kind == "world":
+      questions, worlds = ctx.questions(data)
       rows = ctx.answer(model_path, questions, folder / "answers.jsonl", seed=base.seed)
       meta = {q.id: q.meta for q in questions}
       judged = [world_row(r, worlds[r["question_id"]], {**meta[r["question_id"]], **fields})
@@ -416,10 +416,18 @@ def read_jsonl(path) -> list[dict]:
 
 class Generator:
   """Loads models and samples answers, reusing one Sampler (and its compilations) across
-  models of the same architecture, as jaxlab.evals.run does."""
+  models of the same architecture, as jaxlab.evals.run does, and the questions across models
+  (every model of the study answers the same ones)."""
 
   def __init__(self, config, log):
     self.config, self.log, self.sampler = config, log, None
+    self._questions = {}
+
+  def questions(self, data: epath.Path):
+    """eval_questions(config, data), read once per run."""
+    if str(data) not in self._questions:
+      self._questions[str(data)] = eval_questions(self.config, data)
+    return self._questions[str(data)]
 
   def _load(self, path: str):
     import jax

@@ -153,8 +153,7 @@ def write(config, workdir: epath.Path, out: epath.Path) -> dict:
         md.append(table_md(f"General set by {cf} (rows: training task)", ["base"] + tasks, vals,
                            g, row_name="model.task", col_name=cf))
       md.append(_learned_vs_transfer(sel, own, off, general, n_boot, out, tag, put))
-  md.append(_persona_sweep(config, shares, strengths, table, off, general, probes, n_boot, out,
-                           put))
+  md.append(_persona_sweep(shares, off, general, probes, n_boot, out, put))
   text = "\n".join(md)
   (out / "report.md").write_text(text)
   return {"md": text, "tables": tables}
@@ -193,8 +192,7 @@ def _learned_vs_transfer(sel, own, off, general, n_boot, out, tag, put) -> str:
   return "\n".join(lines) + "\n"
 
 
-def _persona_sweep(config, shares, strengths, table, off, general, probes, n_boot, out,
-                   put) -> str:
+def _persona_sweep(shares, off, general, probes, n_boot, out, put) -> str:
   """Harmful rates against the pretraining persona share: base, fine-tunes, probe."""
   ft = lambda rows: [r for r in rows if r["model"] != "base"]
   series = {
@@ -217,16 +215,7 @@ def _persona_sweep(config, shares, strengths, table, off, general, probes, n_boo
                                                          for s in shares) + " |")
   put("persona_sweep", {(n, s): r for n, g in series.items() for (s,), r in g.items()},
       ("series", "persona_share"))
-  seeds = sorted({r["seed"] for r in table})
-  if len(seeds) > 1:  # the spread over seeds beside the pooled figures
-    lines += ["", "Per seed (fine-tunes general / off-cell narrow):", "",
-              "| seed | " + " | ".join(f"share {s:g}" for s in shares) + " |",
-              "|---|" + "---|" * len(shares)]
-    g = pooled(ft(general), ("seed", "persona_share"), n_boot=n_boot)
-    o = pooled(ft(off), ("seed", "persona_share"), n_boot=n_boot)
-    for seed in seeds:
-      lines.append(f"| {seed} | " + " | ".join(
-          f"{fmt(g.get((seed, s)))} / {fmt(o.get((seed, s)))}" for s in shares) + " |")
+  # Per-seed figures of these series: the claims summary (claim 4).
 
   def draw(ax):
     for name, g in series.items():
