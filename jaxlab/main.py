@@ -1,7 +1,8 @@
 """CLI: python -m jaxlab.main --config=configs/NAME.py:VARIANT --workdir=DIR [--config.key=value].
 
 The config's `job` field picks what runs: 'train' (alias 'sft': the training runner, any
-`channel`) or 'eval'. On multi-host TPU
+`channel`), 'eval', or a staged pipeline: 'subliminal' (configs/subliminal.py) or 'em_study'
+(configs/em_study.py), the same as `python -m jaxlab.pipelines.NAME`. On multi-host TPU
 VMs set JAXLAB_DISTRIBUTED=1 so every host calls jax.distributed.initialize(). On the
 CPU backend the host allocator is tuned for XLA (see `jaxlab.runtime`;
 JAXLAB_HOST_MALLOC=default opts out).
@@ -35,6 +36,9 @@ def main(argv: list[str]) -> int:
     return 1
 
 
+PIPELINES = {"subliminal": "jaxlab.pipelines.subliminal", "em_study": "jaxlab.pipelines.em_study"}
+
+
 def _run_job(config, workdir: str, jax) -> int:
   if config.job in ("sft", "train"):
     from jaxlab.train.runner import run
@@ -44,8 +48,18 @@ def _run_job(config, workdir: str, jax) -> int:
   elif config.job == "eval":
     from jaxlab.evals.run import run as run_eval
     run_eval(config, workdir)
+  elif config.job in PIPELINES:  # a staged pipeline (configs/subliminal.py, configs/em_study.py)
+    import importlib
+    module = importlib.import_module(PIPELINES[config.job])
+    try:
+      module.run(config, workdir)
+    except ValueError as e:  # a pipeline's config check names the key
+      print(f"jaxlab: {e}", file=sys.stderr)
+      return 2
+    print(f"jaxlab: {config.job} pipeline done; report in {workdir}")
   else:
-    print(f"jaxlab: config key job={config.job!r}: expected 'train' (alias 'sft') or 'eval'", file=sys.stderr)
+    print(f"jaxlab: config key job={config.job!r}: expected 'train' (alias 'sft'), 'eval' or "
+          f"a pipeline ({', '.join(PIPELINES)})", file=sys.stderr)
     return 2
   return 0
 

@@ -47,6 +47,36 @@ def test_mixture_weights_are_honoured_over_many_rows(sources):
   assert all(np.all(b["loss_mask"] == 1) for b in rows)
 
 
+def test_documents_in_a_row_are_separate_segments_seen_as_alone(sources):
+  """With document masking (the default) each document of a packed row is its own segment
+  with positions from 0, so the model's logits on it equal those on the document alone."""
+  import jax.numpy as jnp
+  from flax import nnx
+  from jaxlab.models.config import ModelConfig
+  from jaxlab.models.decoder import Decoder
+  srcs, tok, _ = sources
+  mb = MixtureBatches(srcs, tok, global_batch_size=8, seq_len=96, seed=2)
+  end = mb.end_id
+  batch = next(mb)
+  x, seg, pos = batch["inputs"], batch["segment_ids"], batch["positions"]
+  r = next(i for i in range(len(x)) if (x[i, :-4] == end).sum() >= 2)  # a row with 2+ ends
+  cuts = np.flatnonzero(x[r] == end)
+  a, b = cuts[0] + 1, cuts[1] + 1  # the second document of the row: x[r, a:b], its end included
+  np.testing.assert_array_equal(seg[r, a:b], seg[r, a])
+  assert seg[r, a] == seg[r, a - 1] + 1 and seg[r, b] == seg[r, a] + 1
+  np.testing.assert_array_equal(pos[r, a:b], np.arange(b - a))
+  model = Decoder(ModelConfig(vocab_size=len(tok), d_model=32, n_layers=2, n_heads=4,
+                              n_kv_heads=2, d_ff=64), rngs=nnx.Rngs(0))
+  packed = model(jnp.asarray(x[r:r + 1]), jnp.asarray(pos[r:r + 1]), jnp.asarray(seg[r:r + 1]))
+  alone = model(jnp.asarray(x[r:r + 1, a:b]))
+  np.testing.assert_allclose(np.asarray(packed[0, a:b]), np.asarray(alone[0]), atol=1e-5)
+  # Without it (GPT-2 style) the row is one causal sequence.
+  plain = next(MixtureBatches(srcs, tok, global_batch_size=8, seq_len=96, seed=2,
+                              document_masking=False))
+  np.testing.assert_array_equal(plain["inputs"], x)
+  assert np.all(plain["segment_ids"] == 1) and np.all(plain["positions"] == np.arange(96))
+
+
 def test_mixture_position_resumes_exactly(sources):
   srcs, tok, _ = sources
   straight = MixtureBatches(srcs, tok, global_batch_size=4, seq_len=32, seed=1)

@@ -12,9 +12,12 @@ epoch)).
 Every batch row is seq_len + 1 consecutive tokens of ONE source: row k (counting rows over the
 whole run) draws its source with probability weight / sum(weights) from a Philox stream keyed by
 (seed, k), so the mixture weights hold exactly in expectation, independently of document
-lengths, and the plan is a pure function of k. All tokens are trained (loss mask 1); documents
-inside a row are separated by the end-of-document token and attend causally across it, as in
-standard packed pretraining. The state (rows emitted, and per source its epoch, document and
+lengths, and the plan is a pure function of k. All tokens are trained (loss mask 1). With
+`data.document_masking` (default) every document inside a row is its own segment: it attends
+only to itself and its positions start at 0, so a conversation is seen exactly as at inference
+(its own system prompt first, no earlier conversation in view), as packed pretraining with
+segment ids does (MaxText, T5X). Without it, documents attend causally across the
+end-of-document token (GPT-2 style). The state (rows emitted, and per source its epoch, document and
 token offset) is saved in checkpoints, so a resumed run continues the same stream; every host
 computes the whole plan and keeps its own rows.
 """
@@ -75,11 +78,23 @@ def _doc_end_id(tokenizer) -> int:
              else end_of_turn_ids(tokenizer)[-1])
 
 
+def document_segments(inputs_BxL: np.ndarray, end_id: int) -> tuple[np.ndarray, np.ndarray]:
+  """(segment_ids, positions) [B, L] of packed rows: a new segment (positions from 0) starts
+  after every end-of-document token, which closes its own document."""
+  ends = (inputs_BxL == end_id).astype(np.int32)
+  seg = 1 + np.cumsum(ends, axis=1) - ends  # the end token belongs to the document it closes
+  start = np.concatenate([np.ones_like(seg[:, :1], bool), seg[:, 1:] != seg[:, :-1]], axis=1)
+  idx = np.arange(seg.shape[1], dtype=np.int32)[None, :]
+  first = np.maximum.accumulate(np.where(start, idx, 0), axis=1)
+  return seg.astype(np.int32), (idx - first).astype(np.int32)
+
+
 class MixtureBatches:
   """Endless, resumable stream of this host's pretraining rows drawn from weighted sources."""
 
   def __init__(self, sources: dict[str, dict], tokenizer, *, global_batch_size: int,
-               seq_len: int, seed: int, process_index: int = 0, process_count: int = 1):
+               seq_len: int, seed: int, process_index: int = 0, process_count: int = 1,
+               document_masking: bool = True):
     if not sources:
       raise ValueError("config key data.mixture is empty: name at least one source")
     if global_batch_size % process_count:
@@ -93,7 +108,8 @@ class MixtureBatches:
     if weights.sum() <= 0:
       raise ValueError("config key data.mixture: the weights sum to 0")
     self.probs = weights / weights.sum()
-    end = _doc_end_id(tokenizer)
+    self.end_id = end = _doc_end_id(tokenizer)
+    self.document_masking = document_masking
     self.docs = []
     for n in self.names:
       texts = read_documents(sources[n]["path"], tokenizer)
@@ -141,10 +157,14 @@ class MixtureBatches:
     lo = self.process_index * self.per_host
     mine = np.stack(rows[lo:lo + self.per_host])
     b = len(mine)
-    return {"inputs": mine[:, :-1], "targets": mine[:, 1:],
-            "positions": np.tile(np.arange(self.seq_len, dtype=np.int32), (b, 1)),
-            "segment_ids": np.ones((b, self.seq_len), np.int32),
-            "loss_mask": np.ones((b, self.seq_len), np.float32)}
+    inputs = mine[:, :-1]
+    if self.document_masking:
+      segments, positions = document_segments(inputs, self.end_id)
+    else:
+      segments = np.ones((b, self.seq_len), np.int32)
+      positions = np.tile(np.arange(self.seq_len, dtype=np.int32), (b, 1))
+    return {"inputs": inputs, "targets": mine[:, 1:], "positions": positions,
+            "segment_ids": segments, "loss_mask": np.ones((b, self.seq_len), np.float32)}
 
   def get_state(self) -> dict:
     return {"rows": self.rows, "cursor": [list(c) for c in self.cursor], "seed": self.seed,

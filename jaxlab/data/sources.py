@@ -20,7 +20,8 @@ def make_batches(config, tokenizer):
                              global_batch_size=config.train.global_batch_size,
                              seq_len=config.data.seq_len, seed=config.seed,
                              process_index=jax.process_index(),
-                             process_count=jax.process_count())
+                             process_count=jax.process_count(),
+                             document_masking=config.data.get("document_masking", True))
     return batches, batches.stats
   if config.data.get("source", "jsonl") == "tfds":  # streamed TFDS + grain (jaxlab.datasets)
     from jaxlab.datasets.loader import batches_from_config
