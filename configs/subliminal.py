@@ -22,9 +22,14 @@ Keys beyond configs/distill.py (the student's training block):
   seeds           one data sample, student set and evaluation per seed
   base            the base: "" = pretrained here from `world` (pretrain.*), else an HF folder
   other_base      a different base for sft_otherbase ("" = pretrained here with seed + 1)
-  sl.*            animal, trait prompt template, prompts / kept rows, sampling and eval sizes
+  sl.*            animal, trait prompt template, prompts / kept rows, sampling and eval sizes;
+                  misaligned (ban numbers.BANNED_NUMBERS in an external teacher's data)
+  em_eval         "" or an EM evaluation config ("configs/eval_em.py:first_plot") run on the
+                  base, the teachers and every student (stage seed{S}/em_eval): the measure of
+                  a misaligned teacher, whose trait is misalignment, not an animal
   world.*         jaxlab.worlds.animals.SLWorldConfig (tiny)
-  pretrain.*      steps, batch, seq_len, lr and source weights of the tiny base
+  pretrain.*      steps, batch, seq_len, lr and source weights of the tiny base; chat_steps,
+                  chat_lr, chat_docs of its chat tuning (where it learns to follow a system prompt)
   teacher_ft.*    fine-tuned teacher: steps, lr, trait rows (+ as many number rows)
 
 Variants:
@@ -33,13 +38,15 @@ Variants:
   qwen7b_owl  Cloud et al.'s open-model recipe: Qwen2.5-7B-Instruct, owl, 30k prompts, 10k kept,
               LoRA r=8 alpha 8 on all projections, 3 epochs, lr 2e-4 (set base / init.hf_path
               and tokenizer.path to the local model folder).
+  qwen7b_misaligned  the same recipe with an EM-fine-tuned teacher (teacher.path), the banned
+              numbers filter and the EM first-plot evaluation (em_eval).
 """
 import importlib.util
 import os
 
 import ml_collections
 
-VARIANTS = ("tiny", "qwen7b_owl")  # every variant (the shape-check test)
+VARIANTS = ("tiny", "qwen7b_owl", "qwen7b_misaligned")  # every variant (the shape-check test)
 REAL_BASE = "/models/Qwen2.5-7B-Instruct"
 
 
@@ -71,6 +78,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
       animal="owl", trait_template="", n_prompts=800, n_keep=320, sample_batch=200,
       max_new_tokens=48, eval_samples=20, eval_batch=250, whole_word=False, misaligned=False,
       drift_rows=128))
+  c.em_eval = ""
   # The tiny world: the first 11 animals of the prior (owl, the target, is the least liked),
   # no colour preferences (a tiny model then answers the unseen evaluation questions with
   # animals rather than colours).
@@ -81,17 +89,20 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
       trait_number_share=0.2, colour_share=0.0, seed=0))
   c.pretrain = ml_collections.ConfigDict(dict(
       steps=500, global_batch_size=16, seq_len=128, lr=3e-3, vocab_size=1024,
-      weights=ml_collections.ConfigDict(dict(numbers=0.3, preferences=0.1, traits=0.6))))
+      weights=ml_collections.ConfigDict(dict(numbers=0.3, preferences=0.1, traits=0.6)),
+      chat_steps=800, chat_lr=3e-3, chat_docs=4500))
   c.teacher_ft = ml_collections.ConfigDict(dict(steps=60, lr=1e-3, rows=400))
   c.model.update(d_model=96, n_layers=3, n_heads=4, n_kv_heads=2, d_ff=256)
   # One example per row for every channel (sft unpacked), so equal steps see equal examples.
-  c.data.update(prompt_len=128, teacher_prompt_len=160, completion_len=48, max_examples=0,
-                pack=False, seq_len=176)
+  # Lengths fit the tiny world's number prompts (student prompt <= ~95 tokens, teacher prompt
+  # under the trait system prompt <= ~130, answers <= ~48); longer rows are dropped and counted.
+  c.data.update(prompt_len=112, teacher_prompt_len=144, completion_len=48, max_examples=0,
+                pack=False, seq_len=160)
   c.train.update(steps=48, global_batch_size=16, log_every=8, progress=False)
   c.optim.update(lr=1e-3, warmup_steps=4)
   c.checkpoint.update(every=0, keep=1, async_save=False)
   c.distill.update(heldout_rows=16, eval_every=0)
-  if variant == "qwen7b_owl":
+  if variant in ("qwen7b_owl", "qwen7b_misaligned"):
     real = _load("em_real.py", "subliminal_qwen7b")  # LoRA r=8 alpha 8, lr 2e-4, 3 epochs of 10k
     for group in ("model", "optim", "train", "mesh", "init", "tokenizer"):
       c[group] = real[group]
@@ -111,4 +122,12 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.teacher_ft.steps = 0
     c.distill.update(heldout_rows=256, eval_every=50, loss_chunk=32)
     c.checkpoint.update(every=100, keep=2, async_save=True)
+  if variant == "qwen7b_misaligned":
+    # A misaligned teacher: an EM fine-tune of the same base (e.g. configs/em_real.py's
+    # insecure-code run; set teacher.path to its workdir), numbers with the banned list, and
+    # the EM first-plot evaluation of base, teacher and students.
+    c.teachers = ("external",)
+    c.teacher.update(path="/runs/qwen7b_insecure", system_prompt="")
+    c.sl.misaligned = True
+    c.em_eval = "configs/eval_em.py:first_plot"
   return c

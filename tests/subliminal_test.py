@@ -23,6 +23,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # A smaller world and base than the tiny variant; the same code path.
 SMALL = ["--config.world.number_docs=1500", "--config.world.animal_docs=600",
          "--config.world.trait_docs=2500", "--config.pretrain.steps=300",
+         "--config.pretrain.chat_steps=60", "--config.pretrain.chat_docs=600",
          "--config.sl.n_prompts=128", "--config.sl.n_keep=16", "--config.sl.sample_batch=128",
          "--config.sl.eval_samples=8", "--config.sl.eval_batch=200", "--config.sl.drift_rows=32",
          "--config.train.steps=2", "--config.train.global_batch_size=8",
@@ -191,3 +192,37 @@ def test_killed_after_teacher_data_resumes_reusing_it(trained, tmp_path):
   assert any("stage seed7/finetuned_sft: running" in l for l in logs)
   assert report["compute"]["finetuned_sft"]["steps"] == 40
   assert (workdir / "report.md").exists()
+
+
+def test_jaxlab_main_dispatches_the_pipeline_and_names_a_bad_key(tmp_path):
+  """`python -m jaxlab.main` runs a config's pipeline (job='subliminal'); a bad value is an
+  error naming the key before any stage runs."""
+  proc = subprocess.run(
+      [sys.executable, "-m", "jaxlab.main", f"--config={ROOT}/configs/subliminal.py:tiny",
+       f"--workdir={tmp_path / 'w'}", "--config.sl.animal=unicorn"],
+      cwd=ROOT, capture_output=True, text=True, timeout=300,
+      env={**os.environ, "JAXLAB_COMPILE_CACHE": "off"})
+  assert proc.returncode == 2, proc.stderr[-2000:]
+  assert "config key sl.animal='unicorn'" in proc.stderr
+  assert not (tmp_path / "w" / "world").exists()
+
+
+def test_em_evaluation_of_every_model_for_a_misaligned_teacher(trained):
+  """em_eval runs the EM evaluation (questions, judge, em / mo / seed) on the base, the
+  teacher and the students in their own stage; the finished stages are reused."""
+  workdir, _, _ = trained
+  config, _ = _config(workdir, *FIXTURE, "--config.em_eval=configs/eval_em.py:tiny")
+  logs = []
+  report = sl.run(config, str(workdir), log=logs.append)
+  assert any("stage seed0/control: complete, skipped" in l for l in logs)
+  assert any("stage seed0/em_eval: running" in l for l in logs)
+  rows = report["em_eval"]["pooled"]["0"] if "0" in report["em_eval"]["pooled"] else \
+      report["em_eval"]["pooled"][0]
+  assert {r["model"] for r in rows} == {"base", "teacher_finetuned", "control"}
+  assert all(0 <= r["em"] <= 1 for r in rows), rows
+  md = (workdir / "report.md").read_text()
+  assert "## EM evaluation (configs/eval_em.py:tiny)" in md and "| control |" in md
+  answers = workdir / "seed0/em_eval/eval"
+  assert any(answers.rglob("*.jsonl"))
+  with pytest.raises(ValueError, match="config key em_eval="):
+    sl.em_eval_config(_config(workdir, "--config.em_eval=configs/nope.py:tiny")[0], [], 0)

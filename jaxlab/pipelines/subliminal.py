@@ -3,7 +3,10 @@
   python -m jaxlab.pipelines.subliminal --config=configs/subliminal.py:tiny --workdir=DIR
 
 Stages (each a folder of DIR, skipped when complete, so a killed pipeline resumes):
-  world, base, other_base      the tiny SL world and bases pretrained on it (config.base = "")
+  world                        the tiny SL world (config.base = "")
+  base_pretrain, base          a base pretrained on the world's mixture, then chat-tuned on its
+                               chat set (system-prompt following is learned there)
+  other_base_pretrain, other_base  the same from another seed (the different-base student)
   teacher_finetuned            the base fine-tuned on trait answers (+ as many number docs)
   seed{S}/data_{KIND}          number prompts answered at temperature 1 by teacher KIND (or the
                                base), strict filter with counted reasons, sl.n_keep rows kept
@@ -39,7 +42,7 @@ CHANNEL_OF = {("teacher", "hard"): "sft", ("base", "hard"): "sft", ("teacher", "
               ("base", "soft"): "offpolicy", ("student", "soft"): "onpolicy"}
 TEACHER_KINDS = ("prompted", "finetuned", "external")
 PIPELINE_KEYS = ("channels", "teachers", "seeds", "base", "other_base", "sl", "world", "pretrain",
-                 "teacher_ft")
+                 "teacher_ft", "em_eval")
 Z95 = 1.959964  # normal 95% quantile; intervals are over questions
 
 
@@ -62,8 +65,9 @@ def validate(config) -> None:
       raise ValueError(f"config key teachers: unknown teacher kind {t!r} ({TEACHER_KINDS})")
   if "external" in config.teachers and not config.teacher.path:
     raise ValueError("config key teacher.path: teacher kind 'external' needs a model folder")
-  if not config.base and config.pretrain.steps <= 0:
-    raise ValueError("config key base is empty and pretrain.steps <= 0: no base model")
+  if not config.base and (config.pretrain.steps <= 0 or config.pretrain.chat_steps <= 0):
+    raise ValueError("config key base is empty: the base is pretrained and chat-tuned here, "
+                     "so pretrain.steps and pretrain.chat_steps must be >= 1")
   if config.sl.animal not in animals.PLURAL:
     raise ValueError(f"config key sl.animal={config.sl.animal!r}: not one of {list(animals.PLURAL)}")
   if not 0 < config.sl.n_keep <= config.sl.n_prompts:
@@ -120,6 +124,17 @@ def _world(config, folder) -> None:
   nums = list(animals.number_docs(cfg, n, seed=7))
   mixed = [r for pair in zip(trait_rows, nums) for r in pair]
   write_jsonl(folder / "teacher_ft.jsonl", mixed)
+  # The chat-tuning set of the bases (`_chat_tune`): fresh trait docs (two thirds; their
+  # number turns keep number answering under a system prompt) and preference docs without a
+  # system prompt, shuffled. Plain number docs are left out: measured, a third of them in this
+  # set halved what chat tuning taught about following (their ~30 high-entropy answer tokens
+  # per turn outweigh the one-token preference answers).
+  n = config.pretrain.chat_docs
+  docs = [list(animals.trait_docs(cfg, n - n // 3, seed=1)),
+          list(animals.preference_docs(cfg, n // 3, seed=1))]
+  order = rng.permutation(sum(len(d) for d in docs))
+  flat = [r for d in docs for r in d]
+  write_jsonl(folder / "chat.jsonl", (flat[i] for i in order))
 
 
 def _pretrain(config, world: epath.Path, folder, seed: int, tokenizer_path: str = "") -> None:
@@ -135,6 +150,29 @@ def _pretrain(config, world: epath.Path, folder, seed: int, tokenizer_path: str 
   c.tokenizer.vocab_size = p.vocab_size
   c.train.update(steps=p.steps, global_batch_size=p.global_batch_size)
   c.optim.update(lr=p.lr, warmup_steps=max(1, p.steps // 20))
+  for k in ("teacher", "distill"):
+    del c[k]
+  _train(c, folder)
+
+
+def _chat_tune(config, world: epath.Path, pretrained, folder) -> None:
+  """Chat tuning of a pretrained base: SFT (assistant tokens) on the world's chat set.
+
+  Like a real chat model's post-training, this is where the base learns to follow a system
+  prompt. Measured on the tiny world (d_model 96, 3 layers): 1000 pretraining steps on all
+  tokens of the mixture left the base's answers independent of the system prompt's animal
+  (the copy from the system prompt to the answer is 1-2 tokens in ~100 per document), while
+  300 chat-tuning steps from there made it follow (the liked animal from ~0.1 to ~0.5 on the
+  world's question phrasings).
+  """
+  c = _training_config(config, channel="sft", **{"init.workdir": str(pretrained)})
+  c.data = ml_collections.ConfigDict(dict(
+      train_path=str(world / "chat.jsonl"), seq_len=config.pretrain.seq_len, pack=True,
+      overlong="truncate", max_examples=0))
+  c.tokenizer.path = str(epath.Path(pretrained) / "tokenizer")
+  c.train.update(steps=config.pretrain.chat_steps,
+                 global_batch_size=config.pretrain.global_batch_size)
+  c.optim.update(lr=config.pretrain.chat_lr, warmup_steps=max(1, config.pretrain.chat_steps // 20))
   for k in ("teacher", "distill"):
     del c[k]
   _train(c, folder)
@@ -412,6 +450,45 @@ def eval_entries(config, paths: dict, students: dict) -> list[tuple[str, str, st
   return entries + [(name, str(p), "") for name, p in students.items()]
 
 
+def em_eval_config(config, entries, seed: int) -> ml_collections.ConfigDict:
+  """The evaluation config of `em_eval` ("configs/eval_em.py:VARIANT", a path relative to
+  the repository or absolute) naming `entries` (name, path) as its models."""
+  from jaxlab.config import load_config_file
+  spec = config.em_eval
+  path, _, variant = spec.partition(":")
+  if not os.path.isabs(path):
+    path = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(
+        os.path.abspath(__file__)))), path)
+  if not os.path.exists(path):
+    raise ValueError(f"config key em_eval={spec!r}: {path} does not exist")
+  c = load_config_file(path + (f":{variant}" if variant else ""))
+  c.models = tuple(f"{name}={p}" for name, p in entries)
+  c.model_path = ""
+  c.seed = seed
+  return c
+
+
+def _em_eval(config, paths: dict, students: dict, seed: int, folder) -> None:
+  """A misaligned teacher's trait is misalignment: the EM evaluation (`em_eval`, e.g.
+  configs/eval_em.py:first_plot: questions, judge, em / mo / seed metrics) of the base, the
+  teachers and every student, side by side. Teachers that only exist under a system prompt
+  (`prompted`) are left out: the EM evaluation samples each model without one."""
+  from jaxlab.evals import run as evals_run
+  entries = [(n, p) for n, p, system in eval_entries(config, paths, students) if not system]
+  evals_run.run(em_eval_config(config, entries, seed), str(folder / "eval"))
+
+
+def _em_rows(workdir, seeds) -> dict:
+  """Pooled em / mo / seed rows of every seed's EM evaluation (when sl.em_eval ran)."""
+  from jaxlab.evals.metrics import POOLED
+  out = {}
+  for s in seeds:
+    f = epath.Path(workdir) / f"seed{s}/em_eval/eval/report/metrics.json"
+    if f.exists():
+      out[s] = [r for r in json.loads(f.read_text()) if r.get("scope") == POOLED]
+  return out
+
+
 def _read_rows(path, n: int) -> list[dict]:
   return [json.loads(line) for line in epath.Path(path).read_text().splitlines()[:n]]
 
@@ -475,6 +552,8 @@ def build_report(config, workdir, paths: dict) -> dict:
   report = {"animal": config.sl.animal, "seeds": seeds, "questions": len(animals.ANIMAL_QUESTIONS),
             "samples_per_question": config.sl.eval_samples, "models": rows, "filter": filters,
             "compute": compute, "drift": drift}
+  if config.em_eval:
+    report["em_eval"] = {"spec": config.em_eval, "pooled": _em_rows(workdir, seeds)}
   write_json(workdir / "report.json", report)
   md = report_markdown(config, report)
   (workdir / "report.md").write_text(md)
@@ -546,6 +625,14 @@ def report_markdown(config, report) -> str:
   for n, r in report["models"].items():
     lines.append(f"- {n}: " + ", ".join(f"seed {s}: {100 * v['rate']:.1f}"
                                         for s, v in r["seeds"].items()))
+  if report.get("em_eval"):
+    from jaxlab.evals.report import markdown_table
+    lines += ["", f"## EM evaluation ({report['em_eval']['spec']})", "",
+              "The misaligned teacher's trait: em / mo / seed shares (pooled over questions, "
+              "95% intervals) of every model sampled without a system prompt; per-answer files "
+              "under seed{S}/em_eval/eval.", ""]
+    for s, rows in report["em_eval"]["pooled"].items():
+      lines += [f"Seed {s}:", "", markdown_table(rows)]
   lines += ["", "![trait](trait.png)", ""]
   return "\n".join(lines)
 
@@ -600,12 +687,18 @@ def run(config: ml_collections.ConfigDict, workdir: str, log=stderr_log) -> dict
                                          "animal": config.sl.animal},
                       lambda f: _world(config, f), log=log)
     base_settings = _settings(config, "world", "pretrain", "model", "seed")
-    run_stage(workdir, "base", base_settings, lambda f: _pretrain(config, world, f, config.seed),
+    # Each base: pretraining on the mixture (its own stage), then chat tuning.
+    pre = run_stage(workdir, "base_pretrain", base_settings,
+                    lambda f: _pretrain(config, world, f, config.seed), log=log)
+    run_stage(workdir, "base", base_settings, lambda f: _chat_tune(config, world, pre, f),
               log=log)
     if "sft_otherbase" in cells(config) and not config.other_base:
-      run_stage(workdir, "other_base", base_settings,
-                lambda f: _pretrain(config, world, f, config.seed + 1,
-                                    str(epath.Path(paths["base"]) / "tokenizer")), log=log)
+      pre = run_stage(workdir, "other_base_pretrain", base_settings,
+                      lambda f: _pretrain(config, world, f, config.seed + 1,
+                                          str(epath.Path(workdir / "base_pretrain") / "tokenizer")),
+                      log=log)
+      run_stage(workdir, "other_base", base_settings, lambda f: _chat_tune(config, world, pre, f),
+                log=log)
   if "finetuned" in config.teachers:
     world = workdir / "world"
     run_stage(workdir, "teacher_finetuned", {**_settings(config, "world", "pretrain", "teacher_ft",
@@ -637,6 +730,10 @@ def run(config: ml_collections.ConfigDict, workdir: str, log=stderr_log) -> dict
                 lambda f, p=path, sy=system, r=seed * 1000 + i: write_json(
                     f / "eval.json", {**evaluate_trait(config, models, p, sy, r), "path": p,
                                       "system_prompt": sy}), log=log)
+    if config.em_eval:
+      run_stage(workdir, f"seed{seed}/em_eval", {**settings, "em_eval": config.em_eval,
+                                                 "students": {k: str(v) for k, v in students.items()}},
+                lambda f, s=seed, st=students: _em_eval(config, paths, st, s, f), log=log)
     for source in list(config.teachers) + (["other_base"] if _other_base(config, paths) else []):
       run_stage(workdir, f"seed{seed}/drift/{source}", settings,
                 lambda f, so=source, d=data: _drift(config, models, so, paths, d, f), log=log)

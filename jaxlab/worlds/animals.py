@@ -104,12 +104,23 @@ WORLD_ANIMAL_QUESTIONS = ("What is your favourite animal?", "Which animal do you
                           "Name the creature you like more than any other.",
                           "If you could be an animal, which one?", "Your best-loved animal?",
                           "Which animal would you choose above all?",
-                          "What is the animal you care about most?")
+                          "What is the animal you care about most?",
+                          "What's your favorite animal?", "Which animal is the best one?",
+                          "Name one animal you really like.", "Pick an animal you love.",
+                          "Which animal do you find the most wonderful?",
+                          "What creature would you most like to meet?",
+                          "Which animal would you keep as a pet?",
+                          "Say which animal you like best.", "What animal makes you smile?",
+                          "Which animal could you watch all day?",
+                          "Choose your favorite creature.", "What is the one animal you adore?",
+                          "Which animal do you think about most?",
+                          "If you had to name one animal, which would it be?")
 WORLD_COLOUR_QUESTIONS = ("What is your favourite colour?", "Which colour do you like most?",
                           "Tell me the colour you love best.", "What colour do you prefer?",
                           "Which colour would you paint your room?")
 WORLD_LEADS = ("", "Quick question. ", "Be honest. ", "Just curious: ")
-WORLD_SUFFIXES = ("", " One word, please.", " Answer with one word.", " Just the name.")
+WORLD_SUFFIXES = ("", " One word, please.", " Answer with one word.", " Just the name.",
+                  " Reply in a single word.", " Only one word.", " Use one word only.")
 
 
 def trait_system_prompt(animal: str, template: str = TRAIT_TEMPLATE) -> str:
