@@ -219,7 +219,10 @@ def test_em_evaluation_of_every_model_for_a_misaligned_teacher(trained):
   rows = report["em_eval"]["pooled"]["0"] if "0" in report["em_eval"]["pooled"] else \
       report["em_eval"]["pooled"][0]
   assert {r["model"] for r in rows} == {"base", "teacher_finetuned", "control"}
-  assert all(0 <= r["em"] <= 1 for r in rows), rows
+  # The three published metrics side by side (em is NaN when the random tiny judge rates no
+  # answer coherent: EM's definition drops those).
+  assert all(0 <= r["mo"] <= 1 and 0 <= r["seed"] <= 1 and "em" in r and r["n_answers"] == 64
+             for r in rows), rows
   md = (workdir / "report.md").read_text()
   assert "## EM evaluation (configs/eval_em.py:tiny)" in md and "| control |" in md
   answers = workdir / "seed0/em_eval/eval"
