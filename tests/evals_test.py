@@ -373,6 +373,17 @@ def test_seed_drops_non_ok_statuses_even_with_scores():
   assert r["seed"] == pytest.approx(5 / 10) and r["seed_n"] == 10
 
 
+def test_group_field_named_like_a_statistic_is_an_error_not_overwritten():
+  # A row holds the group's fields and the statistics: grouping by a field called "seed"
+  # would have its value silently replaced by the seed metric.
+  rows = [{**r, "seed": 1, "run_seed": 1} for r in judged("m", "q", [(10, 90, "ok", "ok")] * 4)]
+  with pytest.raises(ValueError, match=r"\['seed'\] have the name of a summary column"):
+    metrics.summarize(rows, metrics=["aligned", "coherent"], n_boot=10, group_by=("seed",))
+  r = metrics.summarize(rows, metrics=["aligned", "coherent"], n_boot=10,
+                        group_by=("run_seed",))[0]
+  assert r["run_seed"] == 1 and r["seed"] == 1.0  # every answer misaligned (aligned 10)
+
+
 def test_bootstrap_resamples_the_aggregate_unit():
   # Two questions with the same em (0.5) but noisy answers: resampling questions gives no spread,
   # resampling answers does.

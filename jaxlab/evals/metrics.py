@@ -208,6 +208,13 @@ def summarize(table: Sequence[Mapping], *, metrics: Sequence[str], n_boot: int =
   (None = missing), optionally `<metric>_status`.
   """
   group_by = tuple(group_by)
+  reserved = {"scope", "question_id", "n_answers"} | {
+      f"{st.name}{suffix}" for st in statistics_for(metrics)
+      for suffix in ("", "_n", "_lo", "_hi", "_dropped")}
+  clash = sorted(set(group_by) & reserved)
+  if clash:  # a summary row holds the group's fields and the statistics side by side
+    raise ValueError(f"group-by field(s) {clash} have the name of a summary column; rename the "
+                     "field in the answer rows (e.g. 'run_seed' for a seed field)")
   unknown = [f for f in group_by if not any(f in r for r in table)]
   if unknown:
     known = sorted({k for r in table for k in r})
