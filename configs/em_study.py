@@ -20,8 +20,8 @@ Variants:
            pretrained (1,000 steps; at 600 the base is 35% incoherent and its probe shows no
            persona) on world documents with a persona share of 0 and 0.1, for seeds 0 and 1
            (4 bases), full fine-tuning of each cell on its harmful answers (60 steps, lr 3e-4,
-           1e-4 for tutor and summarization: 48 fine-tunes), world rule judge; CPU: 31.5 min on
-           a shared 2-core machine at load ~7 (939 CPU-seconds; README, EM transfer study).
+           1e-4 for tutor and summarization: 48 fine-tunes), world rule judge; CPU: 12 min 52 s on
+           2 cores (969 CPU-seconds; README, EM transfer study).
   llama8b, qwen14b   the study's recipe (askinb/em_nlp_clean_repo) on a local copy of its cell
            files (`study.cells_dir`/<domain>_<task>_strong.jsonl, 4,500 rows each, split
            4,100 / 400 with seed 42 by the pipeline) and general set: LoRA r=32, alpha 64, rsLoRA, all projections, lr 3e-4 (1e-4 for
