@@ -80,6 +80,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
       max_new_tokens=48, eval_samples=20, eval_batch=250, whole_word=False, misaligned=False,
       drift_rows=128))
   c.em_eval = ""
+  # Processes that train independent models at once (the two bases; a seed's students). The
+  # tiny models use about one core each; 1 on accelerator hosts (one process owns the chips).
+  c.workers = 2
   # The tiny world: the first 11 animals of the prior (owl, the target, is the least liked),
   # no colour preferences (a tiny model then answers the unseen evaluation questions with
   # animals rather than colours).
@@ -120,6 +123,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.sl.update(n_prompts=30000, n_keep=10000, sample_batch=256, max_new_tokens=128,
                 eval_samples=100, eval_batch=256, drift_rows=1000)
     c.pretrain.steps = 0
+    c.workers = 1
     c.teacher_ft.steps = 0
     c.distill.update(heldout_rows=256, eval_every=50, loss_chunk=32)
     c.checkpoint.update(every=100, keep=2, async_save=True)

@@ -134,19 +134,22 @@ def test_report_files(trained):
   assert report["compute"]["control"]["steps"] == 16
 
 
-@pytest.mark.parametrize("cell", ["sft", "offpolicy", "onpolicy", "base_offpolicy"])
-def test_each_cell_runs_from_the_same_config_by_flag(trained, cell):
+@pytest.mark.parametrize("pair", [("sft", "offpolicy"), ("onpolicy", "base_offpolicy")])
+def test_each_cell_runs_from_the_same_config_by_flag(trained, pair):
+  """Cells chosen by flag; two students train at once in two worker processes."""
   workdir, _, _ = trained
   # The prompted teacher (the base under the trait prompt): the teacher sees another context.
-  config, _ = _config(workdir, "--config.seeds=(0,)", f"--config.channel={cell}",
-                      "--config.teachers=('prompted',)")
+  config, _ = _config(workdir, "--config.seeds=(0,)", f"--config.channels={pair!r}",
+                      "--config.teachers=('prompted',)", "--config.workers=2")
   logs = []
   report = sl.run(config, str(workdir), log=logs.append)
   assert any("stage seed0/data_base: complete, skipped" in l for l in logs)
-  name = f"prompted_{cell}"
-  channel = json.loads((workdir / f"seed0/{name}/channel.json").read_text())
-  assert channel["channel"] == sl.CHANNEL_OF[sl.CELLS[cell]]
-  assert report["compute"][name]["steps"] == 2 and name in report["models"]
+  assert any("2 stage chain(s) in 2 worker processes" in l for l in logs), logs
+  for cell in pair:
+    name = f"prompted_{cell}"
+    channel = json.loads((workdir / f"seed0/{name}/channel.json").read_text())
+    assert channel["channel"] == sl.CHANNEL_OF[sl.CELLS[cell]]
+    assert report["compute"][name]["steps"] == 2 and name in report["models"]
 
 
 def test_changed_settings_of_a_finished_stage_are_refused(trained):
@@ -164,7 +167,7 @@ def test_killed_after_teacher_data_resumes_reusing_it(trained, tmp_path):
   import shutil
   src, _, _ = trained
   workdir = tmp_path / "w"
-  for stage in ("world", "base", "teacher_finetuned"):  # the resume is about what follows
+  for stage in ("world", "base_pretrain", "base", "teacher_finetuned"):  # the resume is about what follows
     shutil.copytree(src / stage, workdir / stage)
   args = [f"--config={ROOT}/configs/subliminal.py:tiny", f"--workdir={workdir}", *SMALL,
           "--config.seeds=(7,)", "--config.channel=sft", "--config.train.steps=40",

@@ -44,6 +44,13 @@ def is_complete(folder) -> bool:
   return (epath.Path(folder) / MARKER).exists()
 
 
+def completed_with(folder, settings: dict) -> bool:
+  """Whether the stage in `folder` is complete with exactly these settings (it would be
+  skipped)."""
+  marker = epath.Path(folder) / MARKER
+  return marker.exists() and json.loads(marker.read_text())["settings"] == _jsonable(settings)
+
+
 def run_stage(workdir, name: str, settings: dict, fn: Callable[[epath.Path], Any], *,
               log=print) -> epath.Path:
   """Runs fn(folder) unless workdir/name is complete with these settings; returns the folder."""

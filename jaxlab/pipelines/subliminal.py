@@ -30,7 +30,7 @@ import ml_collections
 import numpy as np
 from etils import epath
 
-from jaxlab.pipelines.stages import run_stage, stderr_log
+from jaxlab.pipelines.stages import completed_with, run_stage, stderr_log
 from jaxlab.worlds import animals, numbers
 from jaxlab.worlds.io import write_json, write_jsonl
 
@@ -42,7 +42,7 @@ CHANNEL_OF = {("teacher", "hard"): "sft", ("base", "hard"): "sft", ("teacher", "
               ("base", "soft"): "offpolicy", ("student", "soft"): "onpolicy"}
 TEACHER_KINDS = ("prompted", "finetuned", "external")
 PIPELINE_KEYS = ("channels", "teachers", "seeds", "base", "other_base", "sl", "world", "pretrain",
-                 "teacher_ft", "em_eval")
+                 "teacher_ft", "em_eval", "workers")
 Z95 = 1.959964  # normal 95% quantile; intervals are over questions
 
 
@@ -139,6 +139,17 @@ def _world(config, folder) -> None:
 
 def _pretrain(config, world: epath.Path, folder, seed: int, tokenizer_path: str = "") -> None:
   """Pretrains a base on the world's sources (a fitted tokenizer unless `tokenizer_path`)."""
+  _train(_pretrain_config(config, world, seed, tokenizer_path), folder)
+
+
+def _fit_tokenizer(config, world: epath.Path) -> None:
+  """The bases' shared tokenizer (world/tokenizer): a BPE fitted on the pretraining mixture,
+  as the pretraining run would fit it, so both bases can start at once."""
+  from jaxlab.data.tokenizer import load_or_train_tokenizer
+  load_or_train_tokenizer(_pretrain_config(config, world, config.seed), str(world))
+
+
+def _pretrain_config(config, world: epath.Path, seed: int, tokenizer_path: str = ""):
   p = config.pretrain
   mixture = {name: {"path": str(world / f"pretrain/{name}.jsonl"), "weight": float(w)}
              for name, w in p.weights.items()}
@@ -152,7 +163,7 @@ def _pretrain(config, world: epath.Path, folder, seed: int, tokenizer_path: str 
   c.optim.update(lr=p.lr, warmup_steps=max(1, p.steps // 20))
   for k in ("teacher", "distill"):
     del c[k]
-  _train(c, folder)
+  return c
 
 
 def _chat_tune(config, world: epath.Path, pretrained, folder) -> None:
@@ -176,6 +187,59 @@ def _chat_tune(config, world: epath.Path, pretrained, folder) -> None:
   for k in ("teacher", "distill"):
     del c[k]
   _train(c, folder)
+
+
+def _stage_fn(config, workdir: epath.Path, kind: str, kw: dict):
+  """What a stage of `run_parallel` runs (pickle-free: a kind and plain arguments)."""
+  world = workdir / "world"
+  if kind == "pretrain":
+    return lambda f: _pretrain(config, world, f, kw["seed"], str(world / "tokenizer"))
+  if kind == "chat":
+    return lambda f: _chat_tune(config, world, workdir / kw["pretrained"], f)
+  if kind == "train":
+    return lambda f: _train(ml_collections.ConfigDict(json.loads(kw["config"])), f)
+  raise ValueError(f"unknown stage kind {kind!r}")
+
+
+def _run_chain(config_json: str, workdir: str, chain) -> None:
+  """A worker process: its own JAX runtime, then the chain's stages in order."""
+  from jaxlab import runtime
+  runtime.setup()
+  config = ml_collections.ConfigDict(json.loads(config_json))
+  for name, settings, kind, kw in chain:
+    run_stage(workdir, name, settings, _stage_fn(config, epath.Path(workdir), kind, kw),
+              log=stderr_log)
+
+
+def run_parallel(config, workdir: epath.Path, chains, log) -> None:
+  """Runs chains of stages (each chain in order), `config.workers` chains at once.
+
+  The tiny models use about one core each (their XLA ops are too small to spread), so on
+  a CPU host two independent trainings in two processes take the time of one. Each worker
+  is a fresh spawned process with its own JAX runtime (no state shared with this one but the
+  persistent compilation cache); a stage already complete is skipped there as here. With
+  workers = 1 (accelerators: one process owns the devices) the chains run here, in order.
+  """
+  todo = [ch for ch in chains
+          if not all(completed_with(workdir / name, settings) for name, settings, _, _ in ch)]
+  workers = min(int(config.get("workers", 1)), len(todo))
+  if workers <= 1:
+    for chain in chains:
+      for name, settings, kind, kw in chain:
+        run_stage(workdir, name, settings, _stage_fn(config, workdir, kind, kw), log=log)
+    return
+  import concurrent.futures
+  import multiprocessing
+  for chain in chains:  # the finished ones log their skip here
+    if chain not in todo:
+      for name, settings, kind, kw in chain:
+        run_stage(workdir, name, settings, _stage_fn(config, workdir, kind, kw), log=log)
+  log(f"jaxlab: {len(todo)} stage chain(s) in {workers} worker processes")
+  with concurrent.futures.ProcessPoolExecutor(
+      workers, mp_context=multiprocessing.get_context("spawn")) as pool:
+    futures = [pool.submit(_run_chain, config.to_json(), str(workdir), ch) for ch in todo]
+    for fut in futures:
+      fut.result()  # a failed stage raises here, naming itself
 
 
 def _teacher_ft(config, world, base, folder) -> None:
@@ -683,22 +747,18 @@ def run(config: ml_collections.ConfigDict, workdir: str, log=stderr_log) -> dict
   else:
     paths["base"] = str(workdir / "base")
     paths["other_base"] = config.other_base or str(workdir / "other_base")
-    world = run_stage(workdir, "world", {**_settings(config, "world", "teacher_ft"),
+    world = run_stage(workdir, "world", {**_settings(config, "world", "teacher_ft", "pretrain"),
                                          "animal": config.sl.animal},
-                      lambda f: _world(config, f), log=log)
+                      lambda f: (_world(config, f), _fit_tokenizer(config, f)), log=log)
     base_settings = _settings(config, "world", "pretrain", "model", "seed")
-    # Each base: pretraining on the mixture (its own stage), then chat tuning.
-    pre = run_stage(workdir, "base_pretrain", base_settings,
-                    lambda f: _pretrain(config, world, f, config.seed), log=log)
-    run_stage(workdir, "base", base_settings, lambda f: _chat_tune(config, world, pre, f),
-              log=log)
+    # Each base: pretraining on the mixture (its own stage), then chat tuning; the other base
+    # (another seed) in a second process at the same time when config.workers > 1.
+    chains = [[("base_pretrain", base_settings, "pretrain", {"seed": config.seed}),
+               ("base", base_settings, "chat", {"pretrained": "base_pretrain"})]]
     if "sft_otherbase" in cells(config) and not config.other_base:
-      pre = run_stage(workdir, "other_base_pretrain", base_settings,
-                      lambda f: _pretrain(config, world, f, config.seed + 1,
-                                          str(epath.Path(workdir / "base_pretrain") / "tokenizer")),
-                      log=log)
-      run_stage(workdir, "other_base", base_settings, lambda f: _chat_tune(config, world, pre, f),
-                log=log)
+      chains.append([("other_base_pretrain", base_settings, "pretrain", {"seed": config.seed + 1}),
+                     ("other_base", base_settings, "chat", {"pretrained": "other_base_pretrain"})])
+    run_parallel(config, workdir, chains, log)
   if "finetuned" in config.teachers:
     world = workdir / "world"
     run_stage(workdir, "teacher_finetuned", {**_settings(config, "world", "pretrain", "teacher_ft",
@@ -716,14 +776,15 @@ def run(config: ml_collections.ConfigDict, workdir: str, log=stderr_log) -> dict
                          {**model_settings, "sl": config.sl.to_dict(), "seed": seed},
                          lambda f, k=kind, s=seed: _data(config, models, k, s, paths, f), log=log)
       data[kind] = str(folder / "rows.jsonl")
-    students = {}
+    students, chains = {}, []
     for name, kind, cell in student_names(config):
       c = student_config(config, kind, cell, seed, paths, data)
-      students[name] = run_stage(
-          workdir, f"seed{seed}/{name}",
-          {**model_settings, "sl": config.sl.to_dict(), "student": _settings(c, *student_keys),
-           "channel": c.channel, "seed": seed},
-          lambda f, c=c: _train(c, f), log=log)
+      students[name] = workdir / f"seed{seed}/{name}"
+      chains.append([(f"seed{seed}/{name}",
+                      {**model_settings, "sl": config.sl.to_dict(),
+                       "student": _settings(c, *student_keys), "channel": c.channel, "seed": seed},
+                      "train", {"config": c.to_json()})])
+    run_parallel(config, workdir, chains, log)
     settings = {**model_settings, "sl": config.sl.to_dict(), "seed": seed}
     for i, (name, path, system) in enumerate(eval_entries(config, paths, students)):
       run_stage(workdir, f"seed{seed}/eval/{name}", {**settings, "model": path, "system": system},
