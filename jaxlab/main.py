@@ -56,7 +56,10 @@ def _run_job(config, workdir: str, jax) -> int:
     except ValueError as e:  # a pipeline's config check names the key
       print(f"jaxlab: {e}", file=sys.stderr)
       return 2
-    print(f"jaxlab: {config.job} pipeline done; report in {workdir}")
+    if hasattr(module, "summary"):
+      print(module.summary(workdir))
+    else:
+      print(f"jaxlab: {config.job} pipeline done; report in {workdir}")
   else:
     print(f"jaxlab: config key job={config.job!r}: expected 'train' (alias 'sft'), 'eval' or "
           f"a pipeline ({', '.join(PIPELINES)})", file=sys.stderr)

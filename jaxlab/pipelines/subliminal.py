@@ -817,9 +817,14 @@ def main(argv: list[str]) -> int:
   except (ConfigError, ValueError, FileNotFoundError) as e:
     print(f"jaxlab.pipelines.subliminal: {e}", file=sys.stderr)
     return 2
-  print(f"\nreport: {os.path.join(workdir, 'report.md')}\n")
-  print(report_table(json.loads(epath.Path(workdir, "report.json").read_text())))
+  print(summary(workdir))
   return 0
+
+
+def summary(workdir: str) -> str:
+  """Where the report is, and its table (what the main job prints at the end)."""
+  table = report_table(json.loads(epath.Path(workdir, "report.json").read_text()))
+  return f"\nreport: {os.path.join(workdir, 'report.md')}\n\n{table}"
 
 
 if __name__ == "__main__":
