@@ -24,6 +24,7 @@ Keys beyond configs/distill.py (the student's training block):
   other_base      a different base for sft_otherbase ("" = pretrained here with seed + 1)
   sl.*            animal, trait prompt template, prompts / kept rows, sampling and eval sizes;
                   misaligned (ban numbers.BANNED_NUMBERS in an external teacher's data)
+  workers         processes that train independent models at once (bases, a seed's students)
   em_eval         "" or an EM evaluation config ("configs/eval_em.py:first_plot") run on the
                   base, the teachers and every student (stage seed{S}/em_eval): the measure of
                   a misaligned teacher, whose trait is misalignment, not an animal
@@ -34,8 +35,8 @@ Keys beyond configs/distill.py (the student's training block):
 
 Variants:
   tiny        CPU: a ~0.4M-parameter base pretrained and chat-tuned on the SL world, both
-              teacher kinds, every cell, the different-base student, seed 0 (the 10-minute
-              budget of the README's main job; --config.seeds="(0,1,2)" adds seeds).
+              teacher kinds, every cell, the different-base student, seeds 0, 1, 2 (within
+              the README main job's 10-minute budget on 2 cores; --config.seeds="(0,)" for one).
   qwen7b_owl  Cloud et al.'s open-model recipe: Qwen2.5-7B-Instruct, owl, 30k prompts, 10k kept,
               LoRA r=8 alpha 8 on all projections, 3 epochs, lr 2e-4 (set base / init.hf_path
               and tokenizer.path to the local model folder).
@@ -69,7 +70,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.channel = ""
   c.channels = ("sft", "offpolicy", "onpolicy", "control", "base_offpolicy", "sft_otherbase")
   c.teachers = ("prompted", "finetuned")
-  c.seeds = (0,)  # --config.seeds="(0,1,2)" for intervals over seeds (3x the per-seed stages)
+  c.seeds = (0, 1, 2)
   c.base = ""
   c.other_base = ""
   c.init.workdir = ""
