@@ -170,11 +170,11 @@ def _chat_tune(config, world: epath.Path, pretrained, folder) -> None:
   """Chat tuning of a pretrained base: SFT (assistant tokens) on the world's chat set.
 
   Like a real chat model's post-training, this is where the base learns to follow a system
-  prompt. Measured on the tiny world (d_model 96, 3 layers): 1000 pretraining steps on all
+  prompt. Measured on the tiny world (d_model 96, 3 layers): 1,000 pretraining steps on all
   tokens of the mixture left the base's answers independent of the system prompt's animal
-  (the copy from the system prompt to the answer is 1-2 tokens in ~100 per document), while
-  300 chat-tuning steps from there made it follow (the liked animal from ~0.1 to ~0.5 on the
-  world's question phrasings).
+  (the copy from the system prompt to the answer is 1-2 tokens in ~100 per document); chat
+  tuning made it follow, with a phase change between 400 and 800 steps (at 800 the liked
+  animal's probability on the evaluation phrasings is ~0.75, against a prior of ~0.07).
   """
   c = _training_config(config, channel="sft", **{"init.workdir": str(pretrained)})
   c.data = ml_collections.ConfigDict(dict(
