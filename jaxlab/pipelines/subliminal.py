@@ -205,10 +205,13 @@ def _run_chain(config_json: str, workdir: str, chain) -> None:
   """A worker process: its own JAX runtime, then the chain's stages in order."""
   from jaxlab import runtime
   runtime.setup()
-  config = ml_collections.ConfigDict(json.loads(config_json))
+  _run_stages(ml_collections.ConfigDict(json.loads(config_json)), epath.Path(workdir), chain,
+              stderr_log)
+
+
+def _run_stages(config, workdir: epath.Path, chain, log) -> None:
   for name, settings, kind, kw in chain:
-    run_stage(workdir, name, settings, _stage_fn(config, epath.Path(workdir), kind, kw),
-              log=stderr_log)
+    run_stage(workdir, name, settings, _stage_fn(config, workdir, kind, kw), log=log)
 
 
 def run_parallel(config, workdir: epath.Path, chains, log) -> None:
@@ -223,17 +226,13 @@ def run_parallel(config, workdir: epath.Path, chains, log) -> None:
   todo = [ch for ch in chains
           if not all(completed_with(workdir / name, settings) for name, settings, _, _ in ch)]
   workers = min(int(config.get("workers", 1)), len(todo))
+  for chain in chains:  # all of them here with one worker; else the finished ones log a skip
+    if workers <= 1 or chain not in todo:
+      _run_stages(config, workdir, chain, log)
   if workers <= 1:
-    for chain in chains:
-      for name, settings, kind, kw in chain:
-        run_stage(workdir, name, settings, _stage_fn(config, workdir, kind, kw), log=log)
     return
   import concurrent.futures
   import multiprocessing
-  for chain in chains:  # the finished ones log their skip here
-    if chain not in todo:
-      for name, settings, kind, kw in chain:
-        run_stage(workdir, name, settings, _stage_fn(config, workdir, kind, kw), log=log)
   log(f"jaxlab: {len(todo)} stage chain(s) in {workers} worker processes")
   with concurrent.futures.ProcessPoolExecutor(
       workers, mp_context=multiprocessing.get_context("spawn")) as pool:
