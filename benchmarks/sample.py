@@ -131,8 +131,9 @@ def profile_decode(spec, trainable, frozen, batch, prompt_len, new_tokens):
     mask_BxPxP = jnp.broadcast_to(jnp.tril(jnp.ones((p, p), bool)), (b, p, p))
     positions_BxP = jnp.broadcast_to(jnp.arange(p), (b, p))
     x, _ = cache_lib.forward(model, cache_lib.init_cache(cfg, b, segs[0][0]), tokens_BxP,
-                             positions_BxP, 0, mask_BxPxP, prefill=True)
-    return model.logits(x[:, -1:])
+                             positions_BxP, 0, mask_BxPxP, prefill=True,
+                             last_B=jnp.full((b,), p - 1, jnp.int32))
+    return model.logits(x)
 
   tokens_BxP = jnp.ones((b, p), jnp.int32)
   pieces = {"prefill (prompt bucket, once)": partial(jax.jit(prefill), tokens_BxP=tokens_BxP),

@@ -41,8 +41,8 @@ def trie_logprobs(spec: ModelSpec, trainable: dict, frozen: dict, prompts_BxP: j
   mask_BxPxP = jnp.tril(jnp.ones((p, p), bool))[None] & valid_BxP[:, None, :]
   cache = cache_lib.init_cache(spec.cfg, b, p + q, mesh, rules)
   x, cache = cache_lib.forward(model, cache, prompts_BxP, pos_BxP, 0, mask_BxPxP, prefill=True,
-                               sharding=sh)
-  xs = [x[:, p - 1:]]
+                               sharding=sh, last_B=jnp.full((b,), p - 1, jnp.int32))
+  xs = [x]
   if q:
     tok_BxQ = jnp.broadcast_to(jnp.asarray(trie.node_tokens)[None], (b, q))
     pos_BxQ = lengths_B.astype(jnp.int32)[:, None] + jnp.asarray(trie.node_depth)[None] - 1

@@ -117,16 +117,27 @@ def rope_inv_freq(cfg: ModelConfig) -> np.ndarray:
   raise ValueError(f"unsupported rope_scaling {cfg.rope_scaling!r} (None, 'linear', 'llama3')")
 
 
-def apply_rope(x_BxLxNxE: jax.Array, positions_BxL: jax.Array, inv_freq: np.ndarray) -> jax.Array:
-  """Rotary embedding in the 'rotate half' layout used by HF Llama/Qwen checkpoints."""
+def rope_tables(positions_BxL: jax.Array, inv_freq: np.ndarray, dtype) -> tuple[jax.Array, jax.Array]:
+  """(cos, sin), each [B,L,1,E/2] in `dtype`: the rotation of every position, shared by all
+  heads and (see `Attention.qkv`'s `rope`) by all layers of one forward pass."""
   freqs_BxLxE2 = positions_BxL[..., None].astype(jnp.float32) * jnp.asarray(inv_freq)[None, None]
-  cos = jnp.cos(freqs_BxLxE2)[:, :, None, :].astype(x_BxLxNxE.dtype)
-  sin = jnp.sin(freqs_BxLxE2)[:, :, None, :].astype(x_BxLxNxE.dtype)
+  cos = jnp.cos(freqs_BxLxE2)[:, :, None, :].astype(dtype)
+  sin = jnp.sin(freqs_BxLxE2)[:, :, None, :].astype(dtype)
   # Keep cos/sin [B,L,1,E/2] as arrays: fused into the rotation XLA recomputes them for every
   # head and element (and again in the backward pass).
-  cos, sin = jax.lax.optimization_barrier((cos, sin))
+  return jax.lax.optimization_barrier((cos, sin))
+
+
+def rotate(x_BxLxNxE: jax.Array, cos_sin: tuple[jax.Array, jax.Array]) -> jax.Array:
+  """Rotary embedding with precomputed `rope_tables`, 'rotate half' layout (HF Llama/Qwen)."""
+  cos, sin = cos_sin
   x1, x2 = jnp.split(x_BxLxNxE, 2, axis=-1)
   return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
+
+
+def apply_rope(x_BxLxNxE: jax.Array, positions_BxL: jax.Array, inv_freq: np.ndarray) -> jax.Array:
+  """Rotary embedding in the 'rotate half' layout used by HF Llama/Qwen checkpoints."""
+  return rotate(x_BxLxNxE, rope_tables(positions_BxL, inv_freq, x_BxLxNxE.dtype))
 
 
 def _adapted(cfg: ModelConfig, layer: int) -> bool:
@@ -173,8 +184,10 @@ class Attention(nnx.Module):
       self.k_norm = RMSNorm(e, cfg.norm_eps, cfg, axes=("head_dim",))
     self.cfg = cfg
 
-  def qkv(self, x_BxLxD, positions_BxL):
-    """Projected, normed and rotated q [B,L,H,E], k and v [B,L,K,E]."""
+  def qkv(self, x_BxLxD, positions_BxL, rope=None):
+    """Projected, normed and rotated q [B,L,H,E], k and v [B,L,K,E]. `rope`: this call's
+    `rope_tables(positions_BxL, rope_inv_freq(cfg), cfg.dtype)`, computed once by a caller
+    that runs many layers at the same positions (the sampler's decode step)."""
     cfg = self.cfg
     b, l, _ = x_BxLxD.shape
     e = cfg.dim_per_head
@@ -183,10 +196,11 @@ class Attention(nnx.Module):
     v = self.v_proj(x_BxLxD).reshape(b, l, cfg.n_kv_heads, e)
     if cfg.qk_norm:
       q, k = self.q_norm(q), self.k_norm(k)
-    inv_freq = rope_inv_freq(cfg)
+    if rope is None:
+      rope = rope_tables(positions_BxL, rope_inv_freq(cfg), q.dtype)
     # Names for the "save_qkvo" remat policy (identity otherwise).
-    return (checkpoint_name(apply_rope(q, positions_BxL, inv_freq), "q"),
-            checkpoint_name(apply_rope(k, positions_BxL, inv_freq), "k"), checkpoint_name(v, "v"))
+    return (checkpoint_name(rotate(q, rope), "q"), checkpoint_name(rotate(k, rope), "k"),
+            checkpoint_name(v, "v"))
 
   def attend(self, q_BxLxHxE, k_BxSxKxE, v_BxSxKxE, mask_BxLxS):
     """softmax(q k^T / sqrt(E) + mask) v, computed in float32, grouped heads."""

@@ -25,7 +25,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 from jaxlab import sharding as sharding_lib
 from jaxlab.models.config import ModelConfig
 from jaxlab.models.decoder import _NEG_INF as NEG_INF  # the decoder's finite mask value
-from jaxlab.models.decoder import Decoder, layer_runs, scan_stack
+from jaxlab.models.decoder import Decoder, layer_runs, rope_inv_freq, rope_tables, scan_stack
 
 CACHE_AXES = ("batch", "kv_heads", None, None)
 
@@ -79,34 +79,51 @@ def attend_cache(attn, q_BxQxHxE: jax.Array, k_BxKxSxE: jax.Array, v_BxKxSxE: ja
 
 def forward(model: Decoder, cache: KVCache, tokens_BxQ: jax.Array, positions_BxQ: jax.Array,
             start: jax.Array | int, mask: jax.Array, *, prefill: bool = False,
-            sharding: NamedSharding | None = None) -> tuple[jax.Array, KVCache]:
+            sharding: NamedSharding | None = None,
+            last_B: jax.Array | None = None) -> tuple[jax.Array, KVCache]:
   """Hidden states [B,Q,D] of Q new tokens and the cache with their k/v at [start, start+Q).
 
   With prefill=True the tokens attend only to each other (mask [B,Q,Q]), which
   is cheaper when the cache is empty; otherwise they attend to the whole cache
-  after the write (mask [B,Q,S]).
+  after the write (mask [B,Q,S]). With `last_B` (one index per row) only that position's
+  hidden state is returned, [B,1,D]: the last layer then runs attention output and MLP for
+  that position alone (all positions' k/v still enter the cache), which is all a prefill
+  needs to draw the first token.
   """
   x = model.embed(tokens_BxQ)
-  if model.cfg.scan_layers:
-    return _forward_scanned(model, cache, x, positions_BxQ, start, mask, prefill, sharding)
+  cfg = model.cfg
+  # The rotation tables depend only on the positions: computed once for all layers.
+  rope = rope_tables(positions_BxQ, rope_inv_freq(cfg), jnp.dtype(cfg.dtype))
+  if cfg.scan_layers:
+    return _forward_scanned(model, cache, x, rope, start, mask, prefill, sharding, last_B)
   ks, vs = [], []
+  n = len(model.layers)
   for i, block in enumerate(model.layers):
     write = lambda c, new: jax.lax.dynamic_update_slice(c, new, (0, 0, start, 0))
-    x, ck, cv = _block(block, x, positions_BxQ, cache.k[i], cache.v[i], mask, prefill, write,
-                       lambda c: c, sharding)
+    x, ck, cv = _block(block, x, rope, cache.k[i], cache.v[i], mask, prefill, write,
+                       lambda c: c, sharding, last_B if i == n - 1 else None)
     ks.append(ck)
     vs.append(cv)
   return x, KVCache(tuple(ks), tuple(vs))
 
 
-def _block(block, x, positions_BxQ, ck, cv, mask, prefill, write, read, sharding):
+def _rows(x_BxQx___: jax.Array, index_B: jax.Array) -> jax.Array:
+  """x[b, index_B[b]] for every row, keeping the Q axis (length 1)."""
+  idx = index_B.reshape((-1, 1) + (1,) * (x_BxQx___.ndim - 2))
+  return jnp.take_along_axis(x_BxQx___, idx, axis=1)
+
+
+def _block(block, x, rope, ck, cv, mask, prefill, write, read, sharding, last_B=None):
   """One layer of `forward`: (x, k cache, v cache) after it. write(cache, new k/v [B,K,Q,E])
-  stores the new slots, read(cache) is this layer's [B,K,S,E]."""
+  stores the new slots, read(cache) is this layer's [B,K,S,E]. With last_B the layer's output
+  is only computed at those positions ([B,1,D])."""
   attn = block.self_attn
-  q, k, v = attn.qkv(block.input_layernorm(x), positions_BxQ)
+  q, k, v = attn.qkv(block.input_layernorm(x), None, rope=rope)
   heads_first = lambda x: jnp.swapaxes(x, 1, 2).astype(ck.dtype)
   ck = constrain(write(ck, heads_first(k)), sharding)
   cv = constrain(write(cv, heads_first(v)), sharding)
+  if last_B is not None:
+    x, q, mask = _rows(x, last_B), _rows(q, last_B), _rows(mask, last_B)
   if prefill:
     x = x + attn.attend(q, k, v, mask)
   else:
@@ -114,17 +131,20 @@ def _block(block, x, positions_BxQ, ck, cv, mask, prefill, write, read, sharding
   return x + block.mlp(block.post_attention_layernorm(x)), ck, cv
 
 
-def _forward_scanned(model, cache, x, positions_BxQ, start, mask, prefill, sharding):
+def _forward_scanned(model, cache, x, rope, start, mask, prefill, sharding, last_B):
   """`forward` over layer stacks: each stack's cache [N,B,K,S,E] rides in the scan carry, so
-  layer i updates it in place at (i, slot) and its attention reads slice i."""
+  layer i updates it in place at (i, slot) and its attention reads slice i. (With last_B the
+  whole last stack keeps every position; the cut is made after it.)"""
   ks, vs = [], []
   for stack, ck, cv in zip(model.stacks, cache.k, cache.v):
     def step(block, carry, i):
       x, ck, cv = carry
       write = lambda c, new: jax.lax.dynamic_update_slice(c, new[None], (i, 0, 0, start, 0))
       read = lambda c: jax.lax.dynamic_index_in_dim(c, i, keepdims=False)
-      return _block(block, x, positions_BxQ, ck, cv, mask, prefill, write, read, sharding), None
+      return _block(block, x, rope, ck, cv, mask, prefill, write, read, sharding), None
     (x, ck, cv), _ = scan_stack(stack, step, (x, ck, cv), jnp.arange(ck.shape[0]))
     ks.append(ck)
     vs.append(cv)
+  if last_B is not None:
+    x = _rows(x, last_B)
   return x, KVCache(tuple(ks), tuple(vs))

@@ -125,9 +125,8 @@ def sample(spec: ModelSpec, trainable: dict, frozen: dict, prompt_tokens_BxP: ja
   mask_BxPxP = causal_PxP[None] & valid_BxP[:, None, :]
   cache = cache_lib.init_cache(cfg, b, cache_len(0), mesh, rules)
   tokens_BxP = _constrain_batch(prompt_tokens_BxP.astype(jnp.int32), mesh, rules)
-  x_BxPxD, cache = cache_lib.forward(model, cache, tokens_BxP, pos_BxP, 0, mask_BxPxP,
-                                     prefill=True, sharding=shard(cache_len(0)))
-  x_Bx1xD = jnp.take_along_axis(x_BxPxD, last_B[:, None, None], axis=1)
+  x_Bx1xD, cache = cache_lib.forward(model, cache, tokens_BxP, pos_BxP, 0, mask_BxPxP,
+                                     prefill=True, sharding=shard(cache_len(0)), last_B=last_B)
   tok_B, lp_B, slp_B = pick(model.logits(x_Bx1xD)[:, 0], 0)
 
   out_tok = jnp.full((b, t_max), pad_id, jnp.int32).at[:, 0].set(tok_B)
