@@ -13,7 +13,8 @@ model (--judge_answers 0 skips it). torch is timed at each thread count of --tor
 each KV-cache kind of --torch_cache (transformers' default dynamic cache, and its static one),
 eager, and in every round the fastest of those settings is the baseline (on a loaded machine,
 torch with several threads can be 10-100x slower than with one). --profile splits a decode
-step into its pieces (see profile_decode).
+step into its pieces (see profile_decode); --trace records one generate with the XLA:CPU
+profiler and sums its thunks' CPU time by what they compute (see trace_sampler).
 """
 from __future__ import annotations
 
@@ -151,6 +152,64 @@ def profile_decode(spec, trainable, frozen, batch, prompt_len, new_tokens):
   return out
 
 
+def trace_sampler(sampler, prompts, new_tokens: int, seed: int):
+  """(wall seconds, {category: thunk CPU seconds}) of one `generate`, from a profiler trace.
+
+  Needs XLA_FLAGS=--xla_cpu_enable_xprof_traceme=true set before jax starts (main does it for
+  --trace). Every XLA:CPU thunk (a fusion, a library matmul, a plain dot) is one trace event
+  named after its HLO instruction; the compiled sampler's HLO text says what each computes.
+  Decode = inside the while loop, prefill = before it.
+  """
+  import collections
+  import glob
+  import re
+  import jax
+  from jax.profiler import ProfileData
+  (compiled, _, _), = sampler._compiled.values()
+  text = compiled.as_text()
+  # The decode loops: while ops of the sampler's own function (nested loops' op_names go on).
+  decode_bodies = set(re.findall(r'while\(.*body=%([\w.-]+).*op_name="jit\([^)]*\)/while"', text))
+  info, comp = {}, ""  # instruction name -> category; the computation being read
+  for line in text.splitlines():
+    head = re.match(r"(?:ENTRY )?%([\w.-]+) .*\{$", line)
+    if head:
+      comp = head.group(1)
+    m = re.match(r"\s+%?([\w.-]+) = (\S+) (\w[\w-]*)\(", line)
+    if not m:
+      continue
+    name, shape, op = m.groups()
+    meta = re.search(r'op_name="([^"]*)"', line)
+    op_name = meta.group(1) if meta else ""
+    in_loop = re.match(r"jit\([^)]*\)/while/body/", op_name) if meta else comp in decode_bodies
+    phase = "decode" if in_loop else "prefill"
+    if op in ("while", "conditional", "call"):  # their events span the thunks inside them
+      continue
+    if op == "dot" and "lhs_batch_dims" in line:  # XLA's batched dot thunk: attention on a cache
+      info[name] = f"{phase}: attention dots (q.k, p.v; batched dot thunk)"
+    elif "->" in op_name:  # the prefill's attention einsums (large enough for YNNPACK)
+      info[name] = f"{phase}: attention einsums (YNNPACK)"
+    elif name.startswith("ynn_fusion") and op_name.endswith("dot_general"):
+      vocab = shape.split("]")[0].endswith(f",{sampler.spec.cfg.vocab_size}")
+      info[name] = f"{phase}: {'lm head' if vocab else 'layer'} matmuls (YNNPACK)"
+    else:
+      info[name] = f"{phase}: other (norms, softmax, rope, cache writes, draw)"
+  logdir = tempfile.mkdtemp(prefix="jaxlab_trace_")
+  with jax.profiler.trace(logdir):
+    t0 = time.perf_counter()
+    sampler.generate(prompts, seed=seed, max_new_tokens=new_tokens)
+    wall = time.perf_counter() - t0
+  data = ProfileData.from_file(glob.glob(f"{logdir}/**/*.xplane.pb", recursive=True)[0])
+  cpu = collections.Counter()
+  for plane in data.planes:
+    for line in plane.lines:
+      if "XLAEigen" not in line.name:  # XLA:CPU's worker threads
+        continue
+      for ev in line.events:
+        if ev.name in info:
+          cpu[info[ev.name]] += ev.duration_ns / 1e9
+  return wall, dict(cpu.most_common())
+
+
 def main():
   ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   ap.add_argument("--batch", type=int, default=32)
@@ -166,11 +225,16 @@ def main():
   ap.add_argument("--judge_answers", type=int, default=128, help="0: no judge timing")
   ap.add_argument("--repeats", type=int, default=3, help="rounds of jaxlab-then-torch timings")
   ap.add_argument("--profile", action="store_true", help="time the pieces of a decode step")
+  ap.add_argument("--trace", action="store_true",
+                  help="profile one generate: thunk CPU seconds by what they compute")
   ap.add_argument("--torch_threads", type=str, default=f"1,{os.cpu_count()}",
                   help="thread counts to time torch with; the fastest is the baseline")
   ap.add_argument("--torch_cache", type=str, default="dynamic,static",
                   help="transformers cache_implementation values to time (eager)")
   args = ap.parse_args()
+  if args.trace:  # thunk-level trace events; must be set before jax starts its backend
+    os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
+                               " --xla_cpu_enable_xprof_traceme=true")
 
   import jax
   import jax.numpy as jnp
@@ -249,6 +313,12 @@ def main():
           f"median {med(jax_s):.3f} / {med(cpu_s):.3f}, prompts {min(lengths)}-{max(lengths)}):")
     for name, (w, c) in prof.items():
       print(f"  {name:48s} {w:7.3f} / {c:7.3f}")
+  if args.trace:
+    wall, cpu = trace_sampler(sampler, prompts, args.new_tokens, seed=args.repeats + 1)
+    print(f"sampler trace (one generate, {wall:.3f} s wall; CPU seconds of XLA's thunks summed "
+          f"over its {os.cpu_count()} worker threads, {sum(cpu.values()):.3f} in all):")
+    for name, sec in cpu.items():
+      print(f"  {name:64s} {sec:7.3f}")
   if args.judge_answers <= 0:
     return
 
