@@ -19,6 +19,7 @@ profiler and sums its thunks' CPU time by what they compute (see trace_sampler).
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import sys
 import tempfile
@@ -150,6 +151,51 @@ def profile_decode(spec, trainable, frozen, batch, prompt_len, new_tokens):
     jax.block_until_ready(fn(trainable, frozen))
     out[name] = (time.perf_counter() - t0, time.process_time() - c0)
   return out
+
+
+def decode_floor(cfg, batch: int, prompt_len: int, new_tokens: int) -> tuple[float, float]:
+  """(wall, process CPU) seconds of the decode work no sampler can skip, on random weights of
+  the model's shapes: per step and layer one fused qkv matmul, attention of one query over a
+  cache as long as the sampler's (decode_segments), o_proj, one fused gate/up matmul and down,
+  then the lm head. No norms, rotary embedding, cache writes, prefill or sampling."""
+  import jax
+  import jax.numpy as jnp
+  from jaxlab.sample.sampler import decode_segments
+  b, k, e, d, f, v = (batch, cfg.n_kv_heads, cfg.dim_per_head, cfg.d_model, cfg.d_ff,
+                      cfg.vocab_size)
+  h = cfg.n_heads
+  ends = decode_segments(new_tokens)
+  segs = [(prompt_len + end, end - start) for start, end in zip([0] + ends, ends)]
+  keys = iter(jax.random.split(jax.random.key(0), 6 * cfg.n_layers * (len(segs) + 1) + 1))
+  rnd = lambda *shape: jax.random.normal(next(keys), shape) * 0.02
+  layers = [dict(qkv=rnd(d, (h + 2 * k) * e), o=rnd(h * e, d), gu=rnd(d, 2 * f), down=rnd(f, d))
+            for _ in range(cfg.n_layers)]
+  head = rnd(d, v)
+  caches = [[(rnd(b, k, n, e) + i, rnd(b, k, n, e) - i) for i in range(cfg.n_layers)]
+            for n, _ in segs]
+
+  def step(layers, head, x, cache):
+    for w, (ck, cv) in zip(layers, cache):
+      qkv = x @ w["qkv"]
+      q = qkv[:, :h * e].reshape(b, k, h // k, e)
+      p = jax.nn.softmax(jnp.einsum("bkge,bkse->bkgs", q, ck) / math.sqrt(e), axis=-1)
+      o = jnp.einsum("bkgs,bkse->bkge", p, cv).reshape(b, h * e)
+      x = x + o @ w["o"] + 1e-3 * qkv[:, h * e:h * e + d]
+      gu = x @ w["gu"]
+      x = x + (jax.nn.silu(gu[:, :f]) * gu[:, f:]) @ w["down"]
+    return x + 1e-3 * (x @ head)[:, :d]
+
+  def run(layers, head, caches):  # weights and caches as arguments: XLA cannot fold them
+    x = jnp.ones((b, d), jnp.float32)
+    for cache, (_, steps) in zip(caches, segs):
+      x = jax.lax.fori_loop(0, steps, lambda t, x, c=cache: step(layers, head, x, c), x)
+    return x
+
+  fn = jax.jit(run)
+  jax.block_until_ready(fn(layers, head, caches))
+  t0, c0 = time.perf_counter(), time.process_time()
+  jax.block_until_ready(fn(layers, head, caches))
+  return time.perf_counter() - t0, time.process_time() - c0
 
 
 def trace_sampler(sampler, prompts, new_tokens: int, seed: int):
@@ -313,6 +359,10 @@ def main():
           f"median {med(jax_s):.3f} / {med(cpu_s):.3f}, prompts {min(lengths)}-{max(lengths)}):")
     for name, (w, c) in prof.items():
       print(f"  {name:48s} {w:7.3f} / {c:7.3f}")
+  if args.profile:
+    w, c = decode_floor(cfg, args.batch, args.max_prompt, args.new_tokens)
+    print(f"decode floor ({args.new_tokens - 1} steps of only the matmuls, attention over the "
+          f"cache and lm head; see decode_floor): {w:.3f} s wall / {c:.3f} s CPU")
   if args.trace:
     wall, cpu = trace_sampler(sampler, prompts, args.new_tokens, seed=args.repeats + 1)
     print(f"sampler trace (one generate, {wall:.3f} s wall; CPU seconds of XLA's thunks summed "
