@@ -302,3 +302,31 @@ def test_sampler_compiles_once_per_bucket_and_keeps_order(setup):
   assert s.compile_count == 2  # a longer bucket compiles once more
   s.generate([list(range(1, 12))], seed=0, max_new_tokens=5, temperature=0.0)
   assert s.compile_count == 2
+
+
+@pytest.mark.parametrize("layout", ["setup", "scanned"])
+def test_prefill_last_position_equals_full_prefill_row(layout, request):
+  """forward(last_B=...) returns each row's hidden state at its index, as the full prefill does
+  there, and writes the same cache (its last layer skips the other positions' attention output
+  and MLP)."""
+  from jaxlab.sample import cache as cache_lib
+  from jaxlab.sample.sampler import prompt_layout
+  spec, _, trainable, frozen = request.getfixturevalue(layout)
+  tok, lengths = pad(PROMPTS, 12, "right")
+  valid, pos, last = prompt_layout(jnp.asarray(lengths), 12, "right")
+  mask = jnp.tril(jnp.ones((12, 12), bool))[None] & valid[:, None, :]
+
+  def prefill(tr, fr, last_B):
+    model = spec.merge(tr, fr)
+    cache = cache_lib.init_cache(spec.cfg, len(PROMPTS), 16)
+    return cache_lib.forward(model, cache, jnp.asarray(tok), pos, 0, mask, prefill=True,
+                             last_B=last_B)
+
+  x_full, cache_full = jax.jit(lambda tr, fr: prefill(tr, fr, None))(trainable, frozen)
+  x_last, cache_last = jax.jit(prefill)(trainable, frozen, last)
+  assert x_last.shape == (len(PROMPTS), 1, CFG.d_model)
+  want = np.take_along_axis(np.asarray(x_full), np.asarray(last)[:, None, None], axis=1)
+  np.testing.assert_allclose(np.asarray(x_last), want, rtol=1e-5, atol=1e-5)
+  assert not np.allclose(np.asarray(x_last[:, 0]), np.asarray(x_full[:, -1]))  # indices matter
+  for a, b in zip(jax.tree.leaves(cache_full), jax.tree.leaves(cache_last)):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
