@@ -166,13 +166,13 @@ def decode_floor(cfg, batch: int, prompt_len: int, new_tokens: int) -> tuple[flo
   h = cfg.n_heads
   ends = decode_segments(new_tokens)
   segs = [(prompt_len + end, end - start) for start, end in zip([0] + ends, ends)]
-  keys = iter(jax.random.split(jax.random.key(0), 6 * cfg.n_layers * (len(segs) + 1) + 1))
+  n_arrays = 4 * cfg.n_layers + 1 + 2 * cfg.n_layers * len(segs)  # weights, head, caches
+  keys = iter(jax.random.split(jax.random.key(0), n_arrays))
   rnd = lambda *shape: jax.random.normal(next(keys), shape) * 0.02
   layers = [dict(qkv=rnd(d, (h + 2 * k) * e), o=rnd(h * e, d), gu=rnd(d, 2 * f), down=rnd(f, d))
             for _ in range(cfg.n_layers)]
   head = rnd(d, v)
-  caches = [[(rnd(b, k, n, e) + i, rnd(b, k, n, e) - i) for i in range(cfg.n_layers)]
-            for n, _ in segs]
+  caches = [[(rnd(b, k, n, e), rnd(b, k, n, e)) for _ in range(cfg.n_layers)] for n, _ in segs]
 
   def step(layers, head, x, cache):
     for w, (ck, cv) in zip(layers, cache):
