@@ -119,6 +119,8 @@ def sample(spec: ModelSpec, trainable: dict, frozen: dict, prompt_tokens_BxP: ja
   cache_len = lambda i: p + ends[i] if ends else p  # slots segment i attends to
   shard = lambda n: None if mesh is None else cache_lib.cache_sharding(cfg, b, n, mesh, rules)
 
+  # Rotations of every position the sampler meets (all below p + t_max), computed once.
+  rope_table = cache_lib.rope_table(cfg, p + t_max)
   # Prefill: the prompt attends to itself; its k/v land in slots [0, P).
   valid_BxP, pos_BxP, last_B = prompt_layout(prompt_lengths_B, p, padding)
   causal_PxP = jnp.tril(jnp.ones((p, p), bool))
@@ -126,7 +128,8 @@ def sample(spec: ModelSpec, trainable: dict, frozen: dict, prompt_tokens_BxP: ja
   cache = cache_lib.init_cache(cfg, b, cache_len(0), mesh, rules)
   tokens_BxP = _constrain_batch(prompt_tokens_BxP.astype(jnp.int32), mesh, rules)
   x_Bx1xD, cache = cache_lib.forward(model, cache, tokens_BxP, pos_BxP, 0, mask_BxPxP,
-                                     prefill=True, sharding=shard(cache_len(0)), last_B=last_B)
+                                     prefill=True, sharding=shard(cache_len(0)), last_B=last_B,
+                                     rope=cache_lib.rope_lookup(rope_table, pos_BxP))
   tok_B, lp_B, slp_B = pick(model.logits(x_Bx1xD)[:, 0], 0)
 
   out_tok = jnp.full((b, t_max), pad_id, jnp.int32).at[:, 0].set(tok_B)
@@ -143,7 +146,8 @@ def sample(spec: ModelSpec, trainable: dict, frozen: dict, prompt_tokens_BxP: ja
     valid = jax.lax.dynamic_update_slice(st["valid"], jnp.ones((b, 1), bool), (0, slot))
     pos_Bx1 = (prompt_lengths_B.astype(jnp.int32) + t)[:, None]
     x, cache = cache_lib.forward(model, st["cache"], st["tok"][:, None], pos_Bx1, slot,
-                                 valid[:, None, :], sharding=sh)
+                                 valid[:, None, :], sharding=sh,
+                                 rope=cache_lib.rope_lookup(rope_table, pos_Bx1))
     tok, lp, slp = pick(model.logits(x)[:, 0], t + 1)
     done = st["done"]
     tok = jnp.where(done, pad_id, tok)
