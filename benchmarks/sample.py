@@ -8,10 +8,11 @@ by comparing next-token logits). Batch of prompts of mixed lengths, left-padded,
 temperature 1 (no top-k/top-p, no stop token, so every row makes all new tokens). Reports
 tokens/s over --repeats rounds, each timing jaxlab (after compilation) then torch (after a
 warm-up) back to back, so both see the same machine load; the speedup is the median of the
-rounds' ratios. Then the local judge's throughput (answers scored per second) on the same
-model (--judge_answers 0 skips it). torch is timed at each thread count of --torch_threads and
-each KV-cache kind of --torch_cache (transformers' default dynamic cache, and its static one),
-eager, and in every round the fastest of those settings is the baseline (on a loaded machine,
+rounds' ratios; every round also times the sampler with `pack_prefill=True` (the prompts
+packed into fewer rows for the prefill, see jaxlab/sample/engine.py). Then the local judge's
+throughput (answers scored per second) on the same model (--judge_answers 0 skips it). torch
+is timed at each thread count of --torch_threads and each KV-cache kind of --torch_cache
+(transformers' default dynamic cache, and its static one), eager, and in every round the fastest of those settings is the baseline (on a loaded machine,
 torch with several threads can be 10-100x slower than with one). --profile splits a decode
 step into its pieces (see profile_decode); --trace records one generate with the XLA:CPU
 profiler and sums its thunks' CPU time by what they compute (see trace_sampler).
@@ -315,26 +316,36 @@ def main():
 
   sampler = Sampler(spec, trainable, frozen, mesh=mesh, batch_size=args.batch, stop_ids=(),
                     pad_id=0, buckets=(args.max_prompt,))
+  packed = Sampler(spec, trainable, frozen, mesh=mesh, batch_size=args.batch, stop_ids=(),
+                   pad_id=0, buckets=(args.max_prompt,), pack_prefill=True)
   t0 = time.perf_counter()
-  sampler.generate(prompts, seed=0, max_new_tokens=args.new_tokens)  # compiles
+  first = sampler.generate(prompts, seed=0, max_new_tokens=args.new_tokens)  # compiles
   compile_s = time.perf_counter() - t0
+  same = all(np.array_equal(a.tokens, b.tokens) for a, b in
+             zip(first, packed.generate(prompts, seed=0, max_new_tokens=args.new_tokens)))
+  rows = packed._pack(np.asarray([len(x) for x in prompts]), args.max_prompt)
+  print(f"packed prefill: {args.batch} prompts in {args.batch if rows is None else rows[2]} rows "
+        f"of {args.max_prompt}; same tokens as the padded prefill: {same}")
   n_tok = args.batch * args.new_tokens
   settings = [(int(t), c) for t in sorted({int(t) for t in args.torch_threads.split(",")})
               for c in args.torch_cache.split(",")]
   name = lambda st: f"{st[0]} thread(s), {st[1]} cache"
-  jax_s, cpu_s = [], []
+  jax_s, cpu_s, packed_s = [], [], []
   torch_s, torch_cpu = {st: [] for st in settings}, {st: [] for st in settings}
   for r in range(args.repeats):
-    t0, c0 = time.perf_counter(), time.process_time()
-    comps = sampler.generate(prompts, seed=1 + r, max_new_tokens=args.new_tokens)
-    jax_s.append(time.perf_counter() - t0)
-    cpu_s.append(time.process_time() - c0)
-    assert all(len(c.tokens) == args.new_tokens for c in comps)
+    for which in ((sampler, packed) if r % 2 == 0 else (packed, sampler)):
+      t0, c0 = time.perf_counter(), time.process_time()
+      comps = which.generate(prompts, seed=1 + r, max_new_tokens=args.new_tokens)
+      (jax_s if which is sampler else packed_s).append(time.perf_counter() - t0)
+      if which is sampler:
+        cpu_s.append(time.process_time() - c0)
+      assert all(len(c.tokens) == args.new_tokens for c in comps)
     for st in settings:
       wall, cpu = bench_torch(tmodel, prompts, args, *st)
       torch_s[st].append(wall)
       torch_cpu[st].append(cpu)
-    print(f"round {r}: jaxlab {jax_s[-1]:.3f} s ({cpu_s[-1]:.3f} s CPU), transformers "
+    print(f"round {r}: jaxlab {jax_s[-1]:.3f} s ({cpu_s[-1]:.3f} s CPU), packed prefill "
+          f"{packed_s[-1]:.3f} s, transformers "
           + ", ".join(f"{torch_s[st][-1]:.3f} s ({torch_cpu[st][-1]:.3f} s CPU, {name(st)})"
                       for st in settings)
           + f", load average {os.getloadavg()[0]:.1f}", flush=True)
@@ -342,6 +353,8 @@ def main():
   print(f"jaxlab sampler:        {n_tok / med(jax_s):10.0f} tokens/s  (median {med(jax_s):.3f} s, "
         f"{med(cpu_s):.3f} s process CPU; first call incl. compile {compile_s:.1f} s, "
         f"{sampler.compile_count} compilation)")
+  print(f"  packed prefill:      {n_tok / med(packed_s):10.0f} tokens/s  (median "
+        f"{med(packed_s):.3f} s; Sampler(pack_prefill=True))")
   for st in settings:
     print(f"transformers generate: {n_tok / med(torch_s[st]):10.0f} tokens/s  "
           f"(median {med(torch_s[st]):.3f} s, {med(torch_cpu[st]):.3f} s process CPU, "
@@ -351,6 +364,9 @@ def main():
   print(f"speedup over the fastest torch setting: {med(ratios):.2f}x median of {args.repeats} "
         f"rounds (min {min(ratios):.2f}x, max {max(ratios):.2f}x); process CPU seconds, least "
         f"torch over jaxlab: {med(cpu_ratios):.2f}x median")
+  pratios = [min(torch_s[st][r] for st in settings) / packed_s[r] for r in range(args.repeats)]
+  print(f"  with packed prefill: {med(pratios):.2f}x median (min {min(pratios):.2f}x, max "
+        f"{max(pratios):.2f}x)")
   if args.profile:
     lengths = [len(x) for x in prompts]
     prof = profile_decode(spec, trainable, frozen, args.batch, args.max_prompt, args.new_tokens)

@@ -285,23 +285,29 @@ def test_bucket_length():
   assert [bucket_length(n, (8, 16)) for n in (1, 8, 9, 16, 17, 33)] == [8, 8, 16, 16, 32, 48]
 
 
-def test_sampler_compiles_once_per_bucket_and_keeps_order(setup):
+@pytest.mark.parametrize("pack", [False, True])
+def test_sampler_compiles_once_per_bucket_and_keeps_order(setup, pack):
+  """Padded: one compilation per bucket. Packed prefill: one per (bucket, packed row count),
+  here 1 row of 8 for the batch of lengths 1,1,2,3 and 3 rows for both others; same tokens."""
   spec, mesh, trainable, frozen = setup
   s = Sampler(spec, trainable, frozen, mesh=mesh, batch_size=4, stop_ids=(), pad_id=0,
-              buckets=(8, 16), compiler_options=FAST)
+              buckets=(8, 16), compiler_options=FAST, pack_prefill=pack)
   rng = np.random.default_rng(0)
   prompts = [rng.integers(1, 64, rng.integers(1, 9)).tolist() for _ in range(11)]
   out = s.generate(prompts, seed=0, max_new_tokens=5, temperature=0.0)
-  assert s.compile_count == 1
+  packed_rows = sorted(k[-1] for k in s._compiled)
+  assert packed_rows == ([1, 3] if pack else [None]), packed_rows
+  n = s.compile_count
+  assert n == len(packed_rows)
   s.generate(prompts[::-1], seed=1, max_new_tokens=5, temperature=0.0)
-  assert s.compile_count == 1  # same bucket and settings: no recompilation
+  assert s.compile_count == n  # same buckets, packings and settings: no recompilation
   ref = run(setup, prompts, p=8, max_new_tokens=5, temperature=0.0)
   for i, c in enumerate(out):  # in input order despite sorting by length
     np.testing.assert_array_equal(c.tokens, ref.tokens[i])
   s.generate([list(range(1, 14))], seed=0, max_new_tokens=5, temperature=0.0)
-  assert s.compile_count == 2  # a longer bucket compiles once more
+  assert s.compile_count == n + 1  # a longer bucket compiles once more
   s.generate([list(range(1, 12))], seed=0, max_new_tokens=5, temperature=0.0)
-  assert s.compile_count == 2
+  assert s.compile_count == n + 1
 
 
 @pytest.mark.parametrize("layout", ["setup", "scanned"])
@@ -330,3 +336,45 @@ def test_prefill_last_position_equals_full_prefill_row(layout, request):
   assert not np.allclose(np.asarray(x_last[:, 0]), np.asarray(x_full[:, -1]))  # indices matter
   for a, b in zip(jax.tree.leaves(cache_full), jax.tree.leaves(cache_last)):
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+def test_pack_rows_places_every_prompt_whole_without_overlap():
+  from jaxlab.sample.sampler import pack_rows
+  rng = np.random.default_rng(0)
+  for _ in range(20):
+    lengths = rng.integers(1, 17, rng.integers(1, 40))
+    row, col, rows = pack_rows(lengths, 16, multiple=4)
+    assert rows % 4 == 0 and rows >= row.max() + 1
+    used = np.zeros((rows, 16), int)
+    for r, c, n in zip(row, col, lengths):
+      assert c + n <= 16
+      used[r, c:c + n] += 1
+    assert used.max() == 1 and used.sum() == lengths.sum()
+    assert rows - 4 < -(-2 * lengths.sum() // 16)  # first-fit decreasing: < 2x the ideal rows
+  with pytest.raises(ValueError, match=r"\[1, 16\]"):
+    pack_rows([3, 17], 16)
+
+
+@pytest.mark.parametrize("layout,padding", [("setup", "left"), ("setup", "right"),
+                                            ("scanned", "left")])
+def test_packed_prefill_samples_as_the_padded_prefill(layout, padding, request):
+  """PROMPTS (lengths 5, 2, 9, 1) packed into 2 rows of 12 (one row filled to its end): the same
+  tokens and log-probs as the padded batch, whose cache layout it reproduces."""
+  from jaxlab.sample.sampler import PackedPrompts, pack_rows
+  spec, _, trainable, frozen = request.getfixturevalue(layout)
+  tok, lengths = pad(PROMPTS, 12, padding)
+  row, col, rows = pack_rows(lengths, 12)
+  assert rows == 2
+  packed = np.zeros((rows, 12), np.int32)
+  for x, r, c in zip(PROMPTS, row, col):
+    packed[r, c:c + len(x)] = x
+  kw = dict(max_new_tokens=6, temperature=1.0, padding=padding)
+  fn = jax.jit(lambda tr, fr, t, n: sample(spec, tr, fr, t, n, jax.random.key(3), **kw),
+               compiler_options=FAST)
+  want = jax.device_get(fn(trainable, frozen, tok, lengths))
+  got = jax.device_get(fn(trainable, frozen, PackedPrompts(packed, row, col), lengths))
+  np.testing.assert_array_equal(got.tokens, want.tokens)
+  np.testing.assert_allclose(got.logprobs, want.logprobs, rtol=1e-5, atol=1e-5)
+  # A wrong placement (rows swapped) samples other tokens: the packing is really read.
+  bad = jax.device_get(fn(trainable, frozen, PackedPrompts(packed, 1 - row, col), lengths))
+  assert not np.array_equal(bad.tokens, want.tokens)

@@ -88,7 +88,8 @@ def forward(model: Decoder, cache: KVCache, tokens_BxQ: jax.Array, positions_BxQ
   after the write (mask [B,Q,S]). With `last_B` (one index per row) only that position's
   hidden state is returned, [B,1,D]: the last layer then runs attention output and MLP for
   that position alone (all positions' k/v still enter the cache), which is all a prefill
-  needs to draw the first token. `rope`: precomputed `rope_tables(positions_BxQ, ...)` (see
+  needs to draw the first token. A packed prefill (rows holding several prompts, see
+  `unpack_prefill`) passes last_B = (row_N, col_N) instead: [N,1,D] at those N places. `rope`: precomputed `rope_tables(positions_BxQ, ...)` (see
   `rope_lookup`), else computed here from the positions.
   """
   x = model.embed(tokens_BxQ)
@@ -109,6 +110,24 @@ def forward(model: Decoder, cache: KVCache, tokens_BxQ: jax.Array, positions_BxQ
   return x, KVCache(tuple(ks), tuple(vs))
 
 
+def unpack_prefill(cache: KVCache, row_B: jax.Array, col_B: jax.Array, token_BxP: jax.Array,
+                   sharding: NamedSharding | None = None) -> KVCache:
+  """The cache of a packed prefill ([R,K,C,E] per layer: prompt b's token j at row row_B[b],
+  slot col_B[b] + j) laid out per prompt: [B,K,P,E] with slot s holding prompt b's token
+  token_BxP[b, s] (its index in the prompt; slots that hold no token read any packed slot,
+  which the decode mask hides)."""
+  c = next(iter(cache.k)).shape[-2]
+  src_BxP = jnp.clip(col_B[:, None] + token_BxP, 0, c - 1)
+  row_Bx1 = row_B[:, None]
+
+  def gather(x):
+    # Advanced indices split by a slice put their [B,P] dims first (numpy's rule).
+    if x.ndim == 5:  # a scanned stack [N,R,K,C,E] -> [B,P,N,K,E] -> [N,B,K,P,E]
+      return constrain(x[:, row_Bx1, :, src_BxP].transpose(2, 0, 3, 1, 4), sharding)
+    return constrain(x[row_Bx1, :, src_BxP].transpose(0, 2, 1, 3), sharding)  # [B,P,K,E]
+  return KVCache(tuple(map(gather, cache.k)), tuple(map(gather, cache.v)))
+
+
 def rope_table(cfg: ModelConfig, length: int) -> tuple[jax.Array, jax.Array]:
   """(cos, sin) of positions 0..length-1, each [length, 1, E/2]: computed once (before a decode
   loop), then `rope_lookup` gathers each step's rows. A decode step that computes cos/sin
@@ -125,10 +144,14 @@ def rope_lookup(table: tuple[jax.Array, jax.Array], positions_BxQ: jax.Array):
   return tuple(jnp.take(t, positions_BxQ, axis=0, mode="clip") for t in table)
 
 
-def _rows(x_BxQx___: jax.Array, index_B: jax.Array) -> jax.Array:
-  """x[b, index_B[b]] for every row, keeping the Q axis (length 1)."""
-  idx = index_B.reshape((-1, 1) + (1,) * (x_BxQx___.ndim - 2))
-  return jnp.take_along_axis(x_BxQx___, idx, axis=1)
+def _rows(x_RxQx___: jax.Array, last) -> jax.Array:
+  """x[b, last[b]] for every row b (last: index_B), or x[row_B[b], col_B[b]] for every b
+  (last: (row_B, col_B), a packed prefill), keeping the Q axis (length 1)."""
+  if isinstance(last, tuple):
+    row_B, col_B = last
+    return x_RxQx___[row_B, col_B][:, None]
+  idx = last.reshape((-1, 1) + (1,) * (x_RxQx___.ndim - 2))
+  return jnp.take_along_axis(x_RxQx___, idx, axis=1)
 
 
 def _block(block, x, rope, ck, cv, mask, prefill, write, read, sharding, last_B=None):
@@ -142,6 +165,8 @@ def _block(block, x, rope, ck, cv, mask, prefill, write, read, sharding, last_B=
   cv = constrain(write(cv, heads_first(v)), sharding)
   if last_B is not None:
     x, q, mask = _rows(x, last_B), _rows(q, last_B), _rows(mask, last_B)
+    if isinstance(last_B, tuple):  # packed rows: each output row attends in its packed row
+      k, v = k[last_B[0]], v[last_B[0]]
   if prefill:
     x = x + attn.attend(q, k, v, mask)
   else:

@@ -21,6 +21,7 @@ from __future__ import annotations
 from typing import NamedTuple, Sequence
 
 import jax
+import numpy as np
 import jax.numpy as jnp
 from jax.sharding import Mesh, NamedSharding
 
@@ -37,6 +38,34 @@ class SampleOutput(NamedTuple):
   sample_logprobs: jax.Array  # float32 [B, T]; log-prob under the processed distribution
   lengths: jax.Array          # int32 [B]; generated tokens including the stop token
   stopped: jax.Array          # bool [B]; the row ended with one of stop_ids
+
+
+class PackedPrompts(NamedTuple):
+  """Prompts packed into rows for the prefill: prompt b's n_b tokens are tokens[row[b],
+  col[b] : col[b] + n_b]; a row holds several short prompts (see `pack_rows`). `sample`
+  then prefills R rows instead of B padded ones and lays the cache out per prompt, as if
+  the prompts had been padded (results equal up to float rounding)."""
+  tokens: jax.Array  # int32 [R, P]; P = the prompt bucket (the width of a padded prompt row)
+  row: jax.Array     # int32 [B]
+  col: jax.Array     # int32 [B]
+
+
+def pack_rows(lengths: Sequence[int], width: int, multiple: int = 1) -> tuple[np.ndarray, np.ndarray, int]:
+  """(row_B, col_B, rows): first-fit-decreasing packing of prompts of these lengths into rows
+  of `width` tokens (each prompt whole, in one row); rows rounded up to a multiple of
+  `multiple` (fewer distinct shapes to compile)."""
+  lengths = np.asarray(lengths, np.int64)
+  if len(lengths) and (lengths.max() > width or lengths.min() < 1):
+    raise ValueError(f"prompt lengths must be in [1, {width}], got {lengths.min()}..{lengths.max()}")
+  row, col = np.zeros(len(lengths), np.int32), np.zeros(len(lengths), np.int32)
+  used: list[int] = []
+  for i in np.argsort(-lengths, kind="stable"):
+    r = next((r for r, u in enumerate(used) if u + lengths[i] <= width), len(used))
+    if r == len(used):
+      used.append(0)
+    row[i], col[i] = r, used[r]
+    used[r] += int(lengths[i])
+  return row, col, -(-len(used) // multiple) * multiple
 
 
 def prompt_layout(prompt_lengths_B: jax.Array, p: int, padding: str):
@@ -79,7 +108,36 @@ def decode_segments(max_new_tokens: int, n: int = 8, multiple: int = 16) -> list
   return sorted({min(e, steps) for e in range(size, steps + size, size)}) if steps > 0 else []
 
 
-def sample(spec: ModelSpec, trainable: dict, frozen: dict, prompt_tokens_BxP: jax.Array,
+def _packed_prefill(model, packed: PackedPrompts, n_B, pos_BxP, rope_table, cache_len, shard,
+                    mesh, rules):
+  """Prefill of packed rows ([R,P], each a few whole prompts attending only within
+  themselves): (hidden state at each prompt's last token [B,1,D], the cache laid out per prompt
+  as the padded prefill would leave it, cache_len slots)."""
+  cfg = model.cfg
+  r, p = packed.tokens.shape
+  b = n_B.shape[0]
+  j_1xP = jnp.arange(p, dtype=jnp.int32)[None]
+  # Which prompt fills each packed cell (-1: none); a prompt's cells past its length are dropped.
+  cols_BxP = jnp.where(j_1xP < n_B[:, None], packed.col[:, None] + j_1xP, p)
+  seg_RxP = jnp.full((r, p), -1, jnp.int32).at[packed.row[:, None], cols_BxP].set(
+      jnp.broadcast_to(jnp.arange(b, dtype=jnp.int32)[:, None], (b, p)), mode="drop")
+  pos_RxP = jnp.where(seg_RxP >= 0, j_1xP - packed.col[jnp.maximum(seg_RxP, 0)], 0)
+  mask_RxPxP = (jnp.tril(jnp.ones((p, p), bool))[None] & (seg_RxP[:, :, None] == seg_RxP[:, None, :])
+                & (seg_RxP[:, None, :] >= 0))
+  rows_sh = None if mesh is None else cache_lib.cache_sharding(cfg, r, p, mesh, rules)
+  pcache = cache_lib.init_cache(cfg, r, p, mesh, rules)
+  x_Bx1xD, pcache = cache_lib.forward(
+      model, pcache, _constrain_batch(packed.tokens.astype(jnp.int32), mesh, rules), pos_RxP, 0,
+      mask_RxPxP, prefill=True, sharding=rows_sh, last_B=(packed.row, packed.col + n_B - 1),
+      rope=cache_lib.rope_lookup(rope_table, pos_RxP))
+  cache = cache_lib.unpack_prefill(pcache, packed.row, packed.col, pos_BxP)
+  grow = lambda c: cache_lib.constrain(
+      jnp.pad(c, ((0, 0),) * (c.ndim - 2) + ((0, cache_len - p), (0, 0))), shard(cache_len))
+  return x_Bx1xD, jax.tree.map(grow, cache)
+
+
+def sample(spec: ModelSpec, trainable: dict, frozen: dict,
+           prompt_tokens_BxP: jax.Array | PackedPrompts,
            prompt_lengths_B: jax.Array, rng: jax.Array, *, max_new_tokens: int,
            temperature: float = 1.0, top_p: float = 1.0, top_k: int = 0,
            stop_ids: Sequence[int] = (), pad_id: int = 0, padding: str = "left",
@@ -93,12 +151,16 @@ def sample(spec: ModelSpec, trainable: dict, frozen: dict, prompt_tokens_BxP: ja
   ('data','fsdp') and kv-heads-over-'tensor' shardings. The first
   `min_new_tokens` steps cannot draw a stop id (as HF's min_new_tokens: their
   logits are -inf, so log-probs at those steps exclude the stop ids).
+  prompt_tokens_BxP may be `PackedPrompts` (prompts packed into fewer rows for the prefill;
+  `Sampler` packs a batch when that saves rows); the layout of the cache and of everything
+  after the prefill is then as if they were padded per `padding`.
   """
   if max_new_tokens < 1:
     raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
   cfg = spec.cfg
   model = spec.merge(trainable, frozen)
-  b, p = prompt_tokens_BxP.shape
+  packed = prompt_tokens_BxP if isinstance(prompt_tokens_BxP, PackedPrompts) else None
+  b, p = (prompt_lengths_B.shape[0], packed.tokens.shape[1]) if packed else prompt_tokens_BxP.shape
   t_max = max_new_tokens
   stop_K = jnp.asarray(list(stop_ids) or [-1], jnp.int32)
   is_stop = lambda tok_B: jnp.any(tok_B[:, None] == stop_K[None, :], axis=-1)
@@ -123,13 +185,17 @@ def sample(spec: ModelSpec, trainable: dict, frozen: dict, prompt_tokens_BxP: ja
   rope_table = cache_lib.rope_table(cfg, p + t_max)
   # Prefill: the prompt attends to itself; its k/v land in slots [0, P).
   valid_BxP, pos_BxP, last_B = prompt_layout(prompt_lengths_B, p, padding)
-  causal_PxP = jnp.tril(jnp.ones((p, p), bool))
-  mask_BxPxP = causal_PxP[None] & valid_BxP[:, None, :]
-  cache = cache_lib.init_cache(cfg, b, cache_len(0), mesh, rules)
-  tokens_BxP = _constrain_batch(prompt_tokens_BxP.astype(jnp.int32), mesh, rules)
-  x_Bx1xD, cache = cache_lib.forward(model, cache, tokens_BxP, pos_BxP, 0, mask_BxPxP,
-                                     prefill=True, sharding=shard(cache_len(0)), last_B=last_B,
-                                     rope=cache_lib.rope_lookup(rope_table, pos_BxP))
+  if packed is not None:
+    x_Bx1xD, cache = _packed_prefill(model, packed, prompt_lengths_B.astype(jnp.int32), pos_BxP,
+                                     rope_table, cache_len(0), shard, mesh, rules)
+  else:
+    causal_PxP = jnp.tril(jnp.ones((p, p), bool))
+    mask_BxPxP = causal_PxP[None] & valid_BxP[:, None, :]
+    cache = cache_lib.init_cache(cfg, b, cache_len(0), mesh, rules)
+    tokens_BxP = _constrain_batch(prompt_tokens_BxP.astype(jnp.int32), mesh, rules)
+    x_Bx1xD, cache = cache_lib.forward(model, cache, tokens_BxP, pos_BxP, 0, mask_BxPxP,
+                                       prefill=True, sharding=shard(cache_len(0)), last_B=last_B,
+                                       rope=cache_lib.rope_lookup(rope_table, pos_BxP))
   tok_B, lp_B, slp_B = pick(model.logits(x_Bx1xD)[:, 0], 0)
 
   out_tok = jnp.full((b, t_max), pad_id, jnp.int32).at[:, 0].set(tok_B)
