@@ -60,6 +60,12 @@ SCRIPT = textwrap.dedent("""
   c8 = s8.generate(prompts, seed=1, max_new_tokens=8)
   c1 = s1.generate(prompts, seed=1, max_new_tokens=8)
   res["engine_equal"] = all(np.array_equal(a.tokens, c.tokens) for a, c in zip(c8, c1))
+  # Packed prefill on the mesh (rows of 32: the 8 prompts fit in 4 rows, one per batch shard).
+  s8p = Sampler(spec, tr8, fr8, mesh=mesh8, batch_size=8, stop_ids=(3,), pad_id=0,
+                buckets=(32,), compiler_options=FAST, pack_prefill=True)
+  c8p = s8p.generate(prompts, seed=1, max_new_tokens=8)
+  res["packed_rows"] = sorted(k[-1] for k in s8p._compiled)
+  res["engine_packed_equal"] = all(np.array_equal(a.tokens, c.tokens) for a, c in zip(c8p, c1))
   print("RESULT" + json.dumps(res))
 """)
 
@@ -79,3 +85,4 @@ def test_sharded_sampling_equals_single_device():
     assert r["max_lp_diff"] < 1e-4, (name, r)
     assert r["out_spec"][0] == ["data", "fsdp"], (name, r)  # outputs stay batch-sharded
   assert res["engine_equal"], res
+  assert res["packed_rows"] == [4] and res["engine_packed_equal"], res
