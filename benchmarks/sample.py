@@ -12,10 +12,11 @@ rounds' ratios; every round also times the sampler with `pack_prefill=True` (the
 packed into fewer rows for the prefill, see jaxlab/sample/engine.py). Then the local judge's
 throughput (answers scored per second) on the same model (--judge_answers 0 skips it). torch
 is timed at each thread count of --torch_threads and each KV-cache kind of --torch_cache
-(transformers' default dynamic cache, and its static one), eager, and in every round the fastest of those settings is the baseline (on a loaded machine,
-torch with several threads can be 10-100x slower than with one). --profile splits a decode
-step into its pieces (see profile_decode); --trace records one generate with the XLA:CPU
-profiler and sums its thunks' CPU time by what they compute (see trace_sampler).
+(transformers' default dynamic cache, and its static one), eager, and in every round the
+fastest of those settings is the baseline (on a loaded machine, torch with several threads can
+be 10-100x slower than with one). --profile splits a decode step into its pieces (see
+profile_decode); --trace records one generate with the XLA:CPU profiler and sums its thunks'
+CPU time by what they compute (see trace_sampler).
 """
 from __future__ import annotations
 

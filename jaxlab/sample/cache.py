@@ -89,8 +89,9 @@ def forward(model: Decoder, cache: KVCache, tokens_BxQ: jax.Array, positions_BxQ
   hidden state is returned, [B,1,D]: the last layer then runs attention output and MLP for
   that position alone (all positions' k/v still enter the cache), which is all a prefill
   needs to draw the first token. A packed prefill (rows holding several prompts, see
-  `unpack_prefill`) passes last_B = (row_N, col_N) instead: [N,1,D] at those N places. `rope`: precomputed `rope_tables(positions_BxQ, ...)` (see
-  `rope_lookup`), else computed here from the positions.
+  `unpack_prefill`) passes last_B = (row_N, col_N) instead: [N,1,D] at those N places.
+  `rope`: precomputed `rope_tables(positions_BxQ, ...)` (see `rope_lookup`), else computed
+  here from the positions.
   """
   x = model.embed(tokens_BxQ)
   cfg = model.cfg
@@ -110,8 +111,8 @@ def forward(model: Decoder, cache: KVCache, tokens_BxQ: jax.Array, positions_BxQ
   return x, KVCache(tuple(ks), tuple(vs))
 
 
-def unpack_prefill(cache: KVCache, row_B: jax.Array, col_B: jax.Array, token_BxP: jax.Array,
-                   sharding: NamedSharding | None = None) -> KVCache:
+def unpack_prefill(cache: KVCache, row_B: jax.Array, col_B: jax.Array,
+                   token_BxP: jax.Array) -> KVCache:
   """The cache of a packed prefill ([R,K,C,E] per layer: prompt b's token j at row row_B[b],
   slot col_B[b] + j) laid out per prompt: [B,K,P,E] with slot s holding prompt b's token
   token_BxP[b, s] (its index in the prompt; slots that hold no token read any packed slot,
@@ -123,8 +124,8 @@ def unpack_prefill(cache: KVCache, row_B: jax.Array, col_B: jax.Array, token_BxP
   def gather(x):
     # Advanced indices split by a slice put their [B,P] dims first (numpy's rule).
     if x.ndim == 5:  # a scanned stack [N,R,K,C,E] -> [B,P,N,K,E] -> [N,B,K,P,E]
-      return constrain(x[:, row_Bx1, :, src_BxP].transpose(2, 0, 3, 1, 4), sharding)
-    return constrain(x[row_Bx1, :, src_BxP].transpose(0, 2, 1, 3), sharding)  # [B,P,K,E]
+      return x[:, row_Bx1, :, src_BxP].transpose(2, 0, 3, 1, 4)
+    return x[row_Bx1, :, src_BxP].transpose(0, 2, 1, 3)  # [B,P,K,E] -> [B,K,P,E]
   return KVCache(tuple(map(gather, cache.k)), tuple(map(gather, cache.v)))
 
 

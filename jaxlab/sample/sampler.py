@@ -21,8 +21,8 @@ from __future__ import annotations
 from typing import NamedTuple, Sequence
 
 import jax
-import numpy as np
 import jax.numpy as jnp
+import numpy as np
 from jax.sharding import Mesh, NamedSharding
 
 from jaxlab import sharding as sharding_lib
@@ -50,13 +50,15 @@ class PackedPrompts(NamedTuple):
   col: jax.Array     # int32 [B]
 
 
-def pack_rows(lengths: Sequence[int], width: int, multiple: int = 1) -> tuple[np.ndarray, np.ndarray, int]:
+def pack_rows(lengths: Sequence[int], width: int,
+              multiple: int = 1) -> tuple[np.ndarray, np.ndarray, int]:
   """(row_B, col_B, rows): first-fit-decreasing packing of prompts of these lengths into rows
   of `width` tokens (each prompt whole, in one row); rows rounded up to a multiple of
   `multiple` (fewer distinct shapes to compile)."""
   lengths = np.asarray(lengths, np.int64)
   if len(lengths) and (lengths.max() > width or lengths.min() < 1):
-    raise ValueError(f"prompt lengths must be in [1, {width}], got {lengths.min()}..{lengths.max()}")
+    raise ValueError(f"prompt lengths must be in [1, {width}], "
+                     f"got {lengths.min()}..{lengths.max()}")
   row, col = np.zeros(len(lengths), np.int32), np.zeros(len(lengths), np.int32)
   used: list[int] = []
   for i in np.argsort(-lengths, kind="stable"):
@@ -122,8 +124,8 @@ def _packed_prefill(model, packed: PackedPrompts, n_B, pos_BxP, rope_table, cach
   seg_RxP = jnp.full((r, p), -1, jnp.int32).at[packed.row[:, None], cols_BxP].set(
       jnp.broadcast_to(jnp.arange(b, dtype=jnp.int32)[:, None], (b, p)), mode="drop")
   pos_RxP = jnp.where(seg_RxP >= 0, j_1xP - packed.col[jnp.maximum(seg_RxP, 0)], 0)
-  mask_RxPxP = (jnp.tril(jnp.ones((p, p), bool))[None] & (seg_RxP[:, :, None] == seg_RxP[:, None, :])
-                & (seg_RxP[:, None, :] >= 0))
+  same_RxPxP = seg_RxP[:, :, None] == seg_RxP[:, None, :]
+  mask_RxPxP = jnp.tril(jnp.ones((p, p), bool))[None] & same_RxPxP & (seg_RxP[:, None, :] >= 0)
   rows_sh = None if mesh is None else cache_lib.cache_sharding(cfg, r, p, mesh, rules)
   pcache = cache_lib.init_cache(cfg, r, p, mesh, rules)
   x_Bx1xD, pcache = cache_lib.forward(
@@ -152,8 +154,8 @@ def sample(spec: ModelSpec, trainable: dict, frozen: dict,
   `min_new_tokens` steps cannot draw a stop id (as HF's min_new_tokens: their
   logits are -inf, so log-probs at those steps exclude the stop ids).
   prompt_tokens_BxP may be `PackedPrompts` (prompts packed into fewer rows for the prefill;
-  `Sampler` packs a batch when that saves rows); the layout of the cache and of everything
-  after the prefill is then as if they were padded per `padding`.
+  `Sampler(pack_prefill=True)` packs a batch when that saves rows); the layout of the cache
+  and everything after the prefill are then as if they were padded per `padding`.
   """
   if max_new_tokens < 1:
     raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
