@@ -110,6 +110,13 @@ def decode_segments(max_new_tokens: int, n: int = 8, multiple: int = 16) -> list
   return sorted({min(e, steps) for e in range(size, steps + size, size)}) if steps > 0 else []
 
 
+def _grow_cache(cache, extra: int, sharding):
+  """The cache with `extra` zero slots appended to every k/v array (slots are the next-to-last
+  axis), constrained to `sharding`."""
+  pad = lambda c: jnp.pad(c, ((0, 0),) * (c.ndim - 2) + ((0, extra), (0, 0)))
+  return jax.tree.map(lambda c: cache_lib.constrain(pad(c), sharding), cache)
+
+
 def _packed_prefill(model, packed: PackedPrompts, n_B, pos_BxP, rope_table, cache_len, shard,
                     mesh, rules):
   """Prefill of packed rows ([R,P], each a few whole prompts attending only within
@@ -133,9 +140,7 @@ def _packed_prefill(model, packed: PackedPrompts, n_B, pos_BxP, rope_table, cach
       mask_RxPxP, prefill=True, sharding=rows_sh, last_B=(packed.row, packed.col + n_B - 1),
       rope=cache_lib.rope_lookup(rope_table, pos_RxP))
   cache = cache_lib.unpack_prefill(pcache, packed.row, packed.col, pos_BxP)
-  grow = lambda c: cache_lib.constrain(
-      jnp.pad(c, ((0, 0),) * (c.ndim - 2) + ((0, cache_len - p), (0, 0))), shard(cache_len))
-  return x_Bx1xD, jax.tree.map(grow, cache)
+  return x_Bx1xD, _grow_cache(cache, cache_len - p, shard(cache_len))
 
 
 def sample(spec: ModelSpec, trainable: dict, frozen: dict,
@@ -231,9 +236,7 @@ def sample(spec: ModelSpec, trainable: dict, frozen: dict,
   for i, end in enumerate(ends):
     if i > 0:
       grow = cache_len(i) - cache_len(i - 1)
-      pad = lambda c: cache_lib.constrain(
-          jnp.pad(c, ((0, 0),) * (c.ndim - 2) + ((0, grow), (0, 0))), shard(cache_len(i)))
-      state["cache"] = jax.tree.map(pad, state["cache"])
+      state["cache"] = _grow_cache(state["cache"], grow, shard(cache_len(i)))
       state["valid"] = jnp.pad(state["valid"], ((0, 0), (0, grow)))
     state = jax.lax.while_loop(lambda st, end=end: (st["t"] < end) & ~jnp.all(st["done"]),
                                lambda st, i=i: body(st, shard(cache_len(i))), state)
