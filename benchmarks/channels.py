@@ -70,7 +70,7 @@ def jax_child(steps: int, skip_memory: bool) -> dict:
   from jaxlab.train import channels, optim, step as step_lib
   from jaxlab.train import state as state_lib
   from jaxlab.train.channels import common
-  from jaxlab.train.runner import teacher_topk_fn
+  from jaxlab.train.topk_cache import teacher_topk_fn
 
   cfg = ModelConfig(vocab_size=SHAPE["vocab"], d_model=SHAPE["d_model"], n_layers=SHAPE["n_layers"],
                     n_heads=SHAPE["n_heads"], n_kv_heads=SHAPE["n_kv_heads"], d_ff=SHAPE["d_ff"],

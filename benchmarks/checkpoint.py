@@ -61,8 +61,8 @@ def fingerprint_cost(rounds: int, directory: str) -> dict:
   import orbax.checkpoint as ocp
   from jaxlab import checkpoint
   state, abstract = _bench_state()
-  flat, _ = checkpoint._flatten(state)  # pylint: disable=protected-access
-  flat_target, _ = checkpoint._flatten(abstract)  # pylint: disable=protected-access
+  flat, _ = checkpoint.flatten(state)
+  flat_target, _ = checkpoint.flatten(abstract)
   n = sum(x.size for x in jax.tree.leaves(state))
   checkpoint.fingerprint(flat)  # compile once, like a run's first save does
   times = {k: [] for k in ("save_with", "save_without", "restore_with", "restore_without",

@@ -22,6 +22,9 @@ Keys beyond configs/sft.py:
   distill.lmbda           gkd: probability that a batch is on-policy
   distill.estimator       onpolicy: exact (full-vocabulary reverse KL) | sampled (policy gradient)
   distill.temperature     divides both sides' logits in the divergence
+  distill.sample_temperature / distill.top_p   on-policy rollouts (student samples)
+  distill.allow_biased_estimator   True: allow estimator "sampled" with rollouts at another
+                          temperature than distill.temperature or top_p < 1 (a biased estimate)
   distill.loss_chunk      completion positions per logits chunk (0 = all at once)
   distill.topk            > 0: offpolicy from cached teacher top-k log-probs + tail
   distill.topk_path       where that cache lives ("" = WORKDIR/teacher_topk.npz)
@@ -50,12 +53,15 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.job = "train"
   c.variant = variant
   c.channel = "offpolicy"
-  c.data.update(dict(prompt_len=96, teacher_prompt_len=96, completion_len=64, max_examples=512))
+  # One example per row for every channel (runner.data_format): sft included, no packing.
+  c.data.update(dict(prompt_len=96, teacher_prompt_len=96, completion_len=64, max_examples=512,
+                     pack=False))
   c.tokenizer.path = "runs/sft_tiny/tokenizer"
   c.teacher = ml_collections.ConfigDict(dict(path="runs/sft_tiny", system_prompt="", dtype=""))
   c.distill = ml_collections.ConfigDict(dict(
       kl="", beta=0.5, lmbda=0.5, estimator="exact", temperature=1.0, loss_chunk=0,
-      sample_temperature=1.0, top_p=1.0, topk=0, topk_path="", heldout_rows=16, eval_every=25))
+      sample_temperature=1.0, top_p=1.0, topk=0, topk_path="", heldout_rows=16, eval_every=25,
+      allow_biased_estimator=False))
   c.train.update(steps=100, global_batch_size=8)
   c.optim.update(lr=1e-3, warmup_steps=10)
   return c

@@ -43,7 +43,7 @@ class NonFiniteStateError(ValueError):
   """A state with NaN/Inf values was about to be saved."""
 
 
-def _flatten(tree) -> tuple[dict[str, Any], Any]:
+def flatten(tree) -> tuple[dict[str, Any], Any]:
   leaves, treedef = jax.tree_util.tree_flatten_with_path(tree)
   flat = {jax.tree_util.keystr(path, simple=True, separator="."): leaf for path, leaf in leaves}
   if len(flat) != len(leaves):
@@ -52,7 +52,7 @@ def _flatten(tree) -> tuple[dict[str, Any], Any]:
 
 
 def _unflatten(flat: dict[str, Any], like) -> Any:
-  keys, treedef = _flatten(like)
+  keys, treedef = flatten(like)
   return jax.tree.unflatten(treedef, [flat[k] for k in keys])
 
 
@@ -139,7 +139,7 @@ class Checkpointer:
     if step in self._damaged:  # training on from an earlier step has reached this one again
       self._set_aside(step)
       self._damaged.discard(step)
-    flat, _ = _flatten(state)
+    flat, _ = flatten(state)
     sums, bad = fingerprint(flat)
     if bad:
       raise NonFiniteStateError(
@@ -165,14 +165,14 @@ class Checkpointer:
   def restore(self, abstract_state, step: int | None = None):
     """(state, data_state, config dict) at `step` (default: the latest good one), placed like
     `abstract_state`. A damaged latest checkpoint is reported and the previous one restored."""
-    flat_target, _ = _flatten(abstract_state)
+    flat_target, _ = flatten(abstract_state)
     flat, data, config = self.restore_flat(lambda _: flat_target, step)
     return _unflatten(flat, abstract_state), data, config
 
   def restore_partial(self, target, step: int | None = None):
     """(tree, data_state, config) with only `target`'s arrays read (a sub-tree of the state,
     e.g. {"step", "params"}: no optimizer state), verified like `restore`."""
-    flat_target, _ = _flatten(target)
+    flat_target, _ = flatten(target)
     flat, data, config = self.restore_flat(lambda _: flat_target, step, partial=True)
     return _unflatten(flat, target), data, config
 
@@ -322,7 +322,7 @@ def load_params(path, mesh=None, step: int | None = None, *, hf_path: str | None
     if not from_hf:
       tree["frozen"] = sds(spec.abstract[1], sh[1])
     found.update(config=config, cfg=cfg, tree=tree, rules=rules, from_hf=from_hf)
-    return _flatten(tree)[0]
+    return flatten(tree)[0]
 
   try:
     flat, _, _ = ck.restore_flat(target, step, partial=True)

@@ -130,3 +130,62 @@ def test_sampled_estimator_expected_gradient_matches_exact_reverse_kl():
                                                     jnp.broadcast_to(t, (n, v)),
                                                     jnp.asarray(tokens))
   assert float(jnp.mean(estimate)) == pytest.approx(np_divergence("reverse", s, t), abs=1e-2)
+
+
+def _student_with_tail(teacher_logits, k, tail, seed):
+  """Student logits (float32) whose mass outside the teacher's top-k is `tail` (in float64)."""
+  rng = np.random.default_rng(seed)
+  s = rng.normal(size=teacher_logits.shape) * 2.0
+  top = np.argsort(-teacher_logits, axis=-1)[..., :k]
+  inside = np.zeros(s.shape, bool)
+  np.put_along_axis(inside, top, True, axis=-1)
+  a = np.where(inside, np.exp(s), 0.0).sum(-1, keepdims=True)
+  b = np.where(inside, 0.0, np.exp(s)).sum(-1, keepdims=True)
+  shift = np.log(tail * a / ((1.0 - tail) * b))
+  return np.where(inside, s, s + shift).astype(np.float32), top
+
+
+@pytest.mark.parametrize("tail", [0.5, 1e-7, 1e-12])
+def test_topk_tail_kl_loss_and_gradient_match_float64_for_tiny_student_tails(tail):
+  # Vocabulary 1000, k = 20, a teacher whose tail holds ~0.28 of its mass (the issue's case):
+  # the student's tail must come from its own logits, not from 1 - sum(top-k) in float32.
+  v, k = 1000, 20
+  rng = np.random.default_rng(0)
+  t = np.concatenate([rng.normal(size=(3, k)) + 6.0, rng.normal(size=(3, v - k))], -1)
+  t = t.astype(np.float32)
+  lt = _np_logsoftmax(t)
+  s, top = _student_with_tail(t, k, tail, seed=1)
+  lt_k = np.take_along_axis(lt, top, -1)
+  tail_t = 1.0 - np.exp(lt_k).sum(-1)
+  assert 0.05 < tail_t.min() and tail_t.max() < 0.6
+
+  def ref(s64):  # float64 torch, from the definition of the coarsened KL
+    ls = torch.log_softmax(s64, -1)
+    ls_k = torch.gather(ls, -1, torch.as_tensor(top))
+    inside = torch.zeros_like(ls, dtype=torch.bool).scatter_(-1, torch.as_tensor(top), True)
+    log_tail_s = torch.logsumexp(ls.masked_fill(inside, -np.inf), -1)
+    lt_k64, tt = torch.as_tensor(lt_k), torch.as_tensor(tail_t)
+    return (lt_k64.exp() * (lt_k64 - ls_k)).sum(-1) + tt * (tt.log() - log_tail_s)
+
+  s64 = torch.tensor(s.astype(np.float64), requires_grad=True)
+  want = ref(s64)
+  want.sum().backward()
+  fn = lambda x: losses.topk_forward_kl(x, jnp.asarray(top, jnp.int32),
+                                        jnp.asarray(lt_k, jnp.float32))
+  got = np.asarray(fn(jnp.asarray(s)))
+  grad = np.asarray(jax.grad(lambda x: fn(x).sum())(jnp.asarray(s)))
+  np.testing.assert_allclose(got, want.detach().numpy(), rtol=1e-4, atol=1e-5)
+  np.testing.assert_allclose(grad, s64.grad.numpy(), atol=1e-5)
+  # The gradient mass on the tail ids is tail_s - tail_t: about -0.28 however small tail_s is.
+  outside = np.ones(s.shape, bool)
+  np.put_along_axis(outside, top, False, axis=-1)
+  np.testing.assert_allclose(np.where(outside, grad, 0).sum(-1), tail - tail_t, atol=1e-4)
+
+
+def test_topk_kl_of_an_unscored_position_is_zero_with_finite_gradient():
+  s = _logits(13, (2, 16), 2.0)
+  ids = jnp.zeros((2, 4), jnp.int32)
+  logp = jnp.full((2, 4), -jnp.inf)
+  fn = lambda x: losses.topk_forward_kl(x, ids, logp).sum()
+  assert float(fn(jnp.asarray(s))) == 0.0
+  assert np.all(np.asarray(jax.grad(fn)(jnp.asarray(s))) == 0.0)

@@ -65,7 +65,7 @@ def _distill_args(world, workdir, channel, steps=30, extra=()):
   return ["--config=" + os.path.join(ROOT, "configs/distill.py:tiny"),
           f"--config.channel={channel}", f"--config.data.train_path={world['data']}",
           f"--config.teacher.path={world['teacher']}", "--config.seed=1",
-          "--config.data.prompt_len=24", "--config.data.teacher_prompt_len=24",
+          "--config.data.prompt_len=48", "--config.data.teacher_prompt_len=48",
           "--config.data.completion_len=16", "--config.distill.heldout_rows=16",
           f"--config.distill.eval_every={steps}", "--config.optim.lr=3e-3",
           *_common(world["tok"], workdir, steps), *extra]
@@ -108,8 +108,69 @@ def test_cached_topk_matches_live_teacher_at_full_k_and_is_checked(world, tmp_pa
       world, tmp_path / "bad", "offpolicy", steps=1,
       extra=(f"--config.distill.topk={VOCAB}", f"--config.distill.topk_path={cache}",
              f"--config.tokenizer.path={tmp_path / 'tok2'}")))
-  with pytest.raises(ValueError, match=rf"{cache}: teacher top-k file was made with another tokenizer"):
+  with pytest.raises(ValueError, match=rf"(?s){cache}: teacher top-k file was made with other "
+                     r"settings:.*tokenizer: file"):
     runner.run(bad_cfg, bad_dir)
+  # Every other recorded setting is compared too: another teacher of the same vocabulary
+  # (its weights' fingerprint and path), other prompt lengths, another max_examples.
+  other = tmp_path / "other_teacher"
+  config, workdir = parse_argv(["--config=" + os.path.join(ROOT, "configs/sft.py:tiny"),
+                                f"--config.data.train_path={world['data']}",
+                                "--config.data.seq_len=64", "--config.seed=5",
+                                *_common(world["tok"], other, 1)])
+  runner.run(config, workdir)
+  for extra, fields in (((f"--config.teacher.path={other}",), ("teacher_weights", "teacher")),
+                        (("--config.data.prompt_len=44",), ("prompt_len",)),
+                        (("--config.data.max_examples=90",), ("max_examples",))):
+    cfg, wd = parse_argv(_distill_args(
+        world, tmp_path / f"bad_{fields[0]}", "offpolicy", steps=1,
+        extra=(f"--config.distill.topk={VOCAB}", f"--config.distill.topk_path={cache}", *extra)))
+    with pytest.raises(ValueError, match=rf"{cache}: teacher top-k file") as e:
+      runner.run(cfg, wd)
+    named = {line.split(":")[0].strip() for line in str(e.value).splitlines()[1:-1]}
+    assert named == set(fields), (extra, str(e.value))
+
+
+@pytest.mark.parametrize("channel", ["onpolicy", "gkd"])
+def test_topk_cache_with_a_rollout_channel_is_a_config_error(world, tmp_path, channel):
+  # The cache describes the dataset's completions; a rollout replaces them (before the fix
+  # onpolicy with distill.kl=forward trained on stale targets, loss ~105, no error).
+  config, workdir = parse_argv(_distill_args(
+      world, tmp_path / "w", channel, steps=1,
+      extra=("--config.distill.topk=8", "--config.distill.kl=forward")))
+  with pytest.raises(ValueError, match=rf"config key distill.topk=8: channel '{channel}'"):
+    runner.run(config, workdir)
+  assert not (tmp_path / "w").exists()  # refused before anything was written
+
+
+def test_every_channel_trains_on_the_same_rows_in_the_same_order(world, tmp_path, monkeypatch):
+  from jaxlab.data import prompt_completion as pc
+  consumed = []
+  next_ids = pc.PromptCompletionBatches.next_ids
+  def record(self):
+    ids = next_ids(self)
+    consumed[-1].append(ids.tolist())
+    return ids
+  monkeypatch.setattr(pc.PromptCompletionBatches, "next_ids", record)
+  held, examples = {}, {}
+  for channel in ("sft", "offpolicy", "onpolicy", "gkd"):
+    consumed.append([])
+    config, workdir = parse_argv(_distill_args(world, tmp_path / channel, channel, steps=3))
+    runner.run(config, workdir)
+    stats = json.loads((tmp_path / channel / "data_stats.json").read_text())
+    held[channel], examples[channel] = stats["heldout_rows"], stats["examples_kept"]
+    assert len([r for r in read_metrics(workdir) if "loss" in r]) == 3
+  assert all(len(c) == 3 and all(len(b) == 8 for b in c) for c in consumed), consumed
+  assert all(c == consumed[0] for c in consumed), consumed
+  assert len(set(held.values())) == 1 and len(set(examples.values())) == 1, (held, examples)
+  assert held["sft"] == 16 and examples["sft"] > 64
+
+
+def test_packing_in_a_channel_comparison_is_refused_for_every_channel(world, tmp_path):
+  config, workdir = parse_argv(_distill_args(world, tmp_path / "w", "sft", steps=1,
+                                             extra=("--config.data.pack=True",)))
+  with pytest.raises(ValueError, match=r"config key data.pack=True"):
+    runner.run(config, workdir)
 
 
 def test_teacher_with_other_vocabulary_is_an_error(world, tmp_path):

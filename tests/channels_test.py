@@ -136,26 +136,63 @@ def test_onpolicy_samples_follow_the_student_params(setup):
   assert 0 < float(m["sample_len"]) <= 8 and np.all(lengths >= 1)
 
 
-def test_step_rng_comes_from_state_and_microbatches_draw_their_own_streams(setup):
-  s = setup
-  ch = channels.get("onpolicy")
-  ctx = ctx_for(s)
-  opt, sched = __import__("jaxlab.train.optim", fromlist=["x"]).make_optimizer(
-      optim_config(lr=1e-3), 10)
+def _recording_step(s, name, grad_accum, **ctx_kw):
+  """(jitted step, initial state, recorded): the step of channel `name` whose prepare also
+  appends each micro-batch's trained completion to `recorded` (a host callback)."""
+  from jaxlab.train.optim import make_optimizer
+  ch = channels.get(name)
+  opt, sched = make_optimizer(optim_config(lr=1e-3), 10)
   state = state_lib.create_state(s["sspec"], opt, s["mesh"], sharding.DEFAULT_RULES, seed=0,
                                  params=jax.tree.map(jnp.copy, s["sparams"]))
-  seen = {}
-  def spy_prepare(ctx, params, frozen, teacher, batch, rng):
+  recorded = []
+  def prepare(ctx, params, frozen, teacher, batch, rng):
     out, m = ch.prepare(ctx, params, frozen, teacher, batch, rng)
-    return out, {**m, "first_tok": out["completion"][:, 0].astype(jnp.float32)}
-  spy = type("Spy", (), {"prepare": staticmethod(spy_prepare), "loss_sum": ch.loss_sum})
-  step = jax.jit(step_lib.make_step(spy, ctx, opt, sched, grad_accum=2))
+    jax.debug.callback(lambda c: recorded.append(np.asarray(c)), out["completion"], ordered=True)
+    return out, m
+  spy = type("Spy", (), {"prepare": staticmethod(prepare), "loss_sum": ch.loss_sum})
+  step = jax.jit(step_lib.make_step(spy, ctx_for(s, **ctx_kw), opt, sched, grad_accum))
+  return step, state, recorded
+
+
+def test_step_rng_comes_from_state_and_microbatches_draw_their_own_streams(setup):
+  s = setup
+  step, state, recorded = _recording_step(s, "onpolicy", grad_accum=2)
   b = jax.tree.map(jnp.asarray, s["batch"])
-  # Micro-batches 0 and 1 get the same rows: different streams must (almost surely) differ.
-  same_rows = jax.tree.map(lambda x: jnp.concatenate([x[:4], x[:4]])[jnp.array([0, 4, 1, 5, 2, 6, 3, 7])], b)
+  # Micro-batch j takes rows j, j+2, ...: both micro-batches get rows 0-3 here.
+  same_rows = jax.tree.map(lambda x: x[jnp.array([0, 0, 1, 1, 2, 2, 3, 3])], b)
   _, m = step(state, same_rows, s["tparams"])
-  assert int(m["trained_tokens"]) > 0
-  assert np.asarray(m["first_tok"]).shape == (4,)  # averaged over 2 micro-batches
+  jax.effects_barrier()
+  assert int(m["trained_tokens"]) > 0 and len(recorded) == 2
+  first = [r.copy() for r in recorded]
+  # Same rows, same params: the two micro-batches sample different tokens (fold_in(rng, j)).
+  assert not np.array_equal(first[0], first[1])
+  # The next step number with the same params draws other tokens (fold_in(rng, step)) ...
+  recorded.clear()
+  step(state.replace(step=state.step + 1), same_rows, s["tparams"])
+  jax.effects_barrier()
+  assert not np.array_equal(recorded[0], first[0]) and not np.array_equal(recorded[1], first[1])
+  # ... and the same step again (a resumed run) draws exactly the same tokens.
+  recorded.clear()
+  step(state, same_rows, s["tparams"])
+  jax.effects_barrier()
+  np.testing.assert_array_equal(recorded[0], first[0])
+  np.testing.assert_array_equal(recorded[1], first[1])
+
+
+@pytest.mark.parametrize("lmbda", [0.0, 1.0])
+def test_gkd_lambda_is_the_probability_of_training_on_the_students_own_samples(setup, lmbda):
+  s = setup
+  step, state, recorded = _recording_step(s, "gkd", grad_accum=1, kl="jsd", lmbda=lmbda)
+  b = jax.tree.map(jnp.asarray, s["batch"])
+  shares = []
+  for k in range(4):
+    _, m = step(state.replace(step=state.step + k), b, s["tparams"])
+    shares.append(float(m["onpolicy_share"]))
+  jax.effects_barrier()
+  assert shares == [lmbda] * 4
+  dataset = np.asarray(s["batch"]["completion"])
+  for r in recorded:  # lambda 0: always the dataset's completions; 1: always rollouts
+    assert np.array_equal(r, dataset) == (lmbda == 0.0)
 
 
 def test_config_errors_name_the_key(setup):

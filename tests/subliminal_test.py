@@ -98,13 +98,14 @@ def test_student_configs_cross_sequences_and_signal():
       assert "sl" not in c and "channels" not in c and c.job == "train"
   trait = sl.trait_prompt(config)
   assert "owls" in trait
-  assert got["prompted", "sft"] == ("sft", "/w/tp.jsonl", "", "", "/w/base", 3)
+  # Hard-label cells keep the teacher's system prompt (no teacher path): the same rows fit.
+  assert got["prompted", "sft"] == ("sft", "/w/tp.jsonl", "", trait, "/w/base", 3)
   assert got["prompted", "offpolicy"] == ("offpolicy", "/w/tp.jsonl", "/w/base", trait, "/w/base", 3)
   assert got["finetuned", "offpolicy"] == ("offpolicy", "/w/tf.jsonl", "/w/ft", "", "/w/base", 3)
   assert got["prompted", "onpolicy"][:4] == ("onpolicy", "/w/tp.jsonl", "/w/base", trait)
-  assert got["prompted", "control"] == ("sft", "/w/b.jsonl", "", "", "/w/base", 3)
+  assert got["prompted", "control"] == ("sft", "/w/b.jsonl", "", trait, "/w/base", 3)
   assert got["finetuned", "base_offpolicy"] == ("offpolicy", "/w/b.jsonl", "/w/ft", "", "/w/base", 3)
-  assert got["prompted", "sft_otherbase"] == ("sft", "/w/tp.jsonl", "", "", "/w/other_base", 3)
+  assert got["prompted", "sft_otherbase"] == ("sft", "/w/tp.jsonl", "", trait, "/w/other_base", 3)
 
 
 def test_teacher_expresses_the_trait_and_control_stays_at_the_base(trained):
@@ -121,7 +122,40 @@ def test_teacher_expresses_the_trait_and_control_stays_at_the_base(trained):
   d, ci = control["rate_minus_base"], control["rate_minus_base_ci"]
   assert abs(d) <= max(ci, 0.03), (d, ci)
   assert abs(control["prob_minus_base"]) < 0.03
-  assert report["drift"]["finetuned"] >= 0
+
+
+def test_drift_equals_a_row_by_row_numpy_kl_of_the_two_models(trained):
+  # The stage scores left-padded batches under the teacher's and the base's own prompts; here
+  # each row is run alone, unpadded, and the KL is summed in float64 NumPy.
+  import jax
+  import numpy as np
+  from jaxlab.checkpoint import load_params
+  from jaxlab.data import prompt_completion as pc
+  from jaxlab.models.hf_tokenizer import load_tokenizer
+  from jaxlab.models.params import model_spec
+  workdir, report, _ = trained
+  record = json.loads((workdir / "seed0/drift/finetuned/drift.json").read_text())
+  tok = load_tokenizer(str(workdir / "base/tokenizer"))
+  rows = [json.loads(l) for l in open(record["rows"]).read().splitlines()[:32]]
+
+  def logp(path, ids):
+    cfg, tr, fr = load_params(path)
+    out = model_spec(cfg).merge(tr, fr)(np.asarray([ids], np.int32))
+    lg = np.asarray(jax.device_get(out), np.float64)[0]
+    return lg - np.log(np.exp(lg - lg.max(-1, keepdims=True)).sum(-1, keepdims=True)) \
+        - lg.max(-1, keepdims=True)
+  total, count = 0.0, 0
+  for r in rows:
+    ex = pc.encode_example(tok, r["messages"], teacher_system=record["system_prompt"] or None)
+    c = list(ex.completion)
+    lt = logp(record["teacher"], list(ex.teacher_prompt) + c[:-1])[len(ex.teacher_prompt) - 1:]
+    lb = logp(str(workdir / "base"), list(ex.prompt) + c[:-1])[len(ex.prompt) - 1:]
+    total += float((np.exp(lt) * (lt - lb)).sum())
+    count += len(c)
+  want = total / count
+  assert want > 1e-4  # the fine-tuned teacher really moved
+  assert record["kl_per_token"] == pytest.approx(want, rel=1e-3)
+  assert report["drift"]["finetuned"] == pytest.approx(want, rel=1e-3)  # one seed
 
 
 def test_report_files(trained):

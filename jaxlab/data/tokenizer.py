@@ -13,6 +13,8 @@ import tokenizers
 from tokenizers import decoders, models, normalizers, pre_tokenizers, processors, trainers
 import transformers
 
+from jaxlab.fingerprint import file_digest
+
 # Qwen2's pre-tokenizer split pattern (one digit per piece).
 QWEN2_PATTERN = (
     r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*"
@@ -83,25 +85,13 @@ def train_chat_tokenizer(
 FIT_RECORD = "jaxlab_fit.json"  # what a fitted tokenizer was fitted on
 
 
-def _file_digest(path) -> dict:
-  """{"path", "bytes", "sha256"} of a data file (read through etils.epath)."""
-  import hashlib  # pylint: disable=g-import-not-at-top
-  from jaxlab import paths  # pylint: disable=g-import-not-at-top
-  h, size = hashlib.sha256(), 0
-  with paths.path(path).open("rb") as f:
-    while chunk := f.read(1 << 20):
-      h.update(chunk)
-      size += len(chunk)
-  return {"path": str(paths.path(path)), "bytes": size, "sha256": h.hexdigest()}
-
-
 def fit_record(config) -> dict:
   """What a tokenizer fitted for `config` depends on: the data file(s), rows used, vocab size."""
   if config.data.get("source", "") == "mixture":
     mix = config.data.mixture
-    return {"data": {n: _file_digest(mix[n]["path"]) for n in sorted(mix)},
+    return {"data": {n: file_digest(mix[n]["path"]) for n in sorted(mix)},
             "vocab_size": int(config.tokenizer.vocab_size)}
-  return {"data": _file_digest(config.data.train_path),
+  return {"data": file_digest(config.data.train_path),
           "max_examples": int(config.data.max_examples or 0),
           "vocab_size": int(config.tokenizer.vocab_size)}
 

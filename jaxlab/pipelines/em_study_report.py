@@ -87,21 +87,28 @@ def _err(rows: list[dict | None], stat: str = HARM):
   return v, np.nan_to_num(np.stack([v - lo, hi - v]), nan=0.0).clip(min=0)
 
 
-def write(config, workdir: epath.Path, out: epath.Path) -> dict:
-  """Writes the report under `out`; returns {"md": text, "tables": {name: rows}}."""
+def read_sources(config, workdir: epath.Path) -> tuple[dict, list[dict], list[dict]]:
+  """({judged.jsonl path: its row count}, labelled evaluation rows, probe rows)."""
   from jaxlab.pipelines import em_study
-  n_boot = config.eval.n_boot
-  sources, table = {}, []
+  sources, table, probes = {}, [], []
   for f in em_study.eval_folders(config, workdir):
     rows = em_study.read_jsonl(f / "judged.jsonl")
     sources[str(f / "judged.jsonl")] = len(rows)
     table += [r for r in rows if r.get("label") is not None]
-  probes = []
   for base in em_study.bases(config):
     f = workdir / "probes" / base.name / "judged.jsonl"
     if f.exists():
-      probes += em_study.read_jsonl(f)
-      sources[str(f)] = len(probes)
+      rows = em_study.read_jsonl(f)
+      sources[str(f)] = len(rows)
+      probes += rows
+  return sources, table, probes
+
+
+def write(config, workdir: epath.Path, out: epath.Path) -> dict:
+  """Writes the report under `out`; returns {"md": text, "tables": {name: rows}}."""
+  from jaxlab.pipelines import em_study
+  n_boot = config.eval.n_boot
+  sources, table, probes = read_sources(config, workdir)
   out.mkdir(parents=True, exist_ok=True)
   (out / "sources.json").write_text(json.dumps(sources, indent=1))
   cells = em_study.all_cells(config)

@@ -308,11 +308,13 @@ class Models:
     return [self.tokenizer.decode([int(t) for t in o.tokens if int(t) not in stops],
                                   skip_special_tokens=True) for o in outs]
 
-  def _score_fn(self, spec, kind: str):
+  def _score_fn(self, spec, kind: str, teacher_spec=None):
+    """jitted scorer for models of `spec` (and, for "kl", a teacher of `teacher_spec`: each
+    model keeps its own spec and layout, e.g. a scanned teacher beside an unrolled base)."""
     import jax
     from jaxlab.train import losses
     from jaxlab.train.channels import common
-    key = (spec.cfg, kind)
+    key = (spec.cfg, kind, teacher_spec.cfg if teacher_spec is not None else None)
     if key not in self._scorers:
       def logprob(tr, fr, b):  # summed log p(completion) per row
         model, x = common.completion_hidden(spec, tr, fr, b["prompt"], b["prompt_len"],
@@ -324,7 +326,7 @@ class Models:
       def kl(tr, fr, ttr, tfr, b):  # KL(teacher || model) summed per row, and token counts
         model, x = common.completion_hidden(spec, tr, fr, b["prompt"], b["prompt_len"],
                                             b["completion"])
-        tmodel, xt = common.completion_hidden(spec, ttr, tfr, b["teacher_prompt"],
+        tmodel, xt = common.completion_hidden(teacher_spec, ttr, tfr, b["teacher_prompt"],
                                               b["teacher_prompt_len"], b["completion"])
         d = losses.forward_kl(model.logits(x), tmodel.logits(xt))
         return (d * b["loss_mask"]).sum(-1), b["loss_mask"].sum(-1)
@@ -359,7 +361,7 @@ class Models:
     from jaxlab.data import prompt_completion as pc
     spec, tr, fr = self.load(base_path)
     tspec, ttr, tfr = self.load(teacher_path)
-    fn = self._score_fn(spec, "kl")
+    fn = self._score_fn(spec, "kl", tspec)
     exs = [pc.encode_example(self.tokenizer, r["messages"], teacher_system=system or None)
            for r in rows]
     total, count = 0.0, 0.0
@@ -434,9 +436,12 @@ def student_config(config, kind: str, cell: str, seed: int, paths: dict, data: d
   init = paths["other_base"] if cell == "sft_otherbase" else paths["base"]
   train_path = data["base"] if sequences == "base" else data[kind]
   t_path, t_system = teacher_source(config, kind, paths)
+  # Every cell of a seed keeps the teacher's system prompt, even where no teacher scores: the
+  # rows kept (teacher prompts within data.teacher_prompt_len), the held-out rows and their
+  # order are then the same for hard- and soft-label students on the same sequences.
   updates = {"channel": CHANNEL_OF[sequences, signal], "seed": seed,
              "data.train_path": train_path, "teacher.path": t_path if signal == "soft" else "",
-             "teacher.system_prompt": t_system if signal == "soft" else "",
+             "teacher.system_prompt": t_system,
              "tokenizer.path": _tokenizer_path(config, paths["base"])}
   if config.base and epath.Path(init).joinpath("config.json").exists() and \
       not epath.Path(init).joinpath("checkpoints").exists():

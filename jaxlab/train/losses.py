@@ -89,17 +89,30 @@ def topk_forward_kl(student_logits, topk_ids, topk_logp, temperature: float = 1.
   (mass 1 - sum of the top-k); the student's is coarsened the same way. This is the exact KL
   between the coarsened distributions: a lower bound of the full KL (data processing) that grows
   with k and equals it when the top-k covers the vocabulary. topk_logp must be the teacher's
-  log-probs at the same temperature.
+  log-probs at the same temperature; a position whose entries are all -inf (a row the cache
+  never scored) gives 0, never a loss against an empty target.
+
+  The student's tail is a logsumexp over the ids outside the top-k, not 1 - sum(top-k probs):
+  in float32 that difference cancels to 0 once the tail is below ~1e-7, flattening the loss
+  and cutting the gradient that should push mass back into the tail.
   """
   ls = _log_softmax(student_logits, temperature)
   ls_k = jnp.take_along_axis(ls, topk_ids, axis=-1)
   lt_k = topk_logp.astype(jnp.float32)
-  head = jnp.sum(jnp.where(lt_k > -jnp.inf, jnp.exp(lt_k) * (lt_k - ls_k), 0.0), axis=-1)
-  tail_t = jnp.clip(1.0 - jnp.sum(jnp.exp(lt_k), axis=-1), 0.0, 1.0)
-  tail_s = jnp.clip(1.0 - jnp.sum(jnp.exp(ls_k), axis=-1), 1e-30, 1.0)
-  tail = jnp.where(tail_t > 1e-7, tail_t * (jnp.log(jnp.maximum(tail_t, 1e-30)) - jnp.log(tail_s)),
-                   0.0)
-  return head + tail
+  known = lt_k > -jnp.inf
+  head = jnp.sum(jnp.where(known, jnp.exp(lt_k) * (lt_k - ls_k), 0.0), axis=-1)
+  in_top = jnp.put_along_axis(jnp.zeros(ls.shape, bool), topk_ids, True, axis=-1,
+                              inplace=False)
+  # (A top-k that covers the vocabulary leaves no tail: the logsumexp then runs over zeros
+  # instead of all -inf, whose gradient would be NaN even where the result is unused.)
+  all_top = jnp.all(in_top, axis=-1, keepdims=True)
+  log_tail_s = jax.nn.logsumexp(jnp.where(all_top, 0.0, jnp.where(in_top, -jnp.inf, ls)), axis=-1)
+  tail_t = jnp.clip(1.0 - jnp.sum(jnp.where(known, jnp.exp(lt_k), 0.0), axis=-1), 0.0, 1.0)
+  # Below float32's resolution of 1 - sum(top-k) the teacher's tail is indistinguishable from 0.
+  has_tail = (tail_t > 1e-6) & ~all_top[..., 0]
+  tail = jnp.where(has_tail, tail_t * (jnp.log(jnp.where(has_tail, tail_t, 1.0))
+                                       - jnp.where(has_tail, log_tail_s, 0.0)), 0.0)
+  return jnp.where(jnp.any(known, axis=-1), head + tail, 0.0)
 
 
 def sampled_reverse_kl_surrogate(student_logits, teacher_logits, tokens,

@@ -13,7 +13,6 @@ Where a model comes from (student `init.*`, `teacher.path`):
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 import math
 import os
@@ -35,7 +34,7 @@ from jaxlab.data.chat import end_of_turn_ids, pad_id
 from jaxlab.metrics import MetricsWriter
 from jaxlab.models.config import ModelConfig
 from jaxlab.models.params import model_spec
-from jaxlab.train import channels, losses, optim
+from jaxlab.train import channels, losses, optim, topk_cache
 from jaxlab.train import state as state_lib
 from jaxlab.train import step as step_lib
 from jaxlab.train.channels import common
@@ -141,6 +140,44 @@ def load_teacher(config, student_cfg: ModelConfig, mesh, rules):
   return spec, jax.device_put((tr, fr), spec.shardings(mesh, rules))
 
 
+def data_format(config, channel) -> str:
+  """"packed" or "prompt_completion": what the run's rows are.
+
+  A config with a `distill` section compares channels, so every channel that can (sft as well
+  as the distillation channels) trains on the same prompt/completion rows: the same examples,
+  held-out rows, order, steps and examples per step whatever `channel` is. Packing cannot
+  apply to the distillation channels, so there it is refused for all rather than applied to
+  some."""
+  formats = channel.DATA_FORMATS
+  fmt = "prompt_completion" if "distill" in config and "prompt_completion" in formats \
+      else formats[0]
+  if fmt == "prompt_completion" and config.data.get("pack", False):
+    raise config_lib.ConfigError(
+        "config key data.pack=True: in a channel comparison (a config with a `distill` "
+        "section) every channel trains one example per row; set data.pack=False")
+  return fmt
+
+
+def check_channel(config, channel) -> None:
+  """Settings the chosen channel cannot honour are errors naming the key, before any work."""
+  d = config.get("distill", ml_collections.ConfigDict())
+  topk = int(d.get("topk", 0) or 0)
+  if topk <= 0:
+    return
+  name = config.get("channel", "sft")
+  if not channel.USES_TOPK_CACHE:
+    raise config_lib.ConfigError(
+        f"config key distill.topk={topk}: channel {name!r} cannot train on cached teacher "
+        "top-k log-probs (they describe the dataset's completions; this channel "
+        + ("samples its own" if channel.NEEDS_TEACHER else "trains on hard labels")
+        + "); set distill.topk=0")
+  kl = d.get("kl", "") or channel.DEFAULT_KL
+  if kl != "forward":
+    raise config_lib.ConfigError(
+        f"config key distill.kl={kl!r}: cached teacher top-k log-probs (distill.topk={topk}) "
+        "support only the forward KL")
+
+
 def distill_context(config, spec, teacher_spec, channel, tokenizer, mesh, rules) -> common.Context:
   d = config.get("distill", ml_collections.ConfigDict())
   kl = d.get("kl", "") or channel.DEFAULT_KL or "forward"
@@ -155,107 +192,26 @@ def distill_context(config, spec, teacher_spec, channel, tokenizer, mesh, rules)
       pad_id=pad_id(tokenizer), mesh=mesh, rules=rules)
 
 
-# ------------------------------------------------------------------ teacher top-k cache
-
-def tokenizer_fingerprint(tokenizer) -> str:
-  vocab = sorted(tokenizer.get_vocab().items(), key=lambda kv: kv[1])
-  return hashlib.sha256(json.dumps(vocab).encode()).hexdigest()[:16]
-
-
-def _topk_meta(config, tokenizer, teacher_cfg: ModelConfig) -> dict:
-  return {"tokenizer": tokenizer_fingerprint(tokenizer), "vocab_size": teacher_cfg.vocab_size,
-          "k": int(config.distill.topk), "temperature": float(config.distill.temperature),
-          "completion_len": int(config.data.completion_len),
-          "data": os.path.abspath(config.data.train_path),
-          "teacher": config.teacher.path, "teacher_system": config.teacher.system_prompt}
-
-
-def teacher_topk_fn(ctx: common.Context, k: int):
-  """jitted (teacher, batch) -> (top-k ids [B,C,k], their log-probs at ctx.temperature)."""
-  def fn(teacher, batch):
-    tmodel, xt = common.teacher_hidden(ctx, teacher, batch)
-    def one(x):
-      lp = jax.nn.log_softmax(tmodel.logits(x) / ctx.temperature, axis=-1)
-      vals, ids = jax.lax.top_k(lp, k)
-      return ids.astype(jnp.int32), vals
-    c = xt.shape[1]
-    chunk = ctx.loss_chunk if 0 < ctx.loss_chunk < c else c
-    outs = [one(xt[:, i:i + chunk]) for i in range(0, c, chunk)]
-    return tuple(jnp.concatenate(z, axis=1) for z in zip(*outs))
-  return jax.jit(fn)
-
-
-def load_or_compute_topk(config, path: str, examples, ids, tokenizer, teacher_spec, teacher,
-                         ctx, mesh, rules) -> dict[str, np.ndarray]:
-  """Cached teacher top-k log-probs for every example ({"topk_ids", "topk_logp"}: [N, C, k]).
-
-  The file (npz + a meta record) is reused when its meta matches this run's tokenizer,
-  vocabulary, k, temperature, lengths, data, teacher and teacher prompt, and refused otherwise.
-  """
-  from etils import epath
-  file = epath.Path(path)
-  want = _topk_meta(config, tokenizer, teacher_spec.cfg if teacher_spec else None) \
-      if teacher_spec else None
-  if file.exists():
-    with file.open("rb") as f:
-      z = np.load(f, allow_pickle=False)
-      meta = json.loads(str(z["meta"]))
-      out = {"topk_ids": z["topk_ids"], "topk_logp": z["topk_logp"]}
-    if meta["tokenizer"] != tokenizer_fingerprint(tokenizer):
-      raise ValueError(f"{path}: teacher top-k file was made with another tokenizer "
-                       f"(fingerprint {meta['tokenizer']}, this run's "
-                       f"{tokenizer_fingerprint(tokenizer)}); delete it or point "
-                       "distill.topk_path elsewhere")
-    mine = {"k": int(config.distill.topk), "temperature": float(config.distill.temperature),
-            "completion_len": int(config.data.completion_len),
-            "data": os.path.abspath(config.data.train_path),
-            "teacher_system": config.teacher.system_prompt}
-    diff = {k: (meta.get(k), v) for k, v in mine.items() if meta.get(k) != v}
-    if diff:
-      raise ValueError(f"{path}: teacher top-k file was made with other settings "
-                       f"(file, this run): {diff}")
-    if len(out["topk_ids"]) != len(examples):
-      raise ValueError(f"{path}: holds {len(out['topk_ids'])} rows, the data has {len(examples)}")
-    return out
-  if teacher is None:
-    raise ValueError(f"{path} does not exist and no teacher is loaded to compute it")
-  fn = teacher_topk_fn(ctx, int(config.distill.topk))
-  lengths = dict(prompt_len=config.data.prompt_len, teacher_prompt_len=config.data.teacher_prompt_len,
-                 completion_len=config.data.completion_len)
-  bs, k, c = config.train.global_batch_size, int(config.distill.topk), lengths["completion_len"]
-  # Rows that do not fit the lengths are never trained on: their entries stay empty.
-  out = {"topk_ids": np.zeros((len(examples), c, k), np.int32),
-         "topk_logp": np.full((len(examples), c, k), -np.inf, np.float32)}
-  for s in range(0, len(ids), bs):
-    chunk = list(ids[s:s + bs])
-    rows = [examples[i] for i in chunk] + [examples[chunk[0]]] * (bs - len(chunk))
-    batch = pc.make_batch(rows, pad_id=ctx.pad_id, **lengths)
-    batch = {k: v for k, v in batch.items() if k.startswith("teacher_") or k == "completion"}
-    i, lp = jax.device_get(fn(teacher, batch))
-    out["topk_ids"][chunk] = i[:len(chunk)]
-    out["topk_logp"][chunk] = lp[:len(chunk)]
-  if jax.process_index() == 0:
-    file.parent.mkdir(parents=True, exist_ok=True)
-    tmp = file.parent / (file.name + ".tmp")
-    with tmp.open("wb") as f:
-      np.savez(f, meta=json.dumps(want), **out)
-    tmp.rename(file)
-  return out
-
-
 # ------------------------------------------------------------------ data
 
-def make_prompt_completion_data(config, channel, tokenizer, extras_fn=None):
-  """(train batches, held-out batch or None, stats, examples, train ids)."""
+def make_prompt_completion_data(config, tokenizer):
+  """(examples, train ids, held-out ids, stats, lengths), the same whatever the channel: the
+  teacher's prompt, the rows kept and the held-out rows depend only on the data and lengths.
+  Rows without a completion are dropped unless no row has one (a prompts-only file, which only
+  on-policy training can use)."""
   system = config.teacher.get("system_prompt", None) if "teacher" in config else None
   examples = pc.load_examples(config.data.train_path, tokenizer,
                               teacher_system=system if system else None,
                               max_examples=config.data.max_examples or None)
-  need_completion = channel.__name__.rsplit(".", 1)[-1] in ("sft", "offpolicy", "gkd")
+  need_completion = any(len(e.completion) for e in examples)
   lengths = dict(prompt_len=config.data.prompt_len, teacher_prompt_len=config.data.teacher_prompt_len,
                  completion_len=config.data.completion_len)
   ids, stats = pc.fit_examples(examples, need_completion=need_completion, **lengths)
   n_held = int(config.get("distill", {}).get("heldout_rows", 0) or 0)
+  if n_held and n_held >= len(ids):
+    raise config_lib.ConfigError(
+        f"config key distill.heldout_rows={n_held}: only {len(ids)} rows of "
+        f"{config.data.train_path} fit the lengths ({stats}); none would be left to train on")
   held = ids[len(ids) - n_held:] if n_held else []
   train = ids[:len(ids) - n_held] if n_held else ids
   stats["heldout_rows"] = len(held)
@@ -267,6 +223,8 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   channel = channels.get(config.get("channel", "sft"))
   # Everything that can be checked is checked before anything is loaded or written.
   config_lib.validate(config, jax.device_count(), jax.process_count())
+  check_channel(config, channel)
+  fmt = data_format(config, channel)
   if config.data.get("source", "jsonl") == "mixture":
     for name, src in config.data.mixture.items():
       if not paths.path(src.path).is_file():
@@ -302,31 +260,31 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   vocab_check(cfg.vocab_size)
   config.model.vocab_size = cfg.vocab_size  # the saved config is the resolved one
   spec = model_spec(cfg)
-  use_cache = channel.DATA == "prompt_completion" and int(config.distill.get("topk", 0)) > 0
+  use_cache = channel.USES_TOPK_CACHE and int(config.distill.get("topk", 0)) > 0
   teacher_spec, teacher = None, None
   if channel.NEEDS_TEACHER:
     teacher_spec, teacher = load_teacher(config, cfg, mesh, rules)
   ctx = distill_context(config, spec, teacher_spec, channel, tokenizer, mesh, rules) \
-      if channel.DATA == "prompt_completion" else common.Context(
+      if fmt == "prompt_completion" else common.Context(
           spec=spec, loss_chunk=int(config.get("distill", {}).get("loss_chunk", 0)))
   config_json = config.to_json_best_effort(indent=2)
   paths.write_text(paths.path(workdir, "config.json"), config_json)
 
   held_batch = None
-  if channel.DATA == "packed":
+  if fmt == "packed":
     from jaxlab.data.sources import make_batches
     batches, stats = make_batches(config, tokenizer)
     data_metrics = {"data_truncated": stats.get("truncated", 0),
                     "data_dropped": stats.get("dropped", 0)}
   else:
     examples, train_ids, held_ids, stats, lengths = make_prompt_completion_data(
-        config, channel, tokenizer)
+        config, tokenizer)
     extras = None
     if use_cache:
       path = config.distill.get("topk_path", "") or os.path.join(workdir, "teacher_topk.npz")
-      extras = load_or_compute_topk(config, path, examples, list(train_ids) + list(held_ids),
-                                    tokenizer, teacher_spec,
-                                    teacher, ctx, mesh, rules)
+      extras = topk_cache.load_or_compute(config, path, examples,
+                                          list(train_ids) + list(held_ids), tokenizer,
+                                          teacher_spec, teacher, ctx)
       stats["topk_path"] = path
     batches = pc.PromptCompletionBatches(
         examples, train_ids, global_batch_size=config.train.global_batch_size, seed=config.seed,
@@ -354,7 +312,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   del init_params
   start = int(jax.device_get(state.step))
 
-  if channel.DATA == "prompt_completion":
+  if fmt == "prompt_completion":
     ndims = {k: v.ndim for k, v in batches.batch_for(np.asarray(train_ids[:1])).items()}
   else:
     ndims = dict.fromkeys(("inputs", "targets", "positions", "segment_ids", "loss_mask"), 2)
@@ -380,7 +338,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
 
   writer = MetricsWriter(workdir, total, start, progress=config.train.progress)
   info = {"channel": config.get("channel", "sft")}
-  if channel.DATA == "prompt_completion":
+  if fmt == "prompt_completion":
     info.update(kl=ctx.kl, beta=ctx.beta, temperature=ctx.temperature,
                 estimator=ctx.estimator if info["channel"] == "onpolicy" else None,
                 lmbda=ctx.lmbda if info["channel"] == "gkd" else None,

@@ -10,9 +10,10 @@ import jax.numpy as jnp
 
 from jaxlab.train.channels import common, offpolicy
 
-DATA = "prompt_completion"
+DATA_FORMATS = ("prompt_completion",)
 NEEDS_TEACHER = True
 DEFAULT_KL = "jsd"
+USES_TOPK_CACHE = False  # a share of its batches are rollouts
 
 
 def prepare(ctx, params, frozen, teacher, batch, rng):

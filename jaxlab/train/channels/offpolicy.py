@@ -7,9 +7,10 @@ from __future__ import annotations
 from jaxlab.train import losses
 from jaxlab.train.channels import common
 
-DATA = "prompt_completion"
+DATA_FORMATS = ("prompt_completion",)
 NEEDS_TEACHER = True
 DEFAULT_KL = "forward"
+USES_TOPK_CACHE = True
 
 
 def prepare(ctx, params, frozen, teacher, batch, rng):

@@ -10,9 +10,10 @@ from __future__ import annotations
 from jaxlab.train import losses
 from jaxlab.train.channels import common, offpolicy
 
-DATA = "prompt_completion"
+DATA_FORMATS = ("prompt_completion",)
 NEEDS_TEACHER = True
 DEFAULT_KL = "reverse"
+USES_TOPK_CACHE = False  # its completions are rollouts, which no cache describes
 
 
 def prepare(ctx, params, frozen, teacher, batch, rng):

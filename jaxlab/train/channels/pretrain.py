@@ -5,8 +5,9 @@ from __future__ import annotations
 
 from jaxlab.train.channels import sft
 
-DATA = "packed"
+DATA_FORMATS = ("packed",)
 NEEDS_TEACHER = False
 DEFAULT_KL = None
+USES_TOPK_CACHE = False
 prepare = sft.prepare
 loss_sum = sft.loss_sum

@@ -1,8 +1,9 @@
 """sft: maximise log p_S of the data's tokens (hard labels).
 
-On packed chat rows (DATA = "packed", the default) the loss is over assistant tokens; given a
-prompt/completion batch (the distillation data, for comparisons on identical rows) it is over
-the completion tokens after the student's prompt.
+On packed chat rows (the default) the loss is over assistant tokens; in a channel comparison
+(a config with a `distill` section, see runner.data_format) it trains on the same
+prompt/completion rows as the distillation channels, over the completion tokens after the
+student's prompt.
 """
 from __future__ import annotations
 
@@ -11,9 +12,10 @@ import jax.numpy as jnp
 from jaxlab.train import losses
 from jaxlab.train.channels import common
 
-DATA = "packed"
+DATA_FORMATS = ("packed", "prompt_completion")
 NEEDS_TEACHER = False
 DEFAULT_KL = None
+USES_TOPK_CACHE = False
 
 
 def prepare(ctx, params, frozen, teacher, batch, rng):
