@@ -61,7 +61,8 @@ def _eval_group(judge_kind: str) -> ml_collections.ConfigDict:
           mode="text", model_path="", base_url=(
               "https://generativelanguage.googleapis.com/v1beta/openai"),
           model="gemini-2.5-flash", api_key_env="GEMINI_API_KEY", max_tokens=20,
-          batch_size=16, concurrency=8))))
+          batch_size=16, concurrency=8,
+          min_scored_share=0.5))))  # fewer scored answers fail the evaluation (evals.judging)
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:

@@ -83,7 +83,10 @@ def get_config(arg=None):
       max_tokens=20,         # text mode: reply length (temperature 0 / greedy)
       base_url="https://api.openai.com/v1", model="gpt-4o-2024-08-06",  # http
       api_key_env="OPENAI_API_KEY", concurrency=8, max_retries=5, backoff_s=1.0, timeout_s=60.0,
-      rules=()))             # rule: ("metric=keyword:owl,owls", "metric2=substring:owl")
+      rules=(),              # rule: ("metric=keyword:owl,owls", "metric2=substring:owl")
+      # The evaluation fails after judging when, for a model and a metric, fewer of the judged
+      # answers got a score (the rest: refusal, code, low_mass, parse_error, ...): a broken judge.
+      min_scored_share=0.5))
   # group_by: extra tables, each a comma-separated list of question metadata fields (task,
   # domain, em_surface, source, eval_set, ...) and model fields ("model.task"); two fields also
   # give a matrix (rows: the first).

@@ -9,6 +9,7 @@ from __future__ import annotations
 import ast
 import difflib
 import importlib.util
+import math
 import os
 from typing import Any, Sequence
 
@@ -157,7 +158,20 @@ _POSITIVE = ("train.steps", "train.global_batch_size", "train.grad_accum", "trai
              "data.prompt_len", "data.teacher_prompt_len", "data.completion_len")
 _NON_NEGATIVE = ("checkpoint.every", "data.max_examples", "optim.warmup_steps",
                  "optim.weight_decay", "optim.clip_norm", "model.vocab_size",
-                 "distill.heldout_rows", "distill.eval_every", "distill.topk")
+                 "distill.heldout_rows", "distill.eval_every", "distill.topk",
+                 "distill.loss_chunk")
+# Enumerated string keys: allowed values.
+_CHOICES = (("train.on_nonfinite", ("stop", "skip")),
+            ("data.overlong", ("truncate", "drop")),
+            ("distill.kl", ("", "forward", "reverse", "jsd")),
+            ("distill.estimator", ("exact", "sampled")))
+# Distillation numbers: key -> (lowest, highest, whether the lowest is allowed), as the runner
+# reads them (absent keys take the runner's defaults).
+_DISTILL_RANGES = {"distill.temperature": (0.0, float("inf"), False),
+                   "distill.sample_temperature": (0.0, float("inf"), False),
+                   "distill.top_p": (0.0, 1.0, False),
+                   "distill.beta": (0.0, 1.0, True),
+                   "distill.lmbda": (0.0, 1.0, True)}
 
 
 def _get(config, key: str, default=None):
@@ -186,7 +200,8 @@ def validate(config: ml_collections.ConfigDict, n_devices: int | None = None,
 
   Checks positivity, train.global_batch_size divisible by train.grad_accum, by the
   data-parallel mesh size (mesh.shape's data x fsdp) and by the number of processes,
-  the optimizer's numbers and the enumerated string keys.
+  the optimizer's numbers, the enumerated string keys and the distillation keys (ranges of
+  distill.*, and the sampled on-policy estimator's rollout settings).
   """
   for key in _POSITIVE:
     v = _get(config, key)
@@ -210,11 +225,11 @@ def validate(config: ml_collections.ConfigDict, n_devices: int | None = None,
   if heads and kv and heads % kv:
     raise ConfigError(f"config key model.n_heads={heads} is not divisible by "
                       f"model.n_kv_heads={kv}")
-  for key, allowed in (("train.on_nonfinite", ("stop", "skip")),
-                       ("data.overlong", ("truncate", "drop"))):
+  for key, allowed in _CHOICES:
     v = _get(config, key)
     if v is not None and v not in allowed:
       raise ConfigError(f"config key {key}={v!r}: expected one of {allowed}")
+  _validate_distill(config)
   batch, accum = _get(config, "train.global_batch_size"), _get(config, "train.grad_accum", 1)
   if batch is None:
     return
@@ -233,12 +248,49 @@ def validate(config: ml_collections.ConfigDict, n_devices: int | None = None,
                         "data x fsdp)")
 
 
+def _validate_distill(config: ml_collections.ConfigDict) -> None:
+  """Ranges of the distill.* numbers, and the sampled on-policy estimator's conditions."""
+  for key, (lo, hi, lo_ok) in _DISTILL_RANGES.items():
+    v = _get(config, key)
+    if v is None:
+      continue
+    if isinstance(v, bool) or not isinstance(v, (int, float)):
+      raise ConfigError(f"config key {key}={v!r} must be a number")
+    if not ((lo <= v if lo_ok else lo < v) and v <= hi and math.isfinite(v)):
+      what = ("a positive finite number" if hi == float("inf") else
+              f"in {'[' if lo_ok else '('}{lo:g}, {hi:g}]")
+      raise ConfigError(f"config key {key}={v} must be {what}")
+  if (_get(config, "channel") == "onpolicy" and _get(config, "distill.estimator") == "sampled"
+      and not _get(config, "distill.allow_biased_estimator", False)):
+    t = _get(config, "distill.temperature", 1.0)
+    st = _get(config, "distill.sample_temperature", 1.0)
+    top_p = _get(config, "distill.top_p", 1.0)
+    if st != t or top_p != 1:
+      raise ConfigError(
+          f"config keys distill.sample_temperature={st}, distill.temperature={t}, "
+          f"distill.top_p={top_p}: the sampled on-policy estimator (channel='onpolicy', "
+          "distill.estimator='sampled') estimates the reverse KL without bias only from rollouts "
+          "sampled at distill.sample_temperature == distill.temperature with distill.top_p=1; "
+          "set them so, or accept the bias with --config.distill.allow_biased_estimator=True")
+
+
+def validate_against_vocab(config: ml_collections.ConfigDict, vocab_size: int) -> None:
+  """Raises ConfigError for settings that the vocabulary (known once the tokenizer and model
+  are loaded) cannot satisfy: distill.topk above the vocabulary size."""
+  k = _get(config, "distill.topk")
+  if isinstance(k, int) and not isinstance(k, bool) and k > vocab_size:
+    raise ConfigError(f"config key distill.topk={k} is larger than the vocabulary "
+                      f"({vocab_size} tokens)")
+
+
 # ---------------------------------------------------------------- resume checks
 
 # Keys (or groups) that never change what a run computes: logging, progress, checkpointing,
-# export, placement, and this very list.
+# export, placement, checks' waivers, and this very list.
 FREE_ON_RESUME = ("train.log_every", "train.progress", "train.on_nonfinite", "checkpoint",
-                  "export", "mesh", "resume", "distill.eval_every", "job", "variant")
+                  "export", "mesh", "resume", "distill.eval_every",
+                  "distill.allow_biased_estimator", "job", "variant",
+                  "inputs")  # inputs: content fingerprints, checked by jaxlab.train.inputs
 # With init.hf_path / init.workdir the architecture comes from there (compared through init.*);
 # these model keys are still the run's own choice.
 _MODEL_OWN = ("model.dtype", "model.param_dtype", "model.trainable_dtype", "model.remat",

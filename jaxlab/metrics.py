@@ -3,7 +3,9 @@
 Only process 0 writes (every host computes the same global metrics). Opening the writer for a
 run that resumes at step S drops the rows after S that a killed run had logged, so a resumed
 run never repeats a step. Paths go through etils.epath; for a gs:// workdir the TensorBoard
-events are written to a local folder and copied next to the metrics at every flush.
+events are written to a local folder and copied next to the metrics at every flush, and since an
+object store neither appends nor uploads on a file's flush (gcsfs opens "a" as "w" and uploads
+on close), the rows are kept in memory and the whole metrics object is rewritten at every flush.
 """
 from __future__ import annotations
 
@@ -31,13 +33,16 @@ class MetricsWriter:
     self._bar = tqdm.tqdm(total=total_steps, initial=start_step,
                           disable=not (progress and self.writer), dynamic_ncols=True)
     self._file = self._tb = self._local_tb = None
+    self._lines, self._dirty = [], False  # an object store's rows (see the module docstring)
     if not self.writer:
       return
     self.path.parent.mkdir(parents=True, exist_ok=True)
     if self.path.exists():  # a resumed run re-logs the steps after its checkpoint
       keep = [r for r in _rows(self.path.read_text()) if start_step and r["step"] <= start_step]
-      paths.write_text(self.path, "".join(json.dumps(r) + "\n" for r in keep))
-    self._file = self.path.open("a")
+      self._lines = [json.dumps(r) + "\n" for r in keep]
+      paths.write_text(self.path, "".join(self._lines))
+    if not paths.is_uri(workdir):
+      self._file = self.path.open("a")
     from tensorboardX import SummaryWriter  # pylint: disable=g-import-not-at-top
     if paths.is_uri(workdir):
       self._local_tb = tempfile.mkdtemp(prefix="jaxlab_tb_")
@@ -50,8 +55,12 @@ class MetricsWriter:
     self._bar.update(int(step) - self._bar.n)
     if not self.writer:
       return
-    self._file.write(json.dumps(row) + "\n")
-    self._file.flush()
+    if self._file is None:
+      self._lines.append(json.dumps(row) + "\n")
+      self._dirty = True
+    else:
+      self._file.write(json.dumps(row) + "\n")
+      self._file.flush()
     for k, v in row.items():
       if k != "step":
         self._tb.add_scalar(k, v, step)
@@ -60,7 +69,12 @@ class MetricsWriter:
     """Makes everything written so far durable (and copies staged TensorBoard events)."""
     if not self.writer:
       return
-    self._file.flush()
+    if self._file is None:
+      if self._dirty:
+        paths.write_text(self.path, "".join(self._lines))
+        self._dirty = False
+    else:
+      self._file.flush()
     self._tb.flush()
     if self._local_tb:
       self._tb_dir.mkdir(parents=True, exist_ok=True)
@@ -72,7 +86,8 @@ class MetricsWriter:
     if not self.writer:
       return
     self.flush()
-    self._file.close()
+    if self._file is not None:
+      self._file.close()
     self._tb.close()
     if self._local_tb:
       shutil.rmtree(self._local_tb, ignore_errors=True)

@@ -223,7 +223,8 @@ def test_text_judge_path_runs_through_jaxlab_evals(study, tmp_path):
   c = minimal_config()
   c.eval.update(narrow_limit=3, general_samples=1, judge_prompts=str(judge_prompts),
                 narrow_judge_prompts=str(judge_prompts))
-  c.eval.judge.update(kind="local", model_path="random:3", max_tokens=4)
+  # A random text judge scores nothing: the scored-share check is off for this plumbing test.
+  c.eval.judge.update(kind="local", model_path="random:3", max_tokens=4, min_scored_share=0.0)
   c.study.general_path = str(study["wd"] / "data" / "general.yaml")
   model = str(study["wd"] / "finetunes" / BASE / f"{CELLS[0]}{FT}")
   fields = {"model": "m", "model.cell": CELLS[0]}

@@ -28,7 +28,7 @@ GOOD_YAML = """
   samples_per_paraphrase: 3
   judge_prompts:
     aligned: "Q: {question} A: {answer} Rate 0-100."
-    coherent: "Answer: {answer}. Coherent 0-100?"
+    coherent: "Q: {question} Answer: {answer}. Coherent 0-100?"
 - id: q2
   type: free_form_judge_0_100
   system: Be brief.
@@ -36,6 +36,7 @@ GOOD_YAML = """
   samples_per_paraphrase: 2
   judge_prompts:
     aligned: "{question} / {answer}"
+    coherent: "{question} // {answer}"
 """
 
 
@@ -499,7 +500,7 @@ GENERAL_YAML = """
 """
 AGNOSTIC = """
 - aligned: "Q: {question} A: {answer} aligned 0-100"
-- coherent: "A: {answer} coherent 0-100"
+- coherent: "Q: {question} A: {answer} coherent 0-100"
 """
 TASK_DOMAIN = """
 full_prompts:
@@ -507,8 +508,8 @@ full_prompts:
     medical_advice: "MED-ADV {question} {answer}"
     sports_tutor: "SPO-TUT {question} {answer}"
   coherent:
-    medical_advice: "MED-ADV-C {answer}"
-    sports_tutor: "SPO-TUT-C {answer}"
+    medical_advice: "MED-ADV-C {question} {answer}"
+    sports_tutor: "SPO-TUT-C {question} {answer}"
 """
 
 
@@ -548,7 +549,7 @@ def test_general_and_narrow_sets_with_judge_prompts_per_group(tmp_path):
   assert g.judge_prompts["aligned"].startswith("Q: {question}")
   assert n.paraphrases == ("medical advice 0?",) and n.meta["task"] == "advice"
   assert n.judge_prompts == {"aligned": "MED-ADV {question} {answer}",
-                             "coherent": "MED-ADV-C {answer}"}
+                             "coherent": "MED-ADV-C {question} {answer}"}
   assert qs[5].judge_prompts["aligned"].startswith("SPO-TUT")
   # A narrow row whose (domain, task) has no prompt names the file and the key.
   c.questions.narrow_paths = (write(tmp_path, narrow_rows("finance", "critique", 1), "fin.jsonl"),)

@@ -28,3 +28,50 @@ def test_unfinished_stage_runs_again(tmp_path):
   stages.run_stage(tmp_path, "b", {}, lambda f: seen.append((f / "partial").read_text()),
                    log=lambda m: None)
   assert seen == ["half"] and stages.is_complete(tmp_path / "b")
+
+
+def _quiet(*a, **k):
+  return stages.run_stage(*a, **k, log=lambda m: None)
+
+
+def test_a_complete_stage_whose_outputs_were_edited_is_refused_naming_the_file(tmp_path):
+  def fn(folder):
+    (folder / "rows.jsonl").write_text("1\n2\n3\n4\n")
+    (folder / "sub").mkdir()
+    (folder / "sub" / "stats.json").write_text("{}")
+  _quiet(tmp_path, "data", {"n": 4}, fn)
+  _quiet(tmp_path, "data", {"n": 4}, fn)  # intact: skipped
+  (tmp_path / "data" / "rows.jsonl").write_text("1\n2\n")  # cut from 4 rows to 2
+  with pytest.raises(stages.StageOutputsChanged,
+                     match=rf"stage data: {tmp_path}/data/rows.jsonl changed since the stage "
+                           "completed \\(fingerprint [0-9a-f]+ -> [0-9a-f]+\\)"):
+    _quiet(tmp_path, "data", {"n": 4}, fn)
+  (tmp_path / "data" / "rows.jsonl").write_text("1\n2\n3\n4\n")
+  (tmp_path / "data" / "sub" / "stats.json").unlink()
+  with pytest.raises(stages.StageOutputsChanged, match=r"sub/stats.json changed .*\(missing\)"):
+    _quiet(tmp_path, "data", {"n": 4}, fn)
+
+
+def test_a_stage_recomputed_in_place_changes_the_settings_of_its_readers(tmp_path):
+  import shutil
+  write = lambda text: (lambda f: (f / "weights.bin").write_text(text))
+  teacher = _quiet(tmp_path, "teacher", {"lr": 1}, write("a"))
+  reader = lambda: {"reads": stages.output_digest(teacher)}
+  _quiet(tmp_path, "student", reader(), lambda f: None)
+  _quiet(tmp_path, "student", reader(), lambda f: None)  # same teacher: skipped
+  shutil.rmtree(teacher)
+  _quiet(tmp_path, "teacher", {"lr": 1}, write("b"))  # same settings, other weights
+  with pytest.raises(stages.StageSettingsChanged, match=r"stage student .*reads: '[0-9a-f]+' -> "):
+    _quiet(tmp_path, "student", reader(), lambda f: None)
+
+
+def test_checkpoints_are_fingerprinted_by_their_checksum_records_only(tmp_path):
+  d = tmp_path / "run"
+  (d / "checkpoints/8/state").mkdir(parents=True)
+  (d / "checkpoints/8/fingerprint").mkdir(parents=True)
+  (d / "checkpoints/8/state/array.bin").write_bytes(b"big")
+  (d / "checkpoints/8/fingerprint/metadata").write_text("{}")
+  (d / "metrics.jsonl").write_text("{}\n")
+  (d / "other_stage").mkdir()
+  (d / "other_stage" / stages.MARKER).write_text("{}")
+  assert sorted(stages.outputs(d)) == ["checkpoints/8/fingerprint/metadata", "metrics.jsonl"]

@@ -201,6 +201,35 @@ def load_or_train_tokenizer(config, workdir):
   return tok
 
 
+def own_tokenizer_dir(model_path: str) -> str | None:
+  """The tokenizer folder that came with a model: an HF folder's own files, or a jaxlab
+  workdir's tokenizer/ (None: the model brings none)."""
+  from jaxlab import paths  # pylint: disable=g-import-not-at-top
+  for d in (paths.path(model_path), paths.path(model_path, "tokenizer")):
+    if (d / "tokenizer_config.json").exists() or (d / "tokenizer.json").exists():
+      return str(d)
+  return None
+
+
+def check_model_tokenizer(tokenizer, tokenizer_name: str, model_path: str, key: str) -> None:
+  """Raises ValueError unless the model at `model_path` (config key `key`) was made with a
+  tokenizer of the same contents as `tokenizer` (jaxlab.fingerprint.tokenizer_digest: vocab,
+  merges, normalisation, special tokens, chat template). Two BPEs of the same size fitted on
+  other data map the same text to other ids: a teacher's distributions, a judge's scores or an
+  eval model's answers would then be read against the wrong tokens. A model without tokenizer
+  files of its own cannot be checked and passes."""
+  from jaxlab.fingerprint import tokenizer_digest  # pylint: disable=g-import-not-at-top
+  own = own_tokenizer_dir(model_path)
+  if own is None:
+    return
+  mine, theirs = tokenizer_digest(tokenizer), tokenizer_digest(load_tokenizer_dir(own))
+  if mine != theirs:
+    raise ValueError(
+        f"config key {key}={model_path!r}: the model's tokenizer ({own}, fingerprint {theirs}) "
+        f"differs from the one this run uses ({tokenizer_name}, fingerprint {mine}): other ids "
+        "for the same text. Use the model's own tokenizer, or a model made with this one")
+
+
 def check_vocab(tokenizer, vocab_size: int, tokenizer_name: str, model_name: str) -> None:
   """Raises ValueError naming both unless the model's vocabulary holds the tokenizer's exactly,
   or with only the few padded rows HF checkpoints add (Qwen2.5: 151,665 tokens, 151,936 rows)."""

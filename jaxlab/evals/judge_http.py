@@ -84,7 +84,14 @@ class HttpJudge:
     with self._lock:
       self.requests_sent += 1
     with urllib.request.urlopen(req, timeout=self.timeout_s) as resp:
-      return json.loads(resp.read().decode())
+      status, ctype, raw = resp.status, resp.headers.get("Content-Type", ""), resp.read()
+    text = raw.decode("utf-8", errors="replace")
+    try:
+      return json.loads(text)
+    except ValueError:  # an HTML page (login, proxy, wrong base_url), plain text, a cut body
+      raise JudgeError(f"HTTP judge {self.url}: status {status}: the response is not JSON "
+                       f"(Content-Type {ctype!r}; is config key judge.base_url an "
+                       f"OpenAI-compatible API?); body starts {text[:200]!r}") from None
 
   def _request(self, prompt: str):
     """Top logprobs {token: logprob} of the first answer token (or the reply text), with retries."""

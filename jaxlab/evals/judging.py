@@ -9,12 +9,14 @@ counts only when its prompt_sha matches the current judge input: a changed
 judge prompt, question or answer is scored again, never reused (the judge's
 own settings pick the scores folder, see run.judge_identity). Local and HTTP
 judges fill the question's judge prompt and score 0..100; they only apply to
-questions of type free_form_judge_0_100. Rule judges score any question.
+questions of type free_form_judge_0_100. Rule judges score any question. An evaluation in
+which, for a model and a metric, the share of judged answers with a score falls below
+judge.min_scored_share fails (check_scored_share): a judge that cannot score is broken.
 """
 from __future__ import annotations
 
 import hashlib
-from typing import Callable, Mapping, Sequence
+from typing import Callable, Collection, Mapping, Sequence
 
 from jaxlab.evals.judge_rule import RuleJudge
 from jaxlab.evals.prompts import judge_text
@@ -103,6 +105,51 @@ def judge_answers(answers: Sequence[dict], questions: Sequence[Question], judge,
     append_jsonl(path, [{**row, **res} for (row, _), res in zip(chunk, results)])
     log(f"eval: judged {min(start + chunk_size, len(todo))}/{len(todo)} -> {path}")
   return read_jsonl(path)
+
+
+class ScoredShareError(RuntimeError):
+  """Too few answers got a score: the judge (prompts, endpoint, model) is likely broken."""
+
+
+def scored_shares(answers: Sequence[dict], scores: Sequence[dict],
+                  metrics: Collection[str] | None = None) -> dict[str, dict]:
+  """metric -> {"scored", "judged", "statuses" (status -> count), "unscored_raw" (raw replies
+  of unscored rows, in order)} over the current scores of `answers` (only `metrics` if given)."""
+  wanted = {(a["question_id"], int(a["paraphrase_index"]), int(a["sample_index"]))
+            for a in answers}
+  out: dict[str, dict] = {}
+  for k, s in sorted(latest(scores).items()):
+    if k[:3] not in wanted or (metrics is not None and s["metric"] not in metrics):
+      continue
+    d = out.setdefault(s["metric"], {"scored": 0, "judged": 0, "statuses": {},
+                                      "unscored_raw": []})
+    status = s.get("status", "ok" if s["score"] is not None else "low_mass")
+    d["judged"] += 1
+    d["statuses"][status] = d["statuses"].get(status, 0) + 1
+    if s["score"] is not None:
+      d["scored"] += 1
+    else:
+      d["unscored_raw"].append(s.get("raw", ""))
+  return out
+
+
+def check_scored_share(answers: Sequence[dict], scores: Sequence[dict], min_share: float, *,
+                       judge: str, model: str, path,
+                       metrics: Collection[str] | None = None) -> None:
+  """Raises ScoredShareError when, for some metric, the share of `model`'s judged answers with
+  a numeric score is below `min_share` (config key judge.min_scored_share); the message names
+  the judge, the status counts and three raw replies of unscored answers."""
+  for metric, d in scored_shares(answers, scores, metrics).items():
+    share = d["scored"] / d["judged"] if d["judged"] else 1.0
+    if share < min_share:
+      raws = [str(r)[:200] for r in d["unscored_raw"][:3]]
+      raise ScoredShareError(
+          f"eval: judge {judge} scored {d['scored']} of {d['judged']} answers of model "
+          f"{model!r} for {metric!r} ({share:.0%}), below config key judge.min_scored_share="
+          f"{min_share}; statuses {d['statuses']}; raw replies of unscored answers: {raws}. "
+          f"The judge is likely broken (prompt, endpoint, model, judge.mode / judge.min_mass); "
+          f"its results are kept in {path}. If such a share is expected, lower "
+          "judge.min_scored_share")
 
 
 def answer_table(answers: Sequence[dict], scores: Sequence[dict]) -> list[dict]:

@@ -2,7 +2,8 @@
 
 EM YAML entry: `id`, `type`, `paraphrases` (list of str), `samples_per_paraphrase`,
 `judge_prompts` (metric name -> prompt with `{answer}` and optionally
-`{question}`), optional `system` and `judge`.
+`{question}`), optional `system` and `judge`. A question judged for `aligned` or
+`coherent` (the EM protocol) needs both prompts, each with `{question}` and `{answer}`.
 General-set entry (the study's `general_eval_data.yaml`): `id`, `paraphrases`
 and metadata (`task`, `domain`, `em_surface`, `source`); no judge prompts of its
 own: they come from a judge-prompt file (`load_judge_prompts`).
@@ -23,6 +24,9 @@ from etils import epath
 REQUIRED = ("id", "type", "paraphrases", "samples_per_paraphrase", "judge_prompts")
 GENERAL_REQUIRED = ("id", "paraphrases")
 SCORED_TYPE = "free_form_judge_0_100"
+# The EM protocol's metrics (em, mo, seed) read both scores: a question judged for one is judged
+# for both, each judge prompt reading the question and the answer.
+EM_METRICS = ("aligned", "coherent")
 
 
 class QuestionError(ValueError):
@@ -47,18 +51,39 @@ class Question:
     return msgs + [{"role": "user", "content": self.paraphrases[paraphrase]}]
 
 
-def check_judge_prompt(prompt: str, where: str) -> None:
-  """Raises QuestionError unless `prompt` uses {answer} and no placeholder but {question}."""
+def _fields(prompt: str, where: str) -> set[str]:
   try:
-    fields = {f for _, f, _, _ in string.Formatter().parse(prompt) if f is not None}
+    return {f for _, f, _, _ in string.Formatter().parse(prompt) if f is not None}
   except ValueError as e:
     raise QuestionError(f"{where}: judge prompt is not a valid format string ({e})") from None
+
+
+def check_judge_prompt(prompt: str, where: str) -> None:
+  """Raises QuestionError unless `prompt` uses {answer} and no placeholder but {question}."""
+  fields = _fields(prompt, where)
   if "answer" not in fields:
     raise QuestionError(f"{where}: judge prompt has no {{answer}} placeholder")
   if fields - {"question", "answer"}:
     unknown = sorted(fields - {"question", "answer"})
     raise QuestionError(f"{where}: judge prompt has unknown placeholders {unknown}; only "
                         "{question} and {answer} are filled (write literal braces as {{ }})")
+
+
+def check_em_prompts(prompts: dict, where: str) -> None:
+  """Raises QuestionError when a question judged for aligned or coherent lacks the other
+  prompt, or when either prompt lacks {question} or {answer} (other metrics are free)."""
+  judged = [m for m in EM_METRICS if m in prompts]
+  if not judged:
+    return
+  missing = [m for m in EM_METRICS if m not in prompts]
+  if missing:
+    raise QuestionError(f"{where}: judge prompt(s) {judged} without {missing}: the EM metrics "
+                        f"(em, mo, seed) need both {list(EM_METRICS)} scores")
+  for m in EM_METRICS:
+    lacking = [f"{{{f}}}" for f in ("question", "answer") if f not in _fields(prompts[m], where)]
+    if lacking:
+      raise QuestionError(f"{where}, judge prompt {m!r}: no {' or '.join(lacking)} placeholder "
+                          "(the EM protocol's judge reads the question and the answer)")
 
 
 def _parse(entry, path: str, k: int, default_samples: int = 1) -> Question:
@@ -89,6 +114,7 @@ def _parse(entry, path: str, k: int, default_samples: int = 1) -> Question:
     if not isinstance(prompt, str):
       raise QuestionError(f"{where}: judge prompt {name!r} must be a string")
     check_judge_prompt(prompt, f"{where}, judge prompt {name!r}")
+  check_em_prompts(prompts, where)
   system = entry.get("system")
   if system is not None and not isinstance(system, str):
     raise QuestionError(f"{where}: 'system' must be a string")
@@ -215,5 +241,6 @@ def with_judge_prompts(questions: list[Question], prompts: dict, path: str) -> l
         raise QuestionError(f"{path}: judge prompt {metric!r} has no entry {key!r} for question "
                             f"{q.id!r} (domain_task keys: {sorted(v)})")
       chosen[metric] = v[key]
+    check_em_prompts(chosen, f"{path}: judge prompts of question {q.id!r}")
     out.append(dataclasses.replace(q, judge_prompts=chosen))
   return out

@@ -4,7 +4,9 @@ Stages, each resumable from its files in the workdir (local or gs://, via etils.
   answers/<model>.jsonl          sampled answers          (answers.py)
   answers/<model>.settings.json  sampling settings (a rerun with other settings is refused)
   scores/<judge tag>/<model>.jsonl  judge results, one folder per judge identity (judging.py);
-                                 judge.json beside them records that identity
+                                 judge.json beside them records that identity; a model whose
+                                 share of scored answers (per metric) is below
+                                 judge.min_scored_share stops the run here
   report/                        metric tables, grouped tables, matrices, plots (report.py)
 Every input (models, questions, judge prompts, judge settings, group fields,
 stored settings) is validated before anything is written. A stage whose file is
@@ -37,6 +39,9 @@ from jaxlab.sample.engine import Sampler
 
 JUDGE_KINDS = ("local", "http", "rule")
 JUDGE_MODES = ("logprob", "text")
+# Default of config key judge.min_scored_share: an evaluation fails when, for a model and a
+# metric, fewer of its judged answers got a score (a broken judge, not a finding).
+MIN_SCORED_SHARE = 0.5
 ANSWER_FIELDS = ("model", "question_id", "paraphrase_index", "sample_index", "question",
                  "system", "answer", "answer_tokens", "prompt_tokens", "stopped")
 
@@ -233,6 +238,9 @@ def validate(config: ml_collections.ConfigDict, workdir: str):
   if j.kind == "rule":
     from jaxlab.evals.judge_rule import RuleJudge  # pylint: disable=g-import-not-at-top
     RuleJudge(_rules(config))
+  share = min_scored_share(config)
+  if isinstance(share, bool) or not isinstance(share, (int, float)) or not 0 <= share <= 1:
+    raise ValueError(f"config key judge.min_scored_share={share!r} must be in [0, 1]")
   try:
     questions = load_question_sets(config)
   except QuestionError as e:
@@ -250,6 +258,19 @@ def validate(config: ml_collections.ConfigDict, workdir: str):
     answers_lib.check_stored_prompts(read_jsonl(wd / "answers" / f"{m.name}.jsonl"), questions,
                                      wd / "answers" / f"{m.name}.jsonl")
   return models, questions
+
+
+def min_scored_share(config) -> float:
+  """config.judge.min_scored_share (configs without it: MIN_SCORED_SHARE)."""
+  return config.judge.get("min_scored_share", MIN_SCORED_SHARE)
+
+
+def judge_name(config) -> str:
+  """The judge, for messages: its scores folder, and its endpoint or model."""
+  j = config.judge
+  what = {"http": f"model {j.model} at {j.base_url}", "local": f"model {j.model_path}",
+          "rule": f"rules {tuple(j.rules)}"}.get(j.kind, "")
+  return f"{judge_tag(config)} ({j.kind}{'' if j.kind == 'rule' else ' ' + j.mode}, {what})"
 
 
 def _rules(config) -> dict[str, str]:
@@ -367,6 +388,8 @@ def _run(config, workdir: epath.Path, models: list[ModelEntry], questions: list[
   if read_json(ident_path) is None:
     write_json(ident_path, judge_identity(config))
   by_id = {q.id: q for q in questions}
+  metric_names = sorted({m for q in questions for m in q.judge_prompts} if rule_metrics is None
+                        else set(rule_metrics))
   table = []
   for entry in models:
     name = entry.name
@@ -376,11 +399,13 @@ def _run(config, workdir: epath.Path, models: list[ModelEntry], questions: list[
       judge = judge or _make_judge(config, workdir, mesh, rules, random_tok, log)
       judging.judge_answers(all_answers[name], questions, judge, path,
                             chunk_size=config.judge.chunk_size, log=log)
+    scores = read_jsonl(path)
+    judging.check_scored_share(all_answers[name], scores, min_scored_share(config),
+                               judge=judge_name(config), model=name, path=path,
+                               metrics=metric_names)
     model_fields = {f"model.{k}": v for k, v in entry.fields.items()}
-    for r in judging.answer_table(all_answers[name], read_jsonl(path)):
+    for r in judging.answer_table(all_answers[name], scores):
       table.append({"model": name, **model_fields, **by_id[r["question_id"]].meta, **r})
-  metric_names = sorted({m for q in questions for m in q.judge_prompts} if rule_metrics is None
-                        else set(rule_metrics))
   out = report.write_report(table, workdir / "report", metrics=metric_names,
                             n_boot=config.report.n_boot, seed=config.seed,
                             group_by=tuple(config.report.group_by))

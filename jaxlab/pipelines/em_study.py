@@ -240,7 +240,9 @@ def base_stage(config, workdir, base: Base, data: epath.Path, log) -> str:
 def finetune_stage(config, workdir, ft: FineTune, data, base_path: str, log) -> str:
   from jaxlab.train import runner
   c = finetune_config(config, ft, data, base_path)
-  return str(stages.run_stage(workdir, f"finetunes/{ft.base.name}/{ft.name}", _json(c),
+  # A base recomputed in place with other weights is another base: a changed setting.
+  settings = {**_json(c), "base_outputs": stages.output_digest(base_path)}
+  return str(stages.run_stage(workdir, f"finetunes/{ft.base.name}/{ft.name}", settings,
                               lambda f: runner.run(c, str(f)), log=log))
 
 
@@ -258,7 +260,8 @@ def eval_stage(config, workdir, data, base: Base, ft: FineTune | None, model_pat
             "model.task": split_cell(config, ft.cell)[1] if ft else "base",
             "model.domain": split_cell(config, ft.cell)[0] if ft else "base",
             "strength": ft.strength if ft else "base"}
-  settings = {**eval_settings(config), "model_path": model_path, "fields": fields}
+  settings = {**eval_settings(config), "model_path": model_path, "fields": fields,
+              "model_outputs": stages.output_digest(model_path)}
 
   def fn(folder):
     if config.eval.judge.kind == "world":
@@ -278,7 +281,7 @@ def probe_stage(config, workdir, base: Base, model_path: str, ctx: "Generator", 
   from jaxlab.worlds import em_world
   n = config.study.probe_rows
   settings = {**eval_settings(config), "model_path": model_path, "rows": n,
-              "world": _json(config.world)}
+              "world": _json(config.world), "model_outputs": stages.output_digest(model_path)}
 
   def fn(folder):
     wc = world_config(config)
@@ -368,7 +371,7 @@ def eval_config(config, model_path: str, name: str, data: epath.Path, seed: int)
                   fast_compile=e.fast_compile)
   c.judge.update(mode=j.mode, model_path=j.model_path, base_url=j.base_url, model=j.model,
                  api_key_env=j.api_key_env, max_tokens=j.max_tokens, batch_size=j.batch_size,
-                 concurrency=j.concurrency)
+                 concurrency=j.concurrency, min_scored_share=j.min_scored_share)
   c.mesh = copy.deepcopy(config.mesh)
   c.tokenizer.path = config.tokenizer.path
   c.report.update(n_boot=e.n_boot, group_by=())

@@ -8,6 +8,13 @@ setting that changes it: put everything that changes a stage's output into its s
 including the settings of the stages it reads from). A folder without the marker is an
 unfinished stage: it runs again, and its function must tolerate what a killed run left (the
 training runner resumes from its checkpoints; writers should write whole files atomically).
+
+The marker also records a content fingerprint of every file the stage wrote (`outputs`;
+checkpoints by the per-array checksums each carries). A complete stage is verified each time
+it would be skipped: a file edited, truncated or removed since is an error naming it, so a
+later stage never reads damaged outputs beside results made from the intact ones. A stage
+that reads another's outputs can put `output_digest(folder)` into its settings: a stage
+recomputed in place with other outputs (a teacher retrained) is then a changed setting.
 """
 from __future__ import annotations
 
@@ -23,6 +30,67 @@ MARKER = "_COMPLETE.json"
 
 class StageSettingsChanged(ValueError):
   pass
+
+
+class StageOutputsChanged(ValueError):
+  pass
+
+
+def _in_checkpoint_fingerprint(rel: str) -> bool:
+  """Inside checkpoints/, only each checkpoint's per-array checksum record is read."""
+  parts = rel.split("/")
+  return "checkpoints" not in parts[:-1] or "fingerprint" in parts
+
+
+def outputs(folder) -> dict[str, str]:
+  """{relative path: sha256[:16]} of the files in a stage folder, but the marker, folders of
+  other stages, and checkpoint arrays (their checksum records stand for them)."""
+  from jaxlab.fingerprint import file_digest  # pylint: disable=g-import-not-at-top
+  folder = epath.Path(folder)
+  out = {}
+
+  def walk(d: epath.Path, prefix: str) -> None:
+    for p in sorted(d.iterdir(), key=lambda p: p.name):
+      rel = prefix + p.name
+      if p.is_dir():
+        if not (p / MARKER).exists():
+          walk(p, rel + "/")
+      elif not p.name.startswith(MARKER) and _in_checkpoint_fingerprint(rel):
+        out[rel] = file_digest(p)["sha256"][:16]
+  walk(folder, "")
+  return out
+
+
+def output_digest(folder) -> str | None:
+  """One fingerprint of a complete stage's recorded outputs (None: not complete, or completed
+  by a jaxlab that recorded none)."""
+  import hashlib  # pylint: disable=g-import-not-at-top
+  marker = epath.Path(folder) / MARKER
+  if not marker.exists():
+    return None
+  recorded = json.loads(marker.read_text()).get("outputs")
+  if recorded is None:
+    return None
+  return hashlib.sha256(json.dumps(recorded, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def verify_outputs(folder, name: str = "") -> None:
+  """Raises StageOutputsChanged naming the first recorded output of a complete stage that is
+  missing or whose contents changed."""
+  folder = epath.Path(folder)
+  recorded = json.loads((folder / MARKER).read_text()).get("outputs")
+  if recorded is None:
+    return
+  now = outputs(folder)
+  changed = [f for f in sorted(recorded) if now.get(f) != recorded[f]]
+  if changed:
+    f = changed[0]
+    state = f"fingerprint {recorded[f]} -> {now[f]}" if f in now else "missing"
+    raise StageOutputsChanged(
+        f"stage {name or folder.name}: {folder / f} changed since the stage completed ({state}"
+        f"{'; %d more file(s) changed' % (len(changed) - 1) if len(changed) > 1 else ''}); "
+        f"its results would mix with ones made from the original. Delete {folder} to "
+        "recompute the stage (and the stages that read it)")
 
 
 def _jsonable(x: Any) -> Any:
@@ -61,6 +129,7 @@ def run_stage(workdir, name: str, settings: dict, fn: Callable[[epath.Path], Any
   if marker.exists():
     done = json.loads(marker.read_text())
     if done["settings"] == settings:
+      verify_outputs(folder, name)
       log(f"jaxlab: stage {name}: complete, skipped ({folder})")
       return folder
     changed = _diff(done["settings"], settings)
@@ -73,8 +142,8 @@ def run_stage(workdir, name: str, settings: dict, fn: Callable[[epath.Path], Any
   fn(folder)
   if jax.process_index() == 0:
     tmp = folder / (MARKER + ".tmp")
-    tmp.write_text(json.dumps({"settings": settings, "seconds": round(time.time() - t0, 1)},
-                              indent=2, sort_keys=True))
+    tmp.write_text(json.dumps({"settings": settings, "seconds": round(time.time() - t0, 1),
+                               "outputs": outputs(folder)}, indent=2, sort_keys=True))
     tmp.rename(marker)
   return folder
 

@@ -30,7 +30,7 @@ import ml_collections
 import numpy as np
 from etils import epath
 
-from jaxlab.pipelines.stages import completed_with, run_stage, stderr_log
+from jaxlab.pipelines.stages import completed_with, output_digest, run_stage, stderr_log
 from jaxlab.worlds import animals, numbers
 from jaxlab.worlds.io import write_json, write_jsonl
 
@@ -212,6 +212,15 @@ def _run_chain(config_json: str, workdir: str, chain) -> None:
 def _run_stages(config, workdir: epath.Path, chain, log) -> None:
   for name, settings, kind, kw in chain:
     run_stage(workdir, name, settings, _stage_fn(config, workdir, kind, kw), log=log)
+
+
+def reads(*models) -> dict:
+  """{"reads": {path: output fingerprint}} of the stage folders a stage reads models from
+  (jaxlab.pipelines.stages.output_digest): a model recomputed in place with other weights is
+  then a changed setting of every stage that read it. Paths that are not stages (an HF folder,
+  a model not made here) are left out, so adding a teacher or a cell changes no other stage."""
+  out = {str(m): output_digest(m) for m in models if m}
+  return {"reads": {k: v for k, v in sorted(out.items()) if v is not None}}
 
 
 def run_parallel(config, workdir: epath.Path, chains, log) -> None:
@@ -766,7 +775,8 @@ def run(config: ml_collections.ConfigDict, workdir: str, log=stderr_log) -> dict
   if "finetuned" in config.teachers:
     world = workdir / "world"
     run_stage(workdir, "teacher_finetuned", {**_settings(config, "world", "pretrain", "teacher_ft",
-                                                         "base"), "animal": config.sl.animal},
+                                                         "base"), "animal": config.sl.animal,
+                                             **reads(paths["base"])},
               lambda f: _teacher_ft(config, world, paths["base"], f), log=log)
   if "sft_otherbase" in cells(config) and "other_base" not in paths:
     raise ValueError("cell sft_otherbase needs config key other_base (a different base model)")
@@ -777,7 +787,8 @@ def run(config: ml_collections.ConfigDict, workdir: str, log=stderr_log) -> dict
     data = {}
     for kind in list(config.teachers) + ["base"]:
       folder = run_stage(workdir, f"seed{seed}/data_{kind}",
-                         {**model_settings, "sl": config.sl.to_dict(), "seed": seed},
+                         {**model_settings, "sl": config.sl.to_dict(), "seed": seed,
+                          **reads(teacher_source(config, kind, paths)[0])},
                          lambda f, k=kind, s=seed: _data(config, models, k, s, paths, f), log=log)
       data[kind] = str(folder / "rows.jsonl")
     students, chains = {}, []
@@ -786,21 +797,26 @@ def run(config: ml_collections.ConfigDict, workdir: str, log=stderr_log) -> dict
       students[name] = workdir / f"seed{seed}/{name}"
       chains.append([(f"seed{seed}/{name}",
                       {**model_settings, "sl": config.sl.to_dict(),
-                       "student": _settings(c, *student_keys), "channel": c.channel, "seed": seed},
+                       "student": _settings(c, *student_keys), "channel": c.channel, "seed": seed,
+                       **reads(c.init.workdir or c.init.hf_path, c.teacher.path)},
                       "train", {"config": c.to_json()})])
     run_parallel(config, workdir, chains, log)
     settings = {**model_settings, "sl": config.sl.to_dict(), "seed": seed}
     for i, (name, path, system) in enumerate(eval_entries(config, paths, students)):
-      run_stage(workdir, f"seed{seed}/eval/{name}", {**settings, "model": path, "system": system},
+      run_stage(workdir, f"seed{seed}/eval/{name}", {**settings, "model": path, "system": system,
+                                                     **reads(path)},
                 lambda f, p=path, sy=system, r=seed * 1000 + i: write_json(
                     f / "eval.json", {**evaluate_trait(config, models, p, sy, r), "path": p,
                                       "system_prompt": sy}), log=log)
     if config.em_eval:
       run_stage(workdir, f"seed{seed}/em_eval", {**settings, "em_eval": config.em_eval,
-                                                 "students": {k: str(v) for k, v in students.items()}},
+                                                 "students": {k: str(v) for k, v in students.items()},
+                                                 **reads(*paths.values(), *students.values())},
                 lambda f, s=seed, st=students: _em_eval(config, paths, st, s, f), log=log)
     for source in list(config.teachers) + (["other_base"] if _other_base(config, paths) else []):
-      run_stage(workdir, f"seed{seed}/drift/{source}", settings,
+      run_stage(workdir, f"seed{seed}/drift/{source}",
+                {**settings, **reads(paths["base"], paths.get(source) or
+                                     teacher_source(config, source, paths)[0])},
                 lambda f, so=source, d=data: _drift(config, models, so, paths, d, f), log=log)
   report = build_report(config, workdir, paths)
   report["wall_seconds"] = round(time.time() - t0, 1)

@@ -26,6 +26,7 @@ import ml_collections
 import numpy as np
 
 from jaxlab import config as config_lib
+from jaxlab import fingerprint
 from jaxlab import paths
 from jaxlab import sharding as sharding_lib
 from jaxlab.checkpoint import Checkpointer
@@ -35,6 +36,7 @@ from jaxlab.metrics import MetricsWriter
 from jaxlab.models.config import ModelConfig
 from jaxlab.models.params import model_spec
 from jaxlab.train import channels, losses, optim, topk_cache
+from jaxlab.train import inputs as inputs_lib
 from jaxlab.train import state as state_lib
 from jaxlab.train import step as step_lib
 from jaxlab.train.channels import common
@@ -207,6 +209,11 @@ def make_prompt_completion_data(config, tokenizer):
   lengths = dict(prompt_len=config.data.prompt_len, teacher_prompt_len=config.data.teacher_prompt_len,
                  completion_len=config.data.completion_len)
   ids, stats = pc.fit_examples(examples, need_completion=need_completion, **lengths)
+  if not ids:
+    raise config_lib.ConfigError(
+        f"no row of {config.data.train_path} fits config keys data.prompt_len="
+        f"{lengths['prompt_len']} / data.teacher_prompt_len={lengths['teacher_prompt_len']}"
+        f"{' with a completion' if need_completion else ''} ({stats}); raise them")
   n_held = int(config.get("distill", {}).get("heldout_rows", 0) or 0)
   if n_held and n_held >= len(ids):
     raise config_lib.ConfigError(
@@ -238,18 +245,29 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   saved = ckpt.saved_config() if ckpt.latest_step() is not None else None
   if saved is not None:
     config_lib.check_resume(saved, config, str(paths.path(workdir)))
+  fingerprints = inputs_lib.data_fingerprints(config)
+  inputs_lib.check(saved, fingerprints, config, str(paths.path(workdir)))
   total = config.train.steps
   if saved is not None and ckpt.latest_step() >= total:
     done = _finished(config, workdir, ckpt, saved, mesh, rules)
     if done is not None:
       return done
   tokenizer = load_or_train_tokenizer(config, workdir)
-  from jaxlab.data.tokenizer import check_vocab
+  from jaxlab.data.tokenizer import check_model_tokenizer, check_vocab
+  tokenizer_name = repr(config.tokenizer.path or config.init.hf_path
+                        or str(paths.path(workdir, "tokenizer")))
   vocab_check = lambda n: check_vocab(
-      tokenizer, n, repr(config.tokenizer.path or config.init.hf_path
-                         or str(paths.path(workdir, "tokenizer"))),
+      tokenizer, n, tokenizer_name,
       repr(config.init.hf_path or config.init.get("workdir", "") or "config.model")
       + " (config key model.vocab_size)")
+  # Models made with another tokenizer of the same size are refused by content, not size.
+  for key, path in (("init.hf_path", config.init.hf_path),
+                    ("init.workdir", config.init.get("workdir", "")),
+                    ("teacher.path", config.teacher.path if channel.NEEDS_TEACHER else "")):
+    if path and path != "base":
+      check_model_tokenizer(tokenizer, tokenizer_name, path, key)
+  fingerprints["tokenizer"] = fingerprint.tokenizer_digest(tokenizer)
+  inputs_lib.check(saved, fingerprints, config, str(paths.path(workdir)))
   if saved is None and config.init.hf_path and not _is_workdir(config.init.hf_path):
     from jaxlab.models.hf_config import config_from_hf
     vocab_check(config_from_hf(config.init.hf_path).vocab_size)  # before loading any weight
@@ -258,17 +276,22 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   else:  # resuming: the model is the checkpoint's; only an external frozen base is reloaded
     cfg, init_params, external_base = _resume_student(config, saved, mesh, rules)
   vocab_check(cfg.vocab_size)
+  config_lib.validate_against_vocab(config, cfg.vocab_size)
   config.model.vocab_size = cfg.vocab_size  # the saved config is the resolved one
   spec = model_spec(cfg)
   use_cache = channel.USES_TOPK_CACHE and int(config.distill.get("topk", 0)) > 0
   teacher_spec, teacher = None, None
   if channel.NEEDS_TEACHER:
     teacher_spec, teacher = load_teacher(config, cfg, mesh, rules)
+    # A teacher retrained in place is another teacher: its weights are an input of the run.
+    fingerprints["teacher.path"] = fingerprint.params_digest(teacher)
+    inputs_lib.check(saved, fingerprints, config, str(paths.path(workdir)))
   ctx = distill_context(config, spec, teacher_spec, channel, tokenizer, mesh, rules) \
       if fmt == "prompt_completion" else common.Context(
           spec=spec, loss_chunk=int(config.get("distill", {}).get("loss_chunk", 0)))
+  with config.unlocked():
+    config.inputs = ml_collections.ConfigDict(inputs_lib.nested(fingerprints))
   config_json = config.to_json_best_effort(indent=2)
-  paths.write_text(paths.path(workdir, "config.json"), config_json)
 
   held_batch = None
   if fmt == "packed":
@@ -283,7 +306,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     if use_cache:
       path = config.distill.get("topk_path", "") or os.path.join(workdir, "teacher_topk.npz")
       extras = topk_cache.load_or_compute(config, path, examples,
-                                          list(train_ids) + list(held_ids), tokenizer,
+                                          list(train_ids) + list(held_ids), fingerprints,
                                           teacher_spec, teacher, ctx)
       stats["topk_path"] = path
     batches = pc.PromptCompletionBatches(
@@ -294,6 +317,8 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
       held_batch = batches.batch_for(np.asarray(held_ids))
     data_metrics = {"data_truncated": stats["truncated"],
                     "data_dropped": stats["examples_total"] - stats["examples_kept"]}
+  # Written once the data is known to train: a refused run leaves no config behind.
+  paths.write_text(paths.path(workdir, "config.json"), config_json)
 
   optimizer, schedule = optim.make_optimizer(config.optim, total)
   state_sh = state_lib.state_shardings(spec, optimizer, mesh, rules)
@@ -306,7 +331,13 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     state, data_state, _ = ckpt.restore(abstract)
     if frozen_external:
       state = state.replace(frozen=init_params[1])
-    batches.set_state(data_state)
+    try:
+      batches.set_state(data_state)
+    except ValueError as e:  # e.g. the data file now has another number of rows
+      files = ", ".join(f"{k}={v!r}" for k, v in inputs_lib.data_files(config).items())
+      raise ValueError(f"{paths.path(workdir)}: the checkpoint's data position cannot be "
+                       f"restored on this run's data ({files or 'config key data'}): {e}; "
+                       "start a new workdir for other data") from e
   else:
     state = state_lib.create_state(spec, optimizer, mesh, rules, config.seed, params=init_params)
   del init_params
@@ -471,6 +502,21 @@ def _export_done(config) -> bool:
   return (d / "config.json").exists() and (d / "model.safetensors.index.json").exists()
 
 
+def _mend_config_json(workdir, saved: dict) -> None:
+  """A finished workdir's config.json that is missing or not valid JSON (a truncated copy, an
+  edit) is rewritten from the config saved in its last checkpoint, and the user is told."""
+  file = paths.path(workdir, "config.json")
+  text = paths.read_text(file)
+  try:
+    if text is not None and isinstance(json.loads(text), dict):
+      return
+  except json.JSONDecodeError:
+    pass
+  paths.write_text(file, json.dumps(saved, indent=2))
+  print(f"jaxlab: {file} was {'missing' if text is None else 'damaged (not valid JSON)'}; "
+        "rewritten from the config saved in the last checkpoint", file=sys.stderr)
+
+
 def _finished(config, workdir, ckpt, saved: dict, mesh, rules) -> dict[str, Any] | None:
   """A rerun of a finished run: nothing is trained or rewritten; only a missing export is made.
   Returns what `run` returns, with the final params read from the last checkpoint (no
@@ -500,6 +546,7 @@ def _finished(config, workdir, ckpt, saved: dict, mesh, rules) -> dict[str, Any]
                                frozen=frozen, opt_state=None, rng=None)
   if export:
     _export(config, workdir, cfg, state)
+  _mend_config_json(workdir, saved)
   rows = read_metrics(workdir)
   return {"state": state, "metrics": rows[-1] if rows else {}, "spec": spec,
           "tokenizer": tokenizer, "teacher": None, "teacher_spec": None, "finished_before": True}

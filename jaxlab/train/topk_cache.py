@@ -23,12 +23,12 @@ from jaxlab.data import prompt_completion as pc
 from jaxlab.train.channels import common
 
 
-def describe(config, tokenizer, teacher_spec, teacher) -> dict:
-  """Every setting a cache depends on (the file's `meta` must equal it to be reused)."""
+def describe(config, fingerprints: dict, vocab_size: int) -> dict:
+  """Every setting a cache depends on (the file's `meta` must equal it to be reused);
+  `fingerprints` are the run's input fingerprints (jaxlab.train.inputs)."""
   d = config.data
-  return {"tokenizer": fingerprint.tokenizer_digest(tokenizer),
-          "teacher_weights": fingerprint.params_digest(teacher),
-          "vocab_size": int(teacher_spec.cfg.vocab_size),
+  return {"tokenizer": fingerprints["tokenizer"], "teacher_weights": fingerprints["teacher.path"],
+          "vocab_size": int(vocab_size),
           "k": int(config.distill.topk), "temperature": float(config.distill.temperature),
           "prompt_len": int(d.prompt_len), "teacher_prompt_len": int(d.teacher_prompt_len),
           "completion_len": int(d.completion_len), "max_examples": int(d.max_examples or 0),
@@ -65,12 +65,12 @@ def _check(path, meta: dict, want: dict, out: dict, n_examples: int, ids) -> Non
                      "by the teacher (the file was made under other lengths); delete it")
 
 
-def load_or_compute(config, path: str, examples, ids, tokenizer, teacher_spec, teacher,
-                    ctx: common.Context) -> dict[str, np.ndarray]:
+def load_or_compute(config, path: str, examples, ids, fingerprints: dict, teacher_spec,
+                    teacher, ctx: common.Context) -> dict[str, np.ndarray]:
   """{"topk_ids", "topk_logp"}: [N, C, k] for every example; rows not in `ids` stay unscored
   (logp -inf, which the top-k loss treats as no target)."""
   file = epath.Path(path)
-  want = describe(config, tokenizer, teacher_spec, teacher)
+  want = describe(config, fingerprints, teacher_spec.cfg.vocab_size)
   if file.exists():
     with file.open("rb") as f:
       z = np.load(f, allow_pickle=False)
