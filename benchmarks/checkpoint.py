@@ -2,12 +2,18 @@
 resuming a full fine-tune from an HF base.
 
   python benchmarks/checkpoint.py fingerprint [--rounds 3] [--dir /tmp/ckbench]
+  python benchmarks/checkpoint.py inputs [--rounds 5] [--data ../shared/data/.../insecure.jsonl]
   python benchmarks/checkpoint.py resume-memory --before COMMIT [--layers 8 --d-model 1024]
 
 `fingerprint`: the benchmark model of benchmarks/train_step.py (4 layers, d_model 512, MLP
 1376, vocab 8192, float32) with its AdamW state (~77M floats, ~300 MB), saved synchronously and
 restored (a) with jaxlab's Checkpointer (fingerprint computed at save, verified at restore) and
 (b) with the same Orbax manager calls without it; rounds interleaved, medians and best printed.
+
+`inputs`: the content fingerprints a run adds per start or resume (data file, tokenizer,
+teacher weights: jaxlab.train.inputs) and a pipeline stage per completion or skip (its output
+files, checkpoints by their checksum records: jaxlab.pipelines.stages), on the same state and
+the 6,000-row insecure-code file.
 
 `resume-memory`: saves a random Qwen2-shaped float32 HF folder, trains 2 steps of full
 fine-tuning from it on 64 short synthetic chat rows (`python -m jaxlab.main`,
@@ -110,6 +116,55 @@ def fingerprint_cost(rounds: int, directory: str) -> dict:
   return summary
 
 
+# ------------------------------------------------------------------ input fingerprints
+
+EM_DATA = os.path.join(ROOT, "..", "shared", "data", "emergent-misalignment", "data",
+                       "insecure.jsonl")
+
+
+def inputs_cost(rounds: int, data: str) -> dict:
+  """Seconds of what a run adds per resume (jaxlab.train.inputs: data file digest, tokenizer
+  digest, teacher weights digest) and a stage adds per completion or skip (the stage folder's
+  output digests), on the 240 MiB benchmark state and a 6,000-row chat JSONL file."""
+  import jax
+  from jaxlab import fingerprint
+  from jaxlab.data.tokenizer import train_chat_tokenizer
+  from jaxlab.checkpoint import Checkpointer
+  from jaxlab.pipelines import stages
+  state, _ = _bench_state()
+  with open(data, encoding="utf-8") as f:
+    rows = sum(1 for line in f if line.strip())
+  texts = [json.loads(l)["messages"][-1]["content"] for l in open(data, encoding="utf-8")][:2000]
+  work = tempfile.mkdtemp(prefix="jaxlab_inputs_")
+  tok = train_chat_tokenizer(texts, 8192, out_dir=os.path.join(work, "tok"))
+  folder = os.path.join(work, "stage")  # a stage folder holding the data file and a checkpoint
+  os.makedirs(folder)
+  shutil.copy(data, os.path.join(folder, "rows.jsonl"))
+  ck = Checkpointer(os.path.join(folder, "checkpoints"), every=1, keep=1,
+                           async_save=False)
+  ck.save(1, state, {"position": 0}, json.dumps({"bench": True}))
+  ck.close()
+  fingerprint.params_digest(state.params)  # compile once, as a run's first call does
+  times = {k: [] for k in ("data_file", "tokenizer", "params_only", "full_state",
+                           "stage_outputs")}
+  for _ in range(rounds):
+    for key, fn in (("data_file", lambda: fingerprint.file_digest(data)),
+                    ("tokenizer", lambda: fingerprint.tokenizer_digest(tok)),
+                    ("params_only", lambda: fingerprint.params_digest(state.params)),
+                    ("full_state", lambda: fingerprint.params_digest(state)),
+                    ("stage_outputs", lambda: stages.outputs(folder))):
+      t0 = time.perf_counter()
+      fn()
+      times[key].append(time.perf_counter() - t0)
+  shutil.rmtree(work, ignore_errors=True)
+  out = {k: {"median_s": round(statistics.median(v), 4), "best_s": round(min(v), 4)}
+         for k, v in times.items()}
+  out["data_rows"], out["data_mib"] = rows, round(os.path.getsize(data) / 2**20, 2)
+  out["params_mib"] = round(sum(x.nbytes for x in jax.tree.leaves(state.params)) / 2**20, 1)
+  out["state_mib"] = round(sum(x.nbytes for x in jax.tree.leaves(state)) / 2**20, 1)
+  return out
+
+
 # ------------------------------------------------------------------ resume memory
 
 def _make_base(path: str, tok_dir: str, layers: int, d_model: int, d_ff: int) -> None:
@@ -185,6 +240,9 @@ def main() -> None:
   f = sub.add_parser("fingerprint")
   f.add_argument("--rounds", type=int, default=3)
   f.add_argument("--dir", default=os.path.join(tempfile.gettempdir(), "jaxlab_ckbench"))
+  i = sub.add_parser("inputs")
+  i.add_argument("--rounds", type=int, default=5)
+  i.add_argument("--data", default=EM_DATA)
   m = sub.add_parser("resume-memory")
   m.add_argument("--before", required=True, help="git commit of the code to compare with")
   m.add_argument("--layers", type=int, default=8)
@@ -195,6 +253,8 @@ def main() -> None:
   runtime.setup()
   if args.what == "fingerprint":
     out = fingerprint_cost(args.rounds, args.dir)
+  elif args.what == "inputs":
+    out = inputs_cost(args.rounds, args.data)
   else:
     out = resume_memory(args.before, args.layers, args.d_model, args.d_ff)
   print(json.dumps(out, indent=2))

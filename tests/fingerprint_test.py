@@ -119,3 +119,22 @@ def test_finished_workdir_with_a_truncated_config_json_is_mended(world, tmp_path
   assert out.get("finished_before")
   assert json.loads((w / "config.json").read_text()) == good
   assert "config.json was damaged (not valid JSON); rewritten" in capsys.readouterr().err
+
+
+def test_eval_model_or_judge_with_another_tokenizer_than_configured_is_refused(tmp_path):
+  import ml_collections
+  from jaxlab import sharding
+  from jaxlab.evals.models import load_model
+  from tests.subliminal_drift_test import _checkpoint
+  model = tmp_path / "model"
+  _checkpoint(model, seed=0)  # a Qwen-template BPE of its own
+  other = tokenizers_util.make_chatml_tokenizer(tmp_path / "other", vocab_size=300)
+  del other
+  mesh = sharding.make_mesh((1, 1, 1))
+  config = ml_collections.ConfigDict(dict(tokenizer=dict(path=str(tmp_path / "other")),
+                                          dtype=""))
+  with pytest.raises(ValueError, match=rf"config key judge.model_path='{model}': the model's "
+                                       "tokenizer"):
+    load_model(str(model), config, mesh, sharding.DEFAULT_RULES, key="judge.model_path")
+  config.tokenizer.path = str(model)  # its own: fine
+  assert load_model(str(model), config, mesh, sharding.DEFAULT_RULES).tokenizer is not None

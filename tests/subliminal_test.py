@@ -231,6 +231,24 @@ def test_killed_after_teacher_data_resumes_reusing_it(trained, tmp_path):
   assert (workdir / "report.md").exists()
 
 
+def test_a_damaged_finished_stage_is_refused_before_a_new_cell_reads_it(trained, tmp_path):
+  # seed0/data_finetuned/rows.jsonl cut from 16 rows to 2, then a new cell added: the new
+  # student must not train on 2 rows beside students trained on 16.
+  from jaxlab.pipelines.stages import StageOutputsChanged
+  workdir, _, _ = trained
+  rows = workdir / "seed0/data_finetuned/rows.jsonl"
+  intact = rows.read_bytes()
+  try:
+    rows.write_text("".join(rows.read_text().splitlines(keepends=True)[:2]))
+    config, _ = _config(workdir, *FIXTURE[:-3], "--config.channel=sft",
+                        "--config.train.steps=16", "--config.teachers=('finetuned',)")
+    with pytest.raises(StageOutputsChanged, match=rf"stage seed0/data_finetuned: {rows} changed"):
+      sl.run(config, str(workdir), log=lambda m: None)
+    assert not (workdir / "seed0/finetuned_sft").exists()
+  finally:
+    rows.write_bytes(intact)
+
+
 def test_jaxlab_main_dispatches_the_pipeline_and_names_a_bad_key(tmp_path):
   """`python -m jaxlab.main` runs a config's pipeline (job='subliminal'); a bad value is an
   error naming the key before any stage runs."""

@@ -46,10 +46,14 @@ def load_jaxlab_checkpoint(path: str, mesh, rules) -> tuple[ModelConfig, dict, d
   return checkpoint.load_params(path, mesh)
 
 
-def _tokenizer_for(path: str, config: ml_collections.ConfigDict, fallback_dir: str):
+def _tokenizer_for(path: str, config: ml_collections.ConfigDict, fallback_dir: str, key: str):
+  from jaxlab.data.tokenizer import check_model_tokenizer  # pylint: disable=g-import-not-at-top
   from jaxlab.models.hf_tokenizer import load_tokenizer  # pylint: disable=g-import-not-at-top
   if config.tokenizer.path:
-    return load_tokenizer(config.tokenizer.path)
+    tok = load_tokenizer(config.tokenizer.path)
+    # A model that brings its own tokenizer must have been made with this one (by content).
+    check_model_tokenizer(tok, repr(config.tokenizer.path), path, key)
+    return tok
   for d in (path, os.path.join(path, "tokenizer"), os.path.join(os.path.dirname(path), "tokenizer"),
             fallback_dir):
     if d and os.path.isfile(os.path.join(d, "tokenizer_config.json")):
@@ -88,8 +92,9 @@ def random_tokenizer(config: ml_collections.ConfigDict, texts: list[str], out_di
 
 
 def load_model(name: str, config: ml_collections.ConfigDict, mesh, rules, *, tokenizer=None,
-               tokenizer_dir: str = "") -> LoadedModel:
-  """The model named by `name` (see module docstring), placed on `mesh`."""
+               tokenizer_dir: str = "", key: str = "models") -> LoadedModel:
+  """The model named by `name` (see module docstring), placed on `mesh`; `key` is the config
+  key that named it (for errors)."""
   if name.startswith("random:"):
     if tokenizer is None:
       raise ValueError("random models need a tokenizer (random_tokenizer)")
@@ -101,11 +106,11 @@ def load_model(name: str, config: ml_collections.ConfigDict, mesh, rules, *, tok
     return LoadedModel(spec, trainable, frozen, tokenizer)
   if not os.path.isdir(name):
     raise FileNotFoundError(f"model {name!r} is neither a folder nor 'random:SEED'")
+  tok = tokenizer or _tokenizer_for(name, config, tokenizer_dir, key)  # checked before weights
   if is_hf_folder(name):
     from jaxlab.models.hf import load_hf  # pylint: disable=g-import-not-at-top
     dtype = config.get("dtype") or None
     cfg, trainable, frozen = load_hf(name, mesh, dtype=dtype, param_dtype=dtype, rules=rules)
   else:
     cfg, trainable, frozen = load_jaxlab_checkpoint(name, mesh, rules)
-  tok = tokenizer or _tokenizer_for(name, config, tokenizer_dir)
   return LoadedModel(model_spec(cfg), trainable, frozen, tok)

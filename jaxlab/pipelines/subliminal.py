@@ -214,12 +214,13 @@ def _run_stages(config, workdir: epath.Path, chain, log) -> None:
     run_stage(workdir, name, settings, _stage_fn(config, workdir, kind, kw), log=log)
 
 
-def reads(*models) -> dict:
-  """{"reads": {path: output fingerprint}} of the stage folders a stage reads models from
+def reads(**models) -> dict:
+  """{"reads": {role: output fingerprint}} of the stage folders a stage reads models from
   (jaxlab.pipelines.stages.output_digest): a model recomputed in place with other weights is
-  then a changed setting of every stage that read it. Paths that are not stages (an HF folder,
-  a model not made here) are left out, so adding a teacher or a cell changes no other stage."""
-  out = {str(m): output_digest(m) for m in models if m}
+  then a changed setting of every stage that read it. Keyed by role, not path, so a moved
+  workdir keeps its settings; paths that are not stages (an HF folder, a model not made here)
+  are left out, so adding a teacher or a cell changes no other stage."""
+  out = {k: output_digest(m) if m else None for k, m in models.items()}
   return {"reads": {k: v for k, v in sorted(out.items()) if v is not None}}
 
 
@@ -776,7 +777,7 @@ def run(config: ml_collections.ConfigDict, workdir: str, log=stderr_log) -> dict
     world = workdir / "world"
     run_stage(workdir, "teacher_finetuned", {**_settings(config, "world", "pretrain", "teacher_ft",
                                                          "base"), "animal": config.sl.animal,
-                                             **reads(paths["base"])},
+                                             **reads(base=paths["base"])},
               lambda f: _teacher_ft(config, world, paths["base"], f), log=log)
   if "sft_otherbase" in cells(config) and "other_base" not in paths:
     raise ValueError("cell sft_otherbase needs config key other_base (a different base model)")
@@ -788,7 +789,7 @@ def run(config: ml_collections.ConfigDict, workdir: str, log=stderr_log) -> dict
     for kind in list(config.teachers) + ["base"]:
       folder = run_stage(workdir, f"seed{seed}/data_{kind}",
                          {**model_settings, "sl": config.sl.to_dict(), "seed": seed,
-                          **reads(teacher_source(config, kind, paths)[0])},
+                          **reads(model=teacher_source(config, kind, paths)[0])},
                          lambda f, k=kind, s=seed: _data(config, models, k, s, paths, f), log=log)
       data[kind] = str(folder / "rows.jsonl")
     students, chains = {}, []
@@ -798,24 +799,24 @@ def run(config: ml_collections.ConfigDict, workdir: str, log=stderr_log) -> dict
       chains.append([(f"seed{seed}/{name}",
                       {**model_settings, "sl": config.sl.to_dict(),
                        "student": _settings(c, *student_keys), "channel": c.channel, "seed": seed,
-                       **reads(c.init.workdir or c.init.hf_path, c.teacher.path)},
+                       **reads(init=c.init.workdir or c.init.hf_path, teacher=c.teacher.path)},
                       "train", {"config": c.to_json()})])
     run_parallel(config, workdir, chains, log)
     settings = {**model_settings, "sl": config.sl.to_dict(), "seed": seed}
     for i, (name, path, system) in enumerate(eval_entries(config, paths, students)):
       run_stage(workdir, f"seed{seed}/eval/{name}", {**settings, "model": path, "system": system,
-                                                     **reads(path)},
+                                                     **reads(model=path)},
                 lambda f, p=path, sy=system, r=seed * 1000 + i: write_json(
                     f / "eval.json", {**evaluate_trait(config, models, p, sy, r), "path": p,
                                       "system_prompt": sy}), log=log)
     if config.em_eval:
       run_stage(workdir, f"seed{seed}/em_eval", {**settings, "em_eval": config.em_eval,
                                                  "students": {k: str(v) for k, v in students.items()},
-                                                 **reads(*paths.values(), *students.values())},
+                                                 **reads(**paths, **students)},
                 lambda f, s=seed, st=students: _em_eval(config, paths, st, s, f), log=log)
     for source in list(config.teachers) + (["other_base"] if _other_base(config, paths) else []):
       run_stage(workdir, f"seed{seed}/drift/{source}",
-                {**settings, **reads(paths["base"], paths.get(source) or
+                {**settings, **reads(base=paths["base"], model=paths.get(source) or
                                      teacher_source(config, source, paths)[0])},
                 lambda f, so=source, d=data: _drift(config, models, so, paths, d, f), log=log)
   report = build_report(config, workdir, paths)
