@@ -31,9 +31,14 @@ def tokenizer_digest(tokenizer) -> str:
   merges, normaliser, pre-tokeniser, added tokens), the special-token roles and the chat
   template. Two tokenizers of the same size fitted on other data differ here."""
   backend = getattr(tokenizer, "backend_tokenizer", None)
+  if backend is not None:
+    # Truncation and padding are call-time state of the backend, not its mapping.
+    spec = {k: v for k, v in json.loads(backend.to_str()).items()
+            if k not in ("truncation", "padding")}
+  else:
+    spec = sorted(tokenizer.get_vocab().items(), key=lambda kv: kv[1])
   what = {
-      "backend": backend.to_str() if backend is not None
-                 else sorted(tokenizer.get_vocab().items(), key=lambda kv: kv[1]),
+      "backend": spec,
       "special": {k: str(v) for k, v in sorted(tokenizer.special_tokens_map.items())},
       "chat_template": getattr(tokenizer, "chat_template", None) or "",
   }

@@ -29,6 +29,18 @@ def test_tokenizer_digest_tells_apart_same_size_tokenizers(world, tmp_path):
   assert fingerprint.tokenizer_digest(a) == fingerprint.tokenizer_digest(load_tokenizer(world["tok"]))
 
 
+def test_tokenizer_digest_is_the_same_for_a_fitted_tokenizer_and_its_saved_copies(tmp_path):
+  # A run fitting its own BPE digests the object in memory; its resume digests the folder.
+  from jaxlab.data.tokenizer import load_tokenizer_dir, train_chat_tokenizer
+  texts = [m["content"] for r in _rows(40, 2) for m in r["messages"]]
+  fitted = train_chat_tokenizer(texts, 300, out_dir=str(tmp_path / "a"))
+  again = load_tokenizer_dir(str(tmp_path / "a"))
+  again.save_pretrained(str(tmp_path / "b"))
+  digests = {fingerprint.tokenizer_digest(t) for t in
+             (fitted, again, load_tokenizer_dir(str(tmp_path / "b")))}
+  assert len(digests) == 1
+
+
 def test_teacher_with_another_tokenizer_of_the_same_size_is_refused(world, tmp_path):
   texts = [m["content"] + " zebra quartz" for r in _rows(40, 7) for m in r["messages"]]
   tok2 = tokenizers_util.make_chatml_tokenizer(tmp_path / "tok2", texts=texts, vocab_size=300)
@@ -121,8 +133,9 @@ def test_finished_workdir_with_a_truncated_config_json_is_mended(world, tmp_path
   assert "config.json was damaged (not valid JSON); rewritten" in capsys.readouterr().err
 
 
-def test_eval_model_or_judge_with_another_tokenizer_than_configured_is_refused(tmp_path):
+def test_eval_model_with_another_tokenizer_than_configured_is_refused(tmp_path):
   import ml_collections
+  from jaxlab.models.hf_tokenizer import load_tokenizer
   from jaxlab import sharding
   from jaxlab.evals.models import load_model
   from tests.subliminal_drift_test import _checkpoint
@@ -133,8 +146,12 @@ def test_eval_model_or_judge_with_another_tokenizer_than_configured_is_refused(t
   mesh = sharding.make_mesh((1, 1, 1))
   config = ml_collections.ConfigDict(dict(tokenizer=dict(path=str(tmp_path / "other")),
                                           dtype=""))
-  with pytest.raises(ValueError, match=rf"config key judge.model_path='{model}': the model's "
-                                       "tokenizer"):
-    load_model(str(model), config, mesh, sharding.DEFAULT_RULES, key="judge.model_path")
+  with pytest.raises(ValueError, match=rf"config key models='{model}': the model's tokenizer"):
+    load_model(str(model), config, mesh, sharding.DEFAULT_RULES)
+  # A judge reads text: its own tokenizer wins over the evaluated models' tokenizer.path.
+  judge = load_model(str(model), config, mesh, sharding.DEFAULT_RULES, key="judge.model_path",
+                     prefer_own=True)
+  assert fingerprint.tokenizer_digest(judge.tokenizer) != fingerprint.tokenizer_digest(
+      load_tokenizer(str(tmp_path / "other")))
   config.tokenizer.path = str(model)  # its own: fine
   assert load_model(str(model), config, mesh, sharding.DEFAULT_RULES).tokenizer is not None

@@ -164,15 +164,19 @@ def test_check_scored_share_by_hand():
   shares = judging.scored_shares(answers, scores)
   assert shares["aligned"]["scored"] == 1 and shares["aligned"]["judged"] == 4
   assert shares["aligned"]["statuses"] == {"ok": 1, "refusal": 1, "parse_error": 1, "code": 1}
-  judging.check_scored_share(answers, scores, 0.25, judge="J", model="m", path="p")  # 1/4 ok
+  # REFUSAL and CODE are verdicts on the answer, not judge failures: the share is 1 of 2.
+  judging.check_scored_share(answers, scores, 0.5, judge="J", model="m", path="p")
   with pytest.raises(judging.ScoredShareError) as e:
-    judging.check_scored_share(answers, scores, 0.5, judge="http-text-gpt (http text, model x)",
+    judging.check_scored_share(answers, scores, 0.6, judge="http-text-gpt (http text, model x)",
                                model="m", path="scores/m.jsonl")
   msg = str(e.value)
-  for part in ("judge http-text-gpt (http text, model x)", "scored 1 of 4", "'m'", "'aligned'",
-               "judge.min_scored_share=0.5", "'refusal': 1", "'parse_error': 1", "'code': 1",
+  for part in ("judge http-text-gpt (http text, model x)", "scored 1 of 2", "'m'", "'aligned'",
+               "judge.min_scored_share=0.6", "'refusal': 1", "'parse_error': 1", "'code': 1",
                "REFUSAL", "<html>oops</html>", "CODE", "scores/m.jsonl"):
     assert part in msg, (part, msg)
+  # A model that only refuses or writes code does not fail the check.
+  verdicts = [_score(k, "aligned", None, "refusal" if k % 2 else "code", "X") for k in range(4)]
+  judging.check_scored_share(answers, verdicts, 0.9, judge="J", model="m", path="p")
   # Only the current answers count (a row of a question no longer asked does not).
   extra = [{**_score(9, "aligned", None, "refusal", "R"), "question_id": "gone"}]
   assert judging.scored_shares(answers, scores + extra)["aligned"]["judged"] == 4

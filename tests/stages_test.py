@@ -75,3 +75,15 @@ def test_checkpoints_are_fingerprinted_by_their_checksum_records_only(tmp_path):
   (d / "other_stage").mkdir()
   (d / "other_stage" / stages.MARKER).write_text("{}")
   assert sorted(stages.outputs(d)) == ["checkpoints/8/fingerprint/metadata", "metrics.jsonl"]
+
+
+def test_model_digest_of_a_workdir_follows_its_newest_checkpoint_record(tmp_path):
+  w = tmp_path / "teacher"
+  assert stages.model_digest(w) is None  # nothing there yet: left out of readers' settings
+  for step, record in ((5, '{"a": [1, 2]}'), (10, '{"a": [3, 4]}')):
+    (w / f"checkpoints/{step}/fingerprint").mkdir(parents=True)
+    (w / f"checkpoints/{step}/fingerprint/metadata").write_text(record)
+  first = stages.model_digest(w)
+  (w / "checkpoints/10/fingerprint/metadata").write_text('{"a": [3, 5]}')  # retrained in place
+  assert first is not None and stages.model_digest(w) != first
+  assert stages.model_digest(tmp_path / "hf_folder") is None

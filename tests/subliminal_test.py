@@ -98,14 +98,19 @@ def test_student_configs_cross_sequences_and_signal():
       assert "sl" not in c and "channels" not in c and c.job == "train"
   trait = sl.trait_prompt(config)
   assert "owls" in trait
-  # Hard-label cells keep the teacher's system prompt (no teacher path): the same rows fit.
-  assert got["prompted", "sft"] == ("sft", "/w/tp.jsonl", "", trait, "/w/base", 3)
+  assert got["prompted", "sft"] == ("sft", "/w/tp.jsonl", "", "", "/w/base", 3)
   assert got["prompted", "offpolicy"] == ("offpolicy", "/w/tp.jsonl", "/w/base", trait, "/w/base", 3)
   assert got["finetuned", "offpolicy"] == ("offpolicy", "/w/tf.jsonl", "/w/ft", "", "/w/base", 3)
   assert got["prompted", "onpolicy"][:4] == ("onpolicy", "/w/tp.jsonl", "/w/base", trait)
-  assert got["prompted", "control"] == ("sft", "/w/b.jsonl", "", trait, "/w/base", 3)
+  assert got["prompted", "control"] == ("sft", "/w/b.jsonl", "", "", "/w/base", 3)
   assert got["finetuned", "base_offpolicy"] == ("offpolicy", "/w/b.jsonl", "/w/ft", "", "/w/base", 3)
-  assert got["prompted", "sft_otherbase"] == ("sft", "/w/tp.jsonl", "", trait, "/w/other_base", 3)
+  assert got["prompted", "sft_otherbase"] == ("sft", "/w/tp.jsonl", "", "", "/w/other_base", 3)
+  # distill.topk caches the teacher for off-policy cells only; the others train without it.
+  config.distill.topk = 8
+  topk = {cell: sl.student_config(config, "prompted", cell, 3, paths, data).distill.topk
+          for cell in sl.CELLS}
+  assert topk == {"sft": 0, "offpolicy": 8, "onpolicy": 0, "control": 0, "base_offpolicy": 8,
+                  "sft_otherbase": 0}
 
 
 def test_teacher_expresses_the_trait_and_control_stays_at_the_base(trained):

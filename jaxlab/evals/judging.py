@@ -111,6 +111,11 @@ class ScoredShareError(RuntimeError):
   """Too few answers got a score: the judge (prompts, endpoint, model) is likely broken."""
 
 
+# Statuses that are the judge's verdict on the answer (the EM protocol drops such answers), not
+# a failure to judge: an insecure-code model answering mostly with code is not a broken judge.
+ANSWER_VERDICTS = ("refusal", "code")
+
+
 def scored_shares(answers: Sequence[dict], scores: Sequence[dict],
                   metrics: Collection[str] | None = None) -> dict[str, dict]:
   """metric -> {"scored", "judged", "statuses" (status -> count), "unscored_raw" (raw replies
@@ -137,14 +142,17 @@ def check_scored_share(answers: Sequence[dict], scores: Sequence[dict], min_shar
                        judge: str, model: str, path,
                        metrics: Collection[str] | None = None) -> None:
   """Raises ScoredShareError when, for some metric, the share of `model`'s judged answers with
-  a numeric score is below `min_share` (config key judge.min_scored_share); the message names
-  the judge, the status counts and three raw replies of unscored answers."""
+  a numeric score is below `min_share` (config key judge.min_scored_share); answers the judge
+  called REFUSAL or CODE (text mode) are left out of the share. The message names the judge,
+  the status counts and three raw replies of unscored answers. (In logprob mode a REFUSAL or
+  CODE reply is a low-mass score, indistinguishable from a judge that cannot answer: it counts.)"""
   for metric, d in scored_shares(answers, scores, metrics).items():
-    share = d["scored"] / d["judged"] if d["judged"] else 1.0
+    judgeable = d["judged"] - sum(d["statuses"].get(v, 0) for v in ANSWER_VERDICTS)
+    share = d["scored"] / judgeable if judgeable else 1.0
     if share < min_share:
       raws = [str(r)[:200] for r in d["unscored_raw"][:3]]
       raise ScoredShareError(
-          f"eval: judge {judge} scored {d['scored']} of {d['judged']} answers of model "
+          f"eval: judge {judge} scored {d['scored']} of {judgeable} answers of model "
           f"{model!r} for {metric!r} ({share:.0%}), below config key judge.min_scored_share="
           f"{min_share}; statuses {d['statuses']}; raw replies of unscored answers: {raws}. "
           f"The judge is likely broken (prompt, endpoint, model, judge.mode / judge.min_mass); "

@@ -46,9 +46,13 @@ def load_jaxlab_checkpoint(path: str, mesh, rules) -> tuple[ModelConfig, dict, d
   return checkpoint.load_params(path, mesh)
 
 
-def _tokenizer_for(path: str, config: ml_collections.ConfigDict, fallback_dir: str, key: str):
-  from jaxlab.data.tokenizer import check_model_tokenizer  # pylint: disable=g-import-not-at-top
+def _tokenizer_for(path: str, config: ml_collections.ConfigDict, fallback_dir: str, key: str,
+                   prefer_own: bool = False):
+  from jaxlab.data.tokenizer import check_model_tokenizer, own_tokenizer_dir  # pylint: disable=g-import-not-at-top
   from jaxlab.models.hf_tokenizer import load_tokenizer  # pylint: disable=g-import-not-at-top
+  own = own_tokenizer_dir(path) if prefer_own else None
+  if own:
+    return load_tokenizer(own)
   if config.tokenizer.path:
     tok = load_tokenizer(config.tokenizer.path)
     # A model that brings its own tokenizer must have been made with this one (by content).
@@ -92,9 +96,11 @@ def random_tokenizer(config: ml_collections.ConfigDict, texts: list[str], out_di
 
 
 def load_model(name: str, config: ml_collections.ConfigDict, mesh, rules, *, tokenizer=None,
-               tokenizer_dir: str = "", key: str = "models") -> LoadedModel:
+               tokenizer_dir: str = "", key: str = "models", prefer_own: bool = False
+               ) -> LoadedModel:
   """The model named by `name` (see module docstring), placed on `mesh`; `key` is the config
-  key that named it (for errors)."""
+  key that named it (for errors). With `prefer_own` (a judge: it reads text, not the evaluated
+  models' ids) the model's own tokenizer wins over config.tokenizer.path."""
   if name.startswith("random:"):
     if tokenizer is None:
       raise ValueError("random models need a tokenizer (random_tokenizer)")
@@ -106,7 +112,7 @@ def load_model(name: str, config: ml_collections.ConfigDict, mesh, rules, *, tok
     return LoadedModel(spec, trainable, frozen, tokenizer)
   if not os.path.isdir(name):
     raise FileNotFoundError(f"model {name!r} is neither a folder nor 'random:SEED'")
-  tok = tokenizer or _tokenizer_for(name, config, tokenizer_dir, key)  # checked before weights
+  tok = tokenizer or _tokenizer_for(name, config, tokenizer_dir, key, prefer_own)  # before weights
   if is_hf_folder(name):
     from jaxlab.models.hf import load_hf  # pylint: disable=g-import-not-at-top
     dtype = config.get("dtype") or None

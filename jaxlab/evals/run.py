@@ -296,7 +296,8 @@ def _make_judge(config, workdir: epath.Path, mesh, rules, shared_tokenizer, log)
   from jaxlab.evals import judge_local  # pylint: disable=g-import-not-at-top
   log(f"eval: loading judge {j.model_path} ({j.mode} mode)")
   m = load_model(j.model_path, config, mesh, rules, tokenizer=(
-      shared_tokenizer if j.model_path.startswith("random:") else None), key="judge.model_path")
+      shared_tokenizer if j.model_path.startswith("random:") else None), key="judge.model_path",
+      prefer_own=True)
   kw = dict(mesh=mesh, batch_size=j.batch_size, rules=rules, buckets=tuple(config.sample.buckets),
             compiler_options=_compiler_options(config))
   if j.mode == "text":

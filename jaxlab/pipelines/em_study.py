@@ -227,6 +227,13 @@ def data_stage(config, workdir, log) -> epath.Path:
   return stages.run_stage(workdir, "data", settings, split, log=log)
 
 
+def _reads(key: str, model_path: str) -> dict:
+  """{key: fingerprint} of a model folder (stages.model_digest: a base recomputed in place then
+  changes its readers' settings); {} for a folder without one (an HF checkpoint)."""
+  digest = stages.model_digest(model_path)
+  return {key: digest} if digest else {}
+
+
 def base_stage(config, workdir, base: Base, data: epath.Path, log) -> str:
   """The base model's path: a pretrained runner workdir (synthetic) or init.hf_path."""
   if not synthetic(config):
@@ -241,7 +248,7 @@ def finetune_stage(config, workdir, ft: FineTune, data, base_path: str, log) -> 
   from jaxlab.train import runner
   c = finetune_config(config, ft, data, base_path)
   # A base recomputed in place with other weights is another base: a changed setting.
-  settings = {**_json(c), "base_outputs": stages.output_digest(base_path)}
+  settings = {**_json(c), **_reads("base_outputs", base_path)}
   return str(stages.run_stage(workdir, f"finetunes/{ft.base.name}/{ft.name}", settings,
                               lambda f: runner.run(c, str(f)), log=log))
 
@@ -261,7 +268,7 @@ def eval_stage(config, workdir, data, base: Base, ft: FineTune | None, model_pat
             "model.domain": split_cell(config, ft.cell)[0] if ft else "base",
             "strength": ft.strength if ft else "base"}
   settings = {**eval_settings(config), "model_path": model_path, "fields": fields,
-              "model_outputs": stages.output_digest(model_path)}
+              **_reads("model_outputs", model_path)}
 
   def fn(folder):
     if config.eval.judge.kind == "world":
@@ -281,7 +288,7 @@ def probe_stage(config, workdir, base: Base, model_path: str, ctx: "Generator", 
   from jaxlab.worlds import em_world
   n = config.study.probe_rows
   settings = {**eval_settings(config), "model_path": model_path, "rows": n,
-              "world": _json(config.world), "model_outputs": stages.output_digest(model_path)}
+              "world": _json(config.world), **_reads("model_outputs", model_path)}
 
   def fn(folder):
     wc = world_config(config)
@@ -512,6 +519,11 @@ def run(config: ml_collections.ConfigDict, workdir: str, log: Callable[[str], No
               "n_boot": config.eval.n_boot, "finetune": _json(training_config(config)),
               "pretrain": _json(config.pretrain), "world": _json(config.world)}
   settings["study"].pop("cells_dir", None)
+  # The evaluations it reads, intact and by content: one recomputed later changes the report.
+  evals = eval_folders(config, wd)
+  for f in evals:
+    stages.verify_outputs(f, f"evals/{f.parent.name}/{f.name}")
+  settings["evals"] = {f"{f.parent.name}/{f.name}": stages.output_digest(f) for f in evals}
   folder = stages.run_stage(wd, "report", settings, lambda f: em_study_report.write(
       config, wd, f) if jax.process_index() == 0 else None, log=log)
   return {"report": str(folder), "pending": []}

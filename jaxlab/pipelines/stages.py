@@ -13,8 +13,9 @@ The marker also records a content fingerprint of every file the stage wrote (`ou
 checkpoints by the per-array checksums each carries). A complete stage is verified each time
 it would be skipped: a file edited, truncated or removed since is an error naming it, so a
 later stage never reads damaged outputs beside results made from the intact ones. A stage
-that reads another's outputs can put `output_digest(folder)` into its settings: a stage
-recomputed in place with other outputs (a teacher retrained) is then a changed setting.
+that reads another's outputs can put `output_digest(folder)` (or `model_digest(path)` for any
+model folder) into its settings: a stage recomputed in place with other outputs (a teacher
+retrained) is then a changed setting.
 """
 from __future__ import annotations
 
@@ -36,8 +37,9 @@ class StageOutputsChanged(ValueError):
   pass
 
 
-def _in_checkpoint_fingerprint(rel: str) -> bool:
-  """Inside checkpoints/, only each checkpoint's per-array checksum record is read."""
+def _is_recorded(rel: str) -> bool:
+  """Whether a stage's output digests include this file: all files but checkpoint contents
+  other than each checkpoint's per-array checksum record (which stands for its arrays)."""
   parts = rel.split("/")
   return "checkpoints" not in parts[:-1] or "fingerprint" in parts
 
@@ -55,7 +57,7 @@ def outputs(folder) -> dict[str, str]:
       if p.is_dir():
         if not (p / MARKER).exists():
           walk(p, rel + "/")
-      elif not p.name.startswith(MARKER) and _in_checkpoint_fingerprint(rel):
+      elif not p.name.startswith(MARKER) and _is_recorded(rel):
         out[rel] = file_digest(p)["sha256"][:16]
   walk(folder, "")
   return out
@@ -72,6 +74,23 @@ def output_digest(folder) -> str | None:
   if recorded is None:
     return None
   return hashlib.sha256(json.dumps(recorded, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def model_digest(path) -> str | None:
+  """A model folder's content fingerprint when one is cheap: a stage's output digest, else a
+  jaxlab workdir's newest checkpoint checksum record (every weight's bits); None for other
+  folders (an HF checkpoint is identified by its path)."""
+  import hashlib  # pylint: disable=g-import-not-at-top
+  digest = output_digest(path)
+  if digest is not None:
+    return digest
+  ckpts = epath.Path(path) / "checkpoints"
+  steps = sorted(int(p.name) for p in ckpts.iterdir() if p.name.isdigit()) \
+      if ckpts.exists() else []
+  record = ckpts / str(steps[-1]) / "fingerprint" / "metadata" if steps else None
+  if record is None or not record.exists():
+    return None
+  return hashlib.sha256(record.read_bytes()).hexdigest()[:16]
 
 
 def verify_outputs(folder, name: str = "") -> None:
@@ -100,7 +119,7 @@ def _jsonable(x: Any) -> Any:
 def _diff(a: dict, b: dict, prefix: str = "") -> list[str]:
   out = []
   for k in sorted(set(a) | set(b)):
-    va, vb = a.get(k), b.get(k)
+    va, vb = a.get(k, "<absent>"), b.get(k, "<absent>")
     if isinstance(va, dict) and isinstance(vb, dict):
       out += _diff(va, vb, f"{prefix}{k}.")
     elif va != vb:

@@ -30,7 +30,8 @@ import ml_collections
 import numpy as np
 from etils import epath
 
-from jaxlab.pipelines.stages import completed_with, output_digest, run_stage, stderr_log
+from jaxlab.pipelines.stages import completed_with, model_digest, run_stage, stderr_log
+from jaxlab.train import channels
 from jaxlab.worlds import animals, numbers
 from jaxlab.worlds.io import write_json, write_jsonl
 
@@ -215,12 +216,14 @@ def _run_stages(config, workdir: epath.Path, chain, log) -> None:
 
 
 def reads(**models) -> dict:
-  """{"reads": {role: output fingerprint}} of the stage folders a stage reads models from
-  (jaxlab.pipelines.stages.output_digest): a model recomputed in place with other weights is
-  then a changed setting of every stage that read it. Keyed by role, not path, so a moved
-  workdir keeps its settings; paths that are not stages (an HF folder, a model not made here)
-  are left out, so adding a teacher or a cell changes no other stage."""
-  out = {k: output_digest(m) if m else None for k, m in models.items()}
+  """{"reads": {role: fingerprint}} of the models (and data folders) a stage reads
+  (jaxlab.pipelines.stages.model_digest: stage outputs, or a workdir's newest checkpoint
+  checksums): one recomputed in place with other contents is then a changed setting of every
+  stage that read it. Folders without a cheap fingerprint (an HF checkpoint) are left out and
+  identified by path (a student still records its teacher's weights, jaxlab.train.inputs);
+  paths that do not exist yet are left out too, so adding a teacher or a cell changes no
+  other stage."""
+  out = {k: model_digest(m) if m else None for k, m in models.items()}
   return {"reads": {k: v for k, v in sorted(out.items()) if v is not None}}
 
 
@@ -278,14 +281,19 @@ class Models:
     from jaxlab.models.hf_tokenizer import load_tokenizer
     from jaxlab.train import runner
     self.config = config
-    self.tokenizer = load_tokenizer(tokenizer_path)
+    self.tokenizer, self.tokenizer_path = load_tokenizer(tokenizer_path), tokenizer_path
+    self._checked: set[str] = set()
     self.mesh, self.rules = runner.mesh_and_rules(config)
     self._sampler = None
     self._scorers = {}
 
   def load(self, path: str):
+    from jaxlab.data.tokenizer import check_model_tokenizer
     from jaxlab.models.params import model_spec
     from jaxlab.train import runner
+    if path not in self._checked:  # every model must read this tokenizer's ids (by content)
+      check_model_tokenizer(self.tokenizer, repr(self.tokenizer_path), path, f"model {path}")
+      self._checked.add(path)
     dtype = self.config.teacher.get("dtype", "") or None
     cfg, tr, fr = runner.load_model(path, self.mesh, self.rules, key=f"model {path}", dtype=dtype,
                                     param_dtype=dtype)
@@ -432,10 +440,28 @@ def _data(config, models: Models, kind: str, seed: int, paths: dict, folder) -> 
                                                   a, banned=banned, max_count=p.max_count)[1]}
                                              for p, a in zip(prompts, answers)))
   rows, stats = filter_and_keep(prompts, answers, n_keep=config.sl.n_keep, banned=banned)
+  _check_lengths(config, models.tokenizer, rows, paths)
   stats.update(model=path, system_prompt=system, seconds=round(time.time() - t0, 1),
                banned=list(banned))
   write_jsonl(folder / "rows.jsonl", rows)
   write_json(folder / "filter.json", stats)
+
+
+def _check_lengths(config, tokenizer, rows, paths: dict) -> None:
+  """Every kept row must fit data.prompt_len and, under each teacher's system prompt,
+  data.teacher_prompt_len: a row dropped for one cell only would give the cells of a seed
+  different rows (hard-label cells see no teacher prompt)."""
+  from jaxlab.config import ConfigError
+  from jaxlab.data import prompt_completion as pc
+  systems = {teacher_source(config, k, paths)[1] for k in config.teachers} - {""}
+  for i, r in enumerate(rows):
+    for system in sorted(systems) or [None]:
+      ex = pc.encode_example(tokenizer, r["messages"], teacher_system=system)
+      for key, n in (("prompt_len", len(ex.prompt)), ("teacher_prompt_len", len(ex.teacher_prompt))):
+        if n > config.data[key]:
+          raise ConfigError(f"config key data.{key}={config.data[key]}: kept row {i} needs {n} "
+                            f"tokens (teacher system prompt {system!r}); raise it, so that "
+                            "every cell trains on the same rows")
 
 
 # ------------------------------------------------------------------ students
@@ -446,13 +472,16 @@ def student_config(config, kind: str, cell: str, seed: int, paths: dict, data: d
   init = paths["other_base"] if cell == "sft_otherbase" else paths["base"]
   train_path = data["base"] if sequences == "base" else data[kind]
   t_path, t_system = teacher_source(config, kind, paths)
-  # Every cell of a seed keeps the teacher's system prompt, even where no teacher scores: the
-  # rows kept (teacher prompts within data.teacher_prompt_len), the held-out rows and their
-  # order are then the same for hard- and soft-label students on the same sequences.
-  updates = {"channel": CHANNEL_OF[sequences, signal], "seed": seed,
+  # The data stage checks that every kept row fits data.prompt_len / teacher_prompt_len under
+  # every teacher's prompt (`_check_lengths`), so hard- and soft-label students on the same
+  # sequences keep, hold out and order the same rows.
+  channel = CHANNEL_OF[sequences, signal]
+  updates = {"channel": channel, "seed": seed,
              "data.train_path": train_path, "teacher.path": t_path if signal == "soft" else "",
-             "teacher.system_prompt": t_system,
+             "teacher.system_prompt": t_system if signal == "soft" else "",
              "tokenizer.path": _tokenizer_path(config, paths["base"])}
+  if not channels.get(channel).USES_TOPK_CACHE:  # distill.topk caches off-policy cells only
+    updates["distill.topk"] = 0
   if config.base and epath.Path(init).joinpath("config.json").exists() and \
       not epath.Path(init).joinpath("checkpoints").exists():
     updates.update({"init.hf_path": init, "init.workdir": ""})
@@ -799,7 +828,8 @@ def run(config: ml_collections.ConfigDict, workdir: str, log=stderr_log) -> dict
       chains.append([(f"seed{seed}/{name}",
                       {**model_settings, "sl": config.sl.to_dict(),
                        "student": _settings(c, *student_keys), "channel": c.channel, "seed": seed,
-                       **reads(init=c.init.workdir or c.init.hf_path, teacher=c.teacher.path)},
+                       **reads(init=c.init.workdir or c.init.hf_path, teacher=c.teacher.path,
+                               data=str(epath.Path(c.data.train_path).parent))},
                       "train", {"config": c.to_json()})])
     run_parallel(config, workdir, chains, log)
     settings = {**model_settings, "sl": config.sl.to_dict(), "seed": seed}

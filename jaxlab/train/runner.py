@@ -370,8 +370,14 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   writer = MetricsWriter(workdir, total, start, progress=config.train.progress)
   info = {"channel": config.get("channel", "sft")}
   if fmt == "prompt_completion":
+    rollouts = info["channel"] in ("onpolicy", "gkd")
     info.update(kl=ctx.kl, beta=ctx.beta, temperature=ctx.temperature,
                 estimator=ctx.estimator if info["channel"] == "onpolicy" else None,
+                sample_temperature=ctx.sample_temperature if rollouts else None,
+                top_p=ctx.top_p if rollouts else None,
+                biased_estimator=bool(
+                    info["channel"] == "onpolicy" and ctx.estimator == "sampled"
+                    and (ctx.sample_temperature != ctx.temperature or ctx.top_p != 1.0)),
                 lmbda=ctx.lmbda if info["channel"] == "gkd" else None,
                 teacher=config.teacher.path, teacher_cache=bool(use_cache))
   paths.write_text(paths.path(workdir, "channel.json"), json.dumps(info, indent=2))
@@ -513,8 +519,9 @@ def _mend_config_json(workdir, saved: dict) -> None:
   except json.JSONDecodeError:
     pass
   paths.write_text(file, json.dumps(saved, indent=2))
-  print(f"jaxlab: {file} was {'missing' if text is None else 'damaged (not valid JSON)'}; "
-        "rewritten from the config saved in the last checkpoint", file=sys.stderr)
+  if paths.is_writer():
+    print(f"jaxlab: {file} was {'missing' if text is None else 'damaged (not valid JSON)'}; "
+          "rewritten from the config saved in the last checkpoint", file=sys.stderr)
 
 
 def _finished(config, workdir, ckpt, saved: dict, mesh, rules) -> dict[str, Any] | None:

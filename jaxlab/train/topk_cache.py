@@ -18,7 +18,6 @@ import jax.numpy as jnp
 import numpy as np
 from etils import epath
 
-from jaxlab import fingerprint
 from jaxlab.data import prompt_completion as pc
 from jaxlab.train.channels import common
 
@@ -32,7 +31,7 @@ def describe(config, fingerprints: dict, vocab_size: int) -> dict:
           "k": int(config.distill.topk), "temperature": float(config.distill.temperature),
           "prompt_len": int(d.prompt_len), "teacher_prompt_len": int(d.teacher_prompt_len),
           "completion_len": int(d.completion_len), "max_examples": int(d.max_examples or 0),
-          "data": fingerprint.file_digest(d.train_path),
+          "data": [str(d.train_path), fingerprints["data.train_path"]],
           "teacher": config.teacher.path, "teacher_system": config.teacher.system_prompt}
 
 
