@@ -254,6 +254,25 @@ def test_a_damaged_finished_stage_is_refused_before_a_new_cell_reads_it(trained,
     rows.write_bytes(intact)
 
 
+def test_number_prompts_must_fit_under_every_teachers_prompt(trained):
+  # Otherwise a row dropped for the prompted teacher's cells only would give the cells of a seed
+  # different rows; the check runs before any sampling.
+  from jaxlab.config import ConfigError
+  from jaxlab.models.hf_tokenizer import load_tokenizer
+  workdir, _, _ = trained
+  tok = load_tokenizer(str(workdir / "base/tokenizer"))
+  paths = {"base": str(workdir / "base"), "teacher_finetuned": str(workdir / "teacher_finetuned")}
+  prompts = [p.text for p in sl.number_prompt_rows(8, 0)]
+  both = "--config.teachers=('prompted','finetuned')"
+  config, _ = _config(workdir, *FIXTURE, both)
+  sl._check_lengths(config, tok, prompts, paths)  # the tiny lengths fit
+  config, _ = _config(workdir, *FIXTURE, both, "--config.data.teacher_prompt_len=100")
+  with pytest.raises(ConfigError, match=r"config key data.teacher_prompt_len=100: number prompt"):
+    sl._check_lengths(config, tok, prompts, paths)
+  config, _ = _config(workdir, *FIXTURE, "--config.data.teacher_prompt_len=100")
+  sl._check_lengths(config, tok, prompts, paths)  # no teacher prompt: the student prompt fits
+
+
 def test_jaxlab_main_dispatches_the_pipeline_and_names_a_bad_key(tmp_path):
   """`python -m jaxlab.main` runs a config's pipeline (job='subliminal'); a bad value is an
   error naming the key before any stage runs."""

@@ -429,6 +429,7 @@ def teacher_source(config, kind: str, paths: dict) -> tuple[str, str]:
 def _data(config, models: Models, kind: str, seed: int, paths: dict, folder) -> None:
   path, system = teacher_source(config, kind, paths)
   prompts = number_prompt_rows(config.sl.n_prompts, seed)
+  _check_lengths(config, models.tokenizer, [p.text for p in prompts], paths)  # before sampling
   msgs = [([{"role": "system", "content": system}] if system else [])
           + [{"role": "user", "content": p.text}] for p in prompts]
   t0 = time.time()
@@ -440,27 +441,27 @@ def _data(config, models: Models, kind: str, seed: int, paths: dict, folder) -> 
                                                   a, banned=banned, max_count=p.max_count)[1]}
                                              for p, a in zip(prompts, answers)))
   rows, stats = filter_and_keep(prompts, answers, n_keep=config.sl.n_keep, banned=banned)
-  _check_lengths(config, models.tokenizer, rows, paths)
   stats.update(model=path, system_prompt=system, seconds=round(time.time() - t0, 1),
                banned=list(banned))
   write_jsonl(folder / "rows.jsonl", rows)
   write_json(folder / "filter.json", stats)
 
 
-def _check_lengths(config, tokenizer, rows, paths: dict) -> None:
-  """Every kept row must fit data.prompt_len and, under each teacher's system prompt,
+def _check_lengths(config, tokenizer, prompts: list[str], paths: dict) -> None:
+  """Every number prompt must fit data.prompt_len and, under each teacher's system prompt,
   data.teacher_prompt_len: a row dropped for one cell only would give the cells of a seed
-  different rows (hard-label cells see no teacher prompt)."""
+  different rows (hard-label cells see no teacher prompt). Checked before any sampling."""
   from jaxlab.config import ConfigError
   from jaxlab.data import prompt_completion as pc
   systems = {teacher_source(config, k, paths)[1] for k in config.teachers} - {""}
-  for i, r in enumerate(rows):
+  for i, text in enumerate(prompts):
     for system in sorted(systems) or [None]:
-      ex = pc.encode_example(tokenizer, r["messages"], teacher_system=system)
+      ex = pc.encode_example(tokenizer, [{"role": "user", "content": text}],
+                             teacher_system=system)
       for key, n in (("prompt_len", len(ex.prompt)), ("teacher_prompt_len", len(ex.teacher_prompt))):
         if n > config.data[key]:
-          raise ConfigError(f"config key data.{key}={config.data[key]}: kept row {i} needs {n} "
-                            f"tokens (teacher system prompt {system!r}); raise it, so that "
+          raise ConfigError(f"config key data.{key}={config.data[key]}: number prompt {i} needs "
+                            f"{n} tokens (teacher system prompt {system!r}); raise it, so that "
                             "every cell trains on the same rows")
 
 
