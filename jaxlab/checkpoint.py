@@ -32,6 +32,25 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 from jaxlab import paths
 
 _ITEMS = ("state", "data", "config", "fingerprint")
+
+
+def _read_only_options(**kw) -> ocp.CheckpointManagerOptions:
+  """Options of a manager that only reads, set as Orbax wants them for reading (it otherwise
+  resets save_interval_steps, max_to_keep and create with a warning each, per manager)."""
+  return ocp.CheckpointManagerOptions(read_only=True, save_interval_steps=0, max_to_keep=None,
+                                      create=False, cleanup_tmp_directories=False, **kw)
+
+
+class _QuietReadOnly(logging.Filter):
+  """Drops Orbax's "Given directory is read only=DIR" warning, which it logs unconditionally
+  for every read-only manager (a pipeline opens one per model it reads: hundreds of lines that
+  say nothing a user can act on). Every other Orbax/absl message still shows."""
+
+  def filter(self, record: logging.LogRecord) -> bool:
+    return not str(record.msg).startswith("Given directory is read only=")
+
+
+logging.getLogger("absl").addFilter(_QuietReadOnly())
 _WEIGHT = np.uint32(2654435761)  # Knuth's multiplicative hash constant
 
 
@@ -118,9 +137,9 @@ class Checkpointer:
     self.restored_step: int | None = None  # the step the last restore read
     self.directory = paths.path(directory)
     self.read_only = read_only
-    options = ocp.CheckpointManagerOptions(
-        max_to_keep=keep, save_interval_steps=1, enable_async_checkpointing=async_save,
-        create=not read_only, read_only=read_only)
+    options = _read_only_options(enable_async_checkpointing=async_save) if read_only else \
+        ocp.CheckpointManagerOptions(max_to_keep=keep, save_interval_steps=1,
+                                     enable_async_checkpointing=async_save, create=True)
     self.manager = ocp.CheckpointManager(self.directory, options=options, item_names=_ITEMS)
 
   def latest_step(self) -> int | None:
@@ -247,7 +266,7 @@ class Checkpointer:
   def _reader(self) -> ocp.CheckpointManager:
     if self._read_manager is None:
       self._read_manager = ocp.CheckpointManager(
-          self.directory, options=ocp.CheckpointManagerOptions(read_only=True, create=False),
+          self.directory, options=_read_only_options(),
           item_names=_ITEMS)
     self._read_manager.reload()
     return self._read_manager

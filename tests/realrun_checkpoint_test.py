@@ -213,3 +213,21 @@ def test_load_params_reads_params_only(tmp_path, monkeypatch):
   assert all(k.startswith("params.") for k in read[0])  # no optimizer state was read
   for a, b in zip(jax.tree.leaves(trainable), jax.tree.leaves(state.params)):
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b) + 3)
+
+
+def test_reading_checkpoints_logs_no_orbax_read_only_warnings(tmp_path, caplog):
+  # A pipeline opens a read-only manager per model it reads: Orbax logged two warnings each
+  # (hundreds per run), none a user can act on. Damage warnings still show (tested above).
+  import logging
+  import jax.numpy as jnp
+  from jaxlab.checkpoint import Checkpointer
+  ck = Checkpointer(tmp_path / "c", every=1, keep=1, async_save=False)
+  ck.save(1, {"a": jnp.ones(3)}, {"position": 0}, '{"x": 1}')
+  ck.close()
+  with caplog.at_level(logging.INFO):
+    for _ in range(2):
+      reader = Checkpointer(tmp_path / "c", every=0, keep=1, async_save=False, read_only=True)
+      assert reader.saved_config() == {"x": 1}
+      reader.close()
+  orbax = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
+  assert orbax == [], orbax
