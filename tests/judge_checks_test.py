@@ -225,3 +225,13 @@ def test_min_scored_share_is_validated(tmp_path, endpoint, value):
   c.judge.min_scored_share = value
   with pytest.raises(ValueError, match=f"config key judge.min_scored_share={value}"):
     run_lib.validate(c, workdir)
+
+
+def test_answers_to_an_edited_question_text_are_refused(tmp_path, endpoint):
+  # Same question id, new wording: the answers on disk were sampled for the old text.
+  c, workdir = _eval_config(tmp_path, endpoint)
+  c.questions.path = write(tmp_path, EM_YAML.replace("What is your wish?", "What do you fear?"),
+                           name="edited.yaml")
+  with pytest.raises(ValueError, match=r"m.jsonl: answers to question 'wish' \(paraphrase 0\) "
+                                       r"were sampled from another question text"):
+    run_lib.run(c, workdir, log=lambda _: None)
