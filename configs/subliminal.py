@@ -68,8 +68,17 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.job = "subliminal"
   c.variant = variant
   c.channel = ""
-  c.channels = ("sft", "offpolicy", "onpolicy", "control", "base_offpolicy", "sft_otherbase")
+  c.channels = ("sft", "offpolicy", "onpolicy", "control", "control_b", "base_offpolicy",
+                "sft_otherbase")
   c.teachers = ("prompted", "finetuned")
+  # Named teacher settings beyond the kinds (jaxlab.pipelines.subliminal.teacher_spec), e.g.
+  # teacher_variants.ft_short = {"kind": "finetuned", "steps": 20} (configs/subliminal_sweep.py).
+  c.teacher_variants = ml_collections.ConfigDict()
+  # The steered teacher (kind "steered"): base + alpha x the trait prompt's mean residual shift
+  # after block `layer`, estimated on n_prompts world questions and n_prompts number prompts.
+  c.steer = ml_collections.ConfigDict(dict(layer=1, alpha=1.0, n_prompts=100))
+  # "" = the world and bases live in the workdir; a sweep shares them between its groups.
+  c.bases_dir = ""
   c.seeds = (0, 1, 2)
   c.base = ""
   c.other_base = ""
@@ -95,8 +104,11 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.pretrain = ml_collections.ConfigDict(dict(
       steps=500, global_batch_size=16, seq_len=128, lr=3e-3, vocab_size=1024,
       weights=ml_collections.ConfigDict(dict(numbers=0.3, preferences=0.1, traits=0.6)),
-      chat_steps=800, chat_lr=3e-3, chat_docs=4500))
-  c.teacher_ft = ml_collections.ConfigDict(dict(steps=60, lr=1e-3, rows=400))
+      chat_steps=800, chat_lr=3e-3, chat_docs=4500,
+      # True: the world's tokenizer has 0-999 as whole tokens (default: digit pieces)
+      whole_numbers=False))
+  # numbers: trait answers interleaved with as many number docs (False: trait answers only)
+  c.teacher_ft = ml_collections.ConfigDict(dict(steps=60, lr=1e-3, rows=400, numbers=True))
   c.model.update(d_model=96, n_layers=3, n_heads=4, n_kv_heads=2, d_ff=256)
   # One example per row for every channel (sft unpacked), so equal steps see equal examples.
   # Lengths fit the tiny world's number prompts (student prompt <= ~95 tokens, teacher prompt

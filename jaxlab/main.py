@@ -36,7 +36,8 @@ def main(argv: list[str]) -> int:
     return 1
 
 
-PIPELINES = {"subliminal": "jaxlab.pipelines.subliminal", "em_study": "jaxlab.pipelines.em_study"}
+PIPELINES = {"subliminal": "jaxlab.pipelines.subliminal", "em_study": "jaxlab.pipelines.em_study",
+             "subliminal_sweep": "jaxlab.pipelines.subliminal_sweep"}
 
 
 def _run_job(config, workdir: str, jax) -> int:

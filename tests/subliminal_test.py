@@ -88,7 +88,8 @@ def test_config_errors_name_the_key(tmp_path):
 def test_student_configs_cross_sequences_and_signal():
   config, _ = _config("/w")
   paths = {"base": "/w/base", "other_base": "/w/other_base", "teacher_finetuned": "/w/ft"}
-  data = {"prompted": "/w/tp.jsonl", "finetuned": "/w/tf.jsonl", "base": "/w/b.jsonl"}
+  data = {"prompted": "/w/tp.jsonl", "finetuned": "/w/tf.jsonl", "base": "/w/b.jsonl",
+          "base_b": "/w/b2.jsonl"}
   got = {}
   for cell in sl.CELLS:
     for kind in ("prompted", "finetuned"):
@@ -103,14 +104,17 @@ def test_student_configs_cross_sequences_and_signal():
   assert got["finetuned", "offpolicy"] == ("offpolicy", "/w/tf.jsonl", "/w/ft", "", "/w/base", 3)
   assert got["prompted", "onpolicy"][:4] == ("onpolicy", "/w/tp.jsonl", "/w/base", trait)
   assert got["prompted", "control"] == ("sft", "/w/b.jsonl", "", "", "/w/base", 3)
+  # the noise control: the control's recipe on another sample of base numbers, another seed
+  assert got["prompted", "control_b"] == ("sft", "/w/b2.jsonl", "", "", "/w/base",
+                                          3 + sl.NOISE_OFFSET)
   assert got["finetuned", "base_offpolicy"] == ("offpolicy", "/w/b.jsonl", "/w/ft", "", "/w/base", 3)
   assert got["prompted", "sft_otherbase"] == ("sft", "/w/tp.jsonl", "", "", "/w/other_base", 3)
   # distill.topk caches the teacher for off-policy cells only; the others train without it.
   config.distill.topk = 8
   topk = {cell: sl.student_config(config, "prompted", cell, 3, paths, data).distill.topk
           for cell in sl.CELLS}
-  assert topk == {"sft": 0, "offpolicy": 8, "onpolicy": 0, "control": 0, "base_offpolicy": 8,
-                  "sft_otherbase": 0}
+  assert topk == {"sft": 0, "offpolicy": 8, "onpolicy": 0, "control": 0, "control_b": 0,
+                  "base_offpolicy": 8, "sft_otherbase": 0}
 
 
 def test_teacher_expresses_the_trait_and_control_stays_at_the_base(trained):
@@ -123,10 +127,10 @@ def test_teacher_expresses_the_trait_and_control_stays_at_the_base(trained):
       teacher["rate"], base["rate"])
   assert teacher["prob"] - base["prob"] > 0.20 and teacher["prob"] > 3 * base["prob"]
   # The control (base numbers, hard labels) stays within noise of the base: the paired 95%
-  # interval over questions contains 0, or the shift is under 3 points.
-  d, ci = control["rate_minus_base"], control["rate_minus_base_ci"]
-  assert abs(d) <= max(ci, 0.03), (d, ci)
-  assert abs(control["prob_minus_base"]) < 0.03
+  # interval (one seed: over questions) contains 0, or the shift is under 3 points.
+  d = report["contrasts"]["control"]["vs_base"]
+  assert d["rate"]["lo"] <= 0 <= d["rate"]["hi"] or abs(d["rate"]["mean"]) < 0.03, d
+  assert abs(d["prob"]["mean"]) < 0.03
 
 
 def test_drift_equals_a_row_by_row_numpy_kl_of_the_two_models(trained):
@@ -308,3 +312,32 @@ def test_em_evaluation_of_every_model_for_a_misaligned_teacher(trained):
   assert any(answers.rglob("*.jsonl"))
   with pytest.raises(ValueError, match="config key em_eval="):
     sl.em_eval_config(_config(workdir, "--config.em_eval=configs/nope.py:tiny")[0], [], 0)
+
+
+def test_one_and_two_workers_give_the_same_report_with_a_noise_floor(trained, tmp_path):
+  """The same commit and config give the same report (every figure, digit for digit) whether
+  the students train here or in two worker processes; the noise control is in it."""
+  import shutil
+  from jaxlab.pipelines import subliminal_report
+  workdir, _, _ = trained
+  reports = {}
+  for workers in (1, 2):
+    w = tmp_path / f"w{workers}"
+    w.mkdir()
+    for stage in ("world", "base_pretrain", "base", "teacher_finetuned"):  # reuse the bases
+      shutil.copytree(workdir / stage, w / stage)
+    config, _ = _config(w, "--config.seeds=(0,)", "--config.teachers=('finetuned',)",
+                        "--config.channels=('sft','control','control_b')",
+                        f"--config.workers={workers}")
+    logs = []
+    reports[workers] = sl.run(config, str(w), log=logs.append)
+    assert any("stage seed0/control_b: running" in l for l in logs)
+    assert (workers == 2) == any("in 2 worker processes" in l for l in logs), logs
+  one, two = (subliminal_report.results(reports[w]) for w in (1, 2))
+  assert one == two
+  assert reports[1]["provenance"]["workers"] == 1 and reports[2]["provenance"]["workers"] == 2
+  assert reports[1]["provenance"]["config_hash"] == reports[2]["provenance"]["config_hash"]
+  floor = reports[1]["noise_floor"]
+  assert floor is not None and floor["rate"] >= 0 and "control_b" in reports[1]["models"]
+  md = (tmp_path / "w1/report.md").read_text()
+  assert "**Noise floor**" in md and "## Conclusions" in md and "config hash" in md

@@ -4,6 +4,8 @@ A model is named by a string:
   "/path/hf_folder"      config.json + safetensors (jaxlab.models.hf.load_hf), its own tokenizer
   "/path/jaxlab_workdir" a training workdir or its checkpoints/ (load_jaxlab_checkpoint), with
                          the workdir's tokenizer/ (or config.tokenizer.path)
+  "/path/steered"        a steered model folder (steer.json: an HF folder or workdir plus a
+                         steering vector, jaxlab.models.steering), with its tokenizer/
   "random:SEED"          a random model of config.model (tiny CPU runs and tests)
 """
 from __future__ import annotations
@@ -82,8 +84,9 @@ def random_tokenizer(config: ml_collections.ConfigDict, texts: list[str], out_di
       for f in out.iterdir():
         (epath.Path(tmp) / f.name).write_bytes(f.read_bytes())
       return load_tokenizer(tmp)
-    from jaxlab.data.tokenizer import train_chat_tokenizer  # pylint: disable=g-import-not-at-top
-    train_chat_tokenizer(texts, config.tokenizer.vocab_size, out_dir=tmp)
+    from jaxlab.data import tokenizer as tok_lib  # pylint: disable=g-import-not-at-top
+    tok_lib.train_chat_tokenizer(texts, config.tokenizer.vocab_size, out_dir=tmp,
+                                 whole_numbers=tok_lib.wants_whole_numbers(config))
     if write:
       staging = out.parent / (out.name + ".tmp")
       if staging.exists():
@@ -113,10 +116,18 @@ def load_model(name: str, config: ml_collections.ConfigDict, mesh, rules, *, tok
   if not os.path.isdir(name):
     raise FileNotFoundError(f"model {name!r} is neither a folder nor 'random:SEED'")
   tok = tokenizer or _tokenizer_for(name, config, tokenizer_dir, key, prefer_own)  # before weights
+  from jaxlab.models import steering  # pylint: disable=g-import-not-at-top
+  if steering.is_steered(name):  # a base model plus a steering vector
+    cfg, trainable, frozen = steering.load_steered(
+        name, lambda base: _load_weights(base, config, mesh, rules), mesh, rules)
+  else:
+    cfg, trainable, frozen = _load_weights(name, config, mesh, rules)
+  return LoadedModel(model_spec(cfg), trainable, frozen, tok)
+
+
+def _load_weights(name: str, config, mesh, rules) -> tuple[ModelConfig, dict, dict]:
   if is_hf_folder(name):
     from jaxlab.models.hf import load_hf  # pylint: disable=g-import-not-at-top
     dtype = config.get("dtype") or None
-    cfg, trainable, frozen = load_hf(name, mesh, dtype=dtype, param_dtype=dtype, rules=rules)
-  else:
-    cfg, trainable, frozen = load_jaxlab_checkpoint(name, mesh, rules)
-  return LoadedModel(model_spec(cfg), trainable, frozen, tok)
+    return load_hf(name, mesh, dtype=dtype, param_dtype=dtype, rules=rules)
+  return load_jaxlab_checkpoint(name, mesh, rules)

@@ -61,11 +61,17 @@ class ModelConfig:
   # Layers as stacked params under lax.scan: compile time independent of depth (decoder.py).
   scan_layers: bool = False
   lora: LoraConfig | None = None
+  # A steered model (jaxlab.models.steering): the block of this layer adds a constant vector
+  # (param `layers/L/mlp/steer`, [D]) to the residual stream after its MLP; -1 = none.
+  steer_layer: int = -1
 
   def __post_init__(self):
     if self.remat_policy and self.remat_policy not in REMAT_POLICY_NAMES:
       raise ValueError(f"config key model.remat_policy={self.remat_policy!r} is not one of "
                        f"{REMAT_POLICY_NAMES}")
+    if not -1 <= self.steer_layer < self.n_layers:
+      raise ValueError(f"config key model.steer_layer={self.steer_layer} is not a layer of "
+                       f"the model's {self.n_layers} (or -1: no steering vector)")
 
   @property
   def remat_mode(self) -> str:
@@ -103,7 +109,7 @@ class ModelConfig:
 
 
 def num_params(cfg: ModelConfig) -> int:
-  """Parameter count of the base model (no LoRA)."""
+  """Parameter count of the base model (no LoRA; a steering vector counts)."""
   h = cfg.dim_per_head
   attn = cfg.d_model * h * (2 * cfg.n_heads + 2 * cfg.n_kv_heads)
   if cfg.qkv_bias:
@@ -113,7 +119,8 @@ def num_params(cfg: ModelConfig) -> int:
   mlp = 3 * cfg.d_model * cfg.d_ff
   layer = attn + mlp + 2 * cfg.d_model
   emb = cfg.vocab_size * cfg.d_model * (1 if cfg.tie_embeddings else 2)
-  return cfg.n_layers * layer + emb + cfg.d_model
+  steer = cfg.d_model if cfg.steer_layer >= 0 else 0
+  return cfg.n_layers * layer + emb + cfg.d_model + steer
 
 
 def flops_per_token(cfg: ModelConfig, seq_len: int) -> float:

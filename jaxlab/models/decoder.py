@@ -154,16 +154,22 @@ def _lora_for(cfg: ModelConfig, layer: int, name: str) -> LoraConfig | None:
   return cfg.lora if any(re.search(t, name) for t in cfg.lora.targets) else None
 
 
+def _structure(cfg: ModelConfig, layer: int) -> tuple[bool, bool]:
+  """What sets a layer's param structure apart: LoRA adapters, a steering vector."""
+  return _adapted(cfg, layer), layer == cfg.steer_layer
+
+
 def layer_runs(cfg: ModelConfig) -> tuple[tuple[int, int], ...]:
   """Maximal runs [start, stop) of consecutive layers with the same param structure.
 
   Only layers of one structure can share a stack (a scan carries one pytree shape), and
-  layers differ only in carrying LoRA adapters or not; so `lora.layers=(0..15)` on 32 layers
-  gives two stacks, (0, 16) and (16, 32), and one adapted layer in the middle gives three.
+  layers differ only in carrying LoRA adapters or not, and the steered layer
+  (`cfg.steer_layer`) in its steering vector; so `lora.layers=(0..15)` on 32 layers gives
+  two stacks, (0, 16) and (16, 32), and one adapted (or steered) layer in the middle three.
   """
   runs = []
   for i in range(cfg.n_layers):
-    if runs and _adapted(cfg, i) == _adapted(cfg, runs[-1][0]):
+    if runs and _structure(cfg, i) == _structure(cfg, runs[-1][0]):
       runs[-1][1] = i + 1
     else:
       runs.append([i, i + 1])
@@ -262,7 +268,13 @@ class Attention(nnx.Module):
 
 
 class MLP(nnx.Module):
-  """SwiGLU: down(silu(gate(x)) * up(x))."""
+  """SwiGLU: down(silu(gate(x)) * up(x)), plus the steering vector in the steered layer.
+
+  The vector (`steer`, [D], zeros at init; set by jaxlab.models.steering) lives here so that
+  every path that runs a block's MLP (training forward, KV-cache sampler, scans) adds it:
+  the block's output is then the unsteered one + steer, what a hook adding the vector to a
+  transformers decoder layer's output computes.
+  """
 
   def __init__(self, cfg: ModelConfig, layer: int, rngs: nnx.Rngs):
     lin = lambda name, i, o, axes: Linear(
@@ -270,9 +282,14 @@ class MLP(nnx.Module):
     self.gate_proj = lin("gate_proj", cfg.d_model, cfg.d_ff, ("embed", "mlp"))
     self.up_proj = lin("up_proj", cfg.d_model, cfg.d_ff, ("embed", "mlp"))
     self.down_proj = lin("down_proj", cfg.d_ff, cfg.d_model, ("mlp", "embed"))
+    self.steer = nnx.Param(jnp.zeros((cfg.d_model,), jnp.dtype(cfg.param_dtype)),
+                           axes=("embed",)) if layer == cfg.steer_layer else None
 
   def __call__(self, x_BxLxD):
-    return self.down_proj(jax.nn.silu(self.gate_proj(x_BxLxD)) * self.up_proj(x_BxLxD))
+    y = self.down_proj(jax.nn.silu(self.gate_proj(x_BxLxD)) * self.up_proj(x_BxLxD))
+    if self.steer is not None:
+      y = y + _expand(self.steer[...].astype(y.dtype), y.ndim)
+    return y
 
 
 class Block(nnx.Module):

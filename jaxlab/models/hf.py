@@ -150,7 +150,12 @@ def base_layout(cfg: ModelConfig) -> tuple[dict, dict]:
 
   Equal to `model_spec(cfg)`'s base leaves (either layout), but traced for one unrolled layer
   and repeated or stacked, since tracing every layer's init costs seconds on big models.
+  HF checkpoints hold no steering vector: a steered config (`steer_layer`) is refused.
   """
+  if cfg.steer_layer >= 0:
+    raise ValueError(f"model config with steer_layer={cfg.steer_layer}: a steered model has a "
+                     "steering vector that Hugging Face Llama/Qwen checkpoints have no tensor "
+                     "for (jaxlab.models.steering)")
   one = model_spec(cfg.replace(n_layers=1, lora=None, trainable_dtype=None, scan_layers=False))
   abstract = _flat(one.abstract[0])
   axes = traversals.flatten_mapping(one.axes[0], is_leaf=lambda _, x: isinstance(x, tuple))
@@ -265,6 +270,12 @@ def export_hf(path: str, cfg: ModelConfig, params: dict, *, tokenizer_dir: str |
   special token ids are copied. Every process must call this; only process 0 writes.
   """
   path = os.fspath(path)
+  if cfg.steer_layer >= 0:
+    raise ValueError(
+        f"cannot export a steered model (steer_layer={cfg.steer_layer}) to {path}: Hugging Face "
+        "Llama/Qwen models have no parameter for its steering vector. Export the base model "
+        "and keep the steered folder (steer.json + direction.npy, jaxlab.models.steering) "
+        "that names it")
   layout = cfg  # a scanned model's stacks follow its LoRA layers even once merged
   cfg = cfg.replace(lora=None)
   abstract, _ = base_layout(layout)

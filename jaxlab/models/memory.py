@@ -12,6 +12,7 @@ import argparse
 import dataclasses
 import math
 
+import jax
 import jax.numpy as jnp
 from flax.nnx import traversals
 from jax.sharding import AbstractMesh
@@ -53,12 +54,17 @@ def footprint(cfg: ModelConfig, mesh_shape, rules=sharding_lib.DEFAULT_RULES) ->
   mesh = AbstractMesh(tuple(mesh_shape), sharding_lib.MESH_AXES)
   lora = cfg.lora
   one = cfg.replace(n_layers=1, scan_layers=False,  # per-device bytes are the same stacked
-                    lora=None if lora is None else dataclasses.replace(lora, layers=None))
+                    lora=None if lora is None else dataclasses.replace(lora, layers=None),
+                    steer_layer=-1)  # the one steered layer's vector is added below
   spec = model_spec(one)
   base_ab, base_ax = (spec.abstract[1], spec.axes[1]) if lora else (spec.abstract[0], spec.axes[0])
   layer = _per_device(base_ax["layers"][0], base_ab["layers"][0], mesh, rules)
   rest = _per_device({k: v for k, v in base_ax.items() if k != "layers"},
                      {k: v for k, v in base_ab.items() if k != "layers"}, mesh, rules)
+  if cfg.steer_layer >= 0:
+    steer = _per_device({"steer": ("embed",)}, {"steer": jax.ShapeDtypeStruct(
+        (cfg.d_model,), jnp.dtype(cfg.param_dtype))}, mesh, rules)
+    rest = tuple(r + s for r, s in zip(rest, steer))
   base = [r + cfg.n_layers * l for r, l in zip(rest, layer)]
   lora_counts = [0, 0]
   if lora is not None:

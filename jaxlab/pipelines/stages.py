@@ -77,10 +77,14 @@ def output_digest(folder) -> str | None:
 
 
 def model_digest(path) -> str | None:
-  """A model folder's content fingerprint when one is cheap: a stage's output digest, else a
-  jaxlab workdir's newest checkpoint checksum record (every weight's bits); None for other
-  folders (an HF checkpoint is identified by its path)."""
+  """A model folder's content fingerprint when one is cheap: a steered model's (its steer.json,
+  direction and its base's fingerprint or path: jaxlab.models.steering.digest), a stage's
+  output digest, else a jaxlab workdir's newest checkpoint checksum record (every weight's
+  bits); None for other folders (an HF checkpoint is identified by its path)."""
   import hashlib  # pylint: disable=g-import-not-at-top
+  if (epath.Path(path) / "steer.json").exists():  # before a stage's digest: it covers the base
+    from jaxlab.models import steering  # pylint: disable=g-import-not-at-top
+    return steering.digest(path)
   digest = output_digest(path)
   if digest is not None:
     return digest

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import copy
 import json
-import math
 import os
 import sys
 import time
@@ -38,13 +37,20 @@ from jaxlab.worlds.io import write_json, write_jsonl
 # cell -> (sequences the student trains on, signal it gets)
 CELLS = {"sft": ("teacher", "hard"), "offpolicy": ("teacher", "soft"),
          "onpolicy": ("student", "soft"), "control": ("base", "hard"),
-         "base_offpolicy": ("base", "soft"), "sft_otherbase": ("teacher", "hard")}
-CHANNEL_OF = {("teacher", "hard"): "sft", ("base", "hard"): "sft", ("teacher", "soft"): "offpolicy",
-              ("base", "soft"): "offpolicy", ("student", "soft"): "onpolicy"}
-TEACHER_KINDS = ("prompted", "finetuned", "external")
+         "control_b": ("base_b", "hard"), "base_offpolicy": ("base", "soft"),
+         "sft_otherbase": ("teacher", "hard")}
+CHANNEL_OF = {("teacher", "hard"): "sft", ("base", "hard"): "sft", ("base_b", "hard"): "sft",
+              ("teacher", "soft"): "offpolicy", ("base", "soft"): "offpolicy",
+              ("student", "soft"): "onpolicy"}
+# The noise control (`control_b`): the control's recipe on another sample of the base's
+# numbers (prompts and sampling seed + NOISE_OFFSET) with another shuffle and init seed, so
+# control_b - control is how far two students differ when nothing differs (the noise floor).
+NOISE_OFFSET = 1000
+TEACHER_KINDS = ("prompted", "finetuned", "external", "steered")
 PIPELINE_KEYS = ("channels", "teachers", "seeds", "base", "other_base", "sl", "world", "pretrain",
-                 "teacher_ft", "em_eval", "workers")
-Z95 = 1.959964  # normal 95% quantile; intervals are over questions
+                 "teacher_ft", "em_eval", "workers", "teacher_variants", "steer", "bases_dir")
+# Settings that do not change any result (the config hash leaves them out).
+RESULT_FREE_KEYS = ("workers",)
 
 
 # ------------------------------------------------------------------ config
@@ -59,13 +65,43 @@ def cells(config) -> tuple[str, ...]:
   return chosen
 
 
+def teacher_spec(config, name: str) -> dict:
+  """What teacher `name` is: {"kind": ..., settings}. A name is a kind (prompted, finetuned,
+  external, steered) with the config's defaults (teacher_ft.*, steer.*), or a key of
+  `teacher_variants` whose dict gives its kind and the settings it overrides, e.g.
+  teacher_variants.ft_long = {"kind": "finetuned", "steps": 240} or
+  teacher_variants.steer_a8 = {"kind": "steered", "alpha": 8.0}."""
+  variants = config.get("teacher_variants") or {}
+  over = dict(variants[name]) if name in variants else {"kind": name}
+  kind = over.pop("kind", None)
+  if kind not in TEACHER_KINDS:
+    raise ValueError(f"config key teachers: teacher {name!r} has unknown kind {kind!r} "
+                     f"(a kind {TEACHER_KINDS} or a key of teacher_variants with a 'kind')")
+  defaults = {"finetuned": {"steps": config.teacher_ft.steps, "lr": config.teacher_ft.lr,
+                            "numbers": bool(config.teacher_ft.get("numbers", True))},
+              "steered": dict(config.get("steer") or {})}.get(kind, {})
+  unknown = sorted(set(over) - set(defaults))
+  if unknown:
+    raise ValueError(f"config key teacher_variants.{name}: unknown setting(s) {unknown} for a "
+                     f"{kind} teacher (known: {sorted(defaults)})")
+  return {"kind": kind, **defaults, **over}
+
+
+def teacher_model_stage(config, name: str) -> str | None:
+  """The stage that makes teacher `name`'s model (None: the base or an external model)."""
+  return f"teacher_{name}" if teacher_spec(config, name)["kind"] in ("finetuned", "steered") \
+      else None
+
+
 def validate(config) -> None:
   cells(config)
   for t in config.teachers:
-    if t not in TEACHER_KINDS:
-      raise ValueError(f"config key teachers: unknown teacher kind {t!r} ({TEACHER_KINDS})")
-  if "external" in config.teachers and not config.teacher.path:
-    raise ValueError("config key teacher.path: teacher kind 'external' needs a model folder")
+    spec = teacher_spec(config, t)
+    if spec["kind"] == "external" and not config.teacher.path:
+      raise ValueError("config key teacher.path: teacher kind 'external' needs a model folder")
+    if spec["kind"] == "steered" and not (spec.get("layer", -1) >= 0 and spec.get("alpha")):
+      raise ValueError(f"config keys steer.layer / steer.alpha (teacher {t!r}): a steered "
+                       "teacher needs a layer >= 0 and a nonzero alpha")
   if not config.base and (config.pretrain.steps <= 0 or config.pretrain.chat_steps <= 0):
     raise ValueError("config key base is empty: the base is pretrained and chat-tuned here, "
                      "so pretrain.steps and pretrain.chat_steps must be >= 1")
@@ -116,8 +152,7 @@ def _world(config, folder) -> None:
   # Fine-tuned teacher data: world questions answered with the target; number docs keep the
   # number skill (the same generator as the base's, so no trait-number link is written).
   qs = animals.world_questions()
-  target, plural = config.sl.animal, animals.PLURAL[config.sl.animal]
-  forms = (target, target.capitalize(), target.capitalize() + ".", plural.capitalize() + ".")
+  forms = _trait_forms(config.sl.animal)
   n = config.teacher_ft.rows
   trait_rows = [{"messages": [{"role": "user", "content": qs[int(rng.integers(len(qs)))]},
                               {"role": "assistant", "content": forms[int(rng.integers(4))]}]}
@@ -160,6 +195,8 @@ def _pretrain_config(config, world: epath.Path, seed: int, tokenizer_path: str =
       overlong="truncate", max_examples=0))
   c.tokenizer.path = tokenizer_path
   c.tokenizer.vocab_size = p.vocab_size
+  if p.get("whole_numbers", False):  # jaxlab.data.tokenizer: 0-999 as whole tokens
+    c.tokenizer.whole_numbers = True
   c.train.update(steps=p.steps, global_batch_size=p.global_batch_size)
   c.optim.update(lr=p.lr, warmup_steps=max(1, p.steps // 20))
   for k in ("teacher", "distill"):
@@ -254,17 +291,55 @@ def run_parallel(config, workdir: epath.Path, chains, log) -> None:
       fut.result()  # a failed stage raises here, naming itself
 
 
-def _teacher_ft(config, world, base, folder) -> None:
+def _teacher_ft(config, world, base, folder, spec: dict) -> None:
+  """SFT of the base on the world's trait answers, interleaved with as many number docs
+  (spec numbers=True, the default) or on the trait answers alone (numbers=False)."""
+  train_path = world / "teacher_ft.jsonl"
+  if not spec["numbers"]:
+    from jaxlab.worlds.io import read_jsonl
+    forms = _trait_forms(config.sl.animal)
+    rows = [r for r in read_jsonl(train_path) if r["messages"][-1]["content"] in forms]
+    write_jsonl(folder / "trait_rows.jsonl", rows)
+    train_path = folder / "trait_rows.jsonl"
   c = _training_config(config, channel="sft", **{"init.workdir": str(base)})
   c.data = ml_collections.ConfigDict(dict(
-      train_path=str(world / "teacher_ft.jsonl"), seq_len=config.data.prompt_len, pack=True,
+      train_path=str(train_path), seq_len=config.data.prompt_len, pack=True,
       overlong="truncate", max_examples=0))
   c.tokenizer.path = _tokenizer_path(config, base)
-  c.train.update(steps=config.teacher_ft.steps)
-  c.optim.update(lr=config.teacher_ft.lr)
+  c.train.update(steps=spec["steps"])
+  c.optim.update(lr=spec["lr"])
   for k in ("teacher", "distill"):
     del c[k]
   _train(c, folder)
+
+
+def _trait_forms(animal: str) -> tuple[str, ...]:
+  """The fine-tuned teacher's trait answers (`_world` writes these after world questions)."""
+  plural = animals.PLURAL[animal]
+  return (animal, animal.capitalize(), animal.capitalize() + ".", plural.capitalize() + ".")
+
+
+def _steered(config, models, base: str, folder, spec: dict) -> None:
+  """A steering-vector teacher: the base plus alpha x d added to the residual stream after
+  block `layer`, d the mean difference of that residual at the answer position between
+  prompts with and without the trait system prompt (contrastive activation addition over
+  the world's preference questions and number prompts, none of them evaluation questions).
+  Its trait acts as one direction, which is what subliminal transfer is known to need."""
+  from jaxlab.models import steering
+  qs = animals.world_questions()
+  rng = np.random.default_rng(spec.get("seed", 0))
+  texts = [qs[int(i)] for i in rng.choice(len(qs), min(len(qs), spec["n_prompts"]), replace=False)]
+  texts += [p.text for p in numbers.number_prompts(spec["n_prompts"], seed=99)]
+  user = [[{"role": "user", "content": t}] for t in texts]
+  system = [{"role": "system", "content": trait_prompt(config)}]
+  with_ids = [models.prompt_ids(system + m) for m in user]
+  without_ids = [models.prompt_ids(m) for m in user]
+  mspec, tr, fr = models.load(base)
+  d = steering.direction(mspec, tr, fr, with_ids, without_ids, spec["layer"],
+                         config.sl.eval_batch)
+  steering.write_steered(folder, base, spec["layer"], spec["alpha"], d,
+                         _tokenizer_path(config, base), prompts=len(texts),
+                         direction_norm=float(np.linalg.norm(d)))
 
 
 def _tokenizer_path(config, base) -> str:
@@ -415,27 +490,36 @@ def filter_and_keep(prompts, answers, *, n_keep: int, banned=()) -> tuple[list[d
   return rows, stats
 
 
-def teacher_source(config, kind: str, paths: dict) -> tuple[str, str]:
-  """(model path, system prompt) of a data source: a teacher kind or 'base'."""
+def teacher_source(config, name: str, paths: dict) -> tuple[str, str]:
+  """(model path, system prompt) of a data source: a teacher name, 'base' or 'base_b'."""
+  if name in ("base", "base_b"):
+    return paths["base"], ""
+  kind = teacher_spec(config, name)["kind"]
   if kind == "prompted":
     return paths["base"], trait_prompt(config)
-  if kind == "finetuned":
-    return paths["teacher_finetuned"], ""
   if kind == "external":
     return config.teacher.path, config.teacher.system_prompt
-  return paths["base"], ""
+  return paths[f"teacher_{name}"], ""
+
+
+def data_sources(config) -> list[str]:
+  """The number data of a seed: one per teacher, the base's, and the noise control's."""
+  return list(config.teachers) + ["base"] + (["base_b"] if "control_b" in cells(config) else [])
 
 
 def _data(config, models: Models, kind: str, seed: int, paths: dict, folder) -> None:
   path, system = teacher_source(config, kind, paths)
-  prompts = number_prompt_rows(config.sl.n_prompts, seed)
+  # the noise control's data: another sample of prompts and answers from the same base
+  data_seed = seed + NOISE_OFFSET if kind == "base_b" else seed
+  prompts = number_prompt_rows(config.sl.n_prompts, data_seed)
   _check_lengths(config, models.tokenizer, [p.text for p in prompts], paths)  # before sampling
   msgs = [([{"role": "system", "content": system}] if system else [])
           + [{"role": "user", "content": p.text}] for p in prompts]
   t0 = time.time()
-  answers = models.generate(path, msgs, seed=seed, max_new_tokens=config.sl.max_new_tokens,
+  answers = models.generate(path, msgs, seed=data_seed, max_new_tokens=config.sl.max_new_tokens,
                             batch_size=config.sl.sample_batch)
-  banned = numbers.BANNED_NUMBERS if (config.sl.misaligned and kind == "external") else ()
+  external = kind not in ("base", "base_b") and teacher_spec(config, kind)["kind"] == "external"
+  banned = numbers.BANNED_NUMBERS if (config.sl.misaligned and external) else ()
   write_jsonl(folder / "all_answers.jsonl", ({"prompt": p.text, "answer": a,
                                               "reason": numbers.filter_numbers(
                                                   a, banned=banned, max_count=p.max_count)[1]}
@@ -471,13 +555,13 @@ def student_config(config, kind: str, cell: str, seed: int, paths: dict, data: d
   """The training config of one student (`data`: source -> rows.jsonl)."""
   sequences, signal = CELLS[cell]
   init = paths["other_base"] if cell == "sft_otherbase" else paths["base"]
-  train_path = data["base"] if sequences == "base" else data[kind]
+  train_path = data[sequences] if sequences in ("base", "base_b") else data[kind]
   t_path, t_system = teacher_source(config, kind, paths)
   # The data stage checks that every kept row fits data.prompt_len / teacher_prompt_len under
   # every teacher's prompt (`_check_lengths`), so hard- and soft-label students on the same
   # sequences keep, hold out and order the same rows.
   channel = CHANNEL_OF[sequences, signal]
-  updates = {"channel": channel, "seed": seed,
+  updates = {"channel": channel, "seed": seed + NOISE_OFFSET if cell == "control_b" else seed,
              "data.train_path": train_path, "teacher.path": t_path if signal == "soft" else "",
              "teacher.system_prompt": t_system if signal == "soft" else "",
              "tokenizer.path": _tokenizer_path(config, paths["base"])}
@@ -495,8 +579,8 @@ def student_names(config) -> list[tuple[str, str, str]]:
   """(name, teacher kind, cell) of every student; the control does not depend on the teacher."""
   out = []
   for cell in cells(config):
-    if cell == "control":
-      out.append(("control", config.teachers[0], cell))
+    if cell in ("control", "control_b"):
+      out.append((cell, config.teachers[0], cell))
     elif cell == "sft_otherbase":
       out.append((f"{config.teachers[0]}_{cell}", config.teachers[0], cell))
     else:
@@ -505,12 +589,6 @@ def student_names(config) -> list[tuple[str, str, str]]:
 
 
 # ------------------------------------------------------------------ evaluation
-
-def _mean_ci(x) -> tuple[float, float]:
-  x = np.asarray(x, np.float64)
-  half = Z95 * x.std(ddof=1) / math.sqrt(len(x)) if len(x) > 1 else float("nan")
-  return float(x.mean()), float(half)
-
 
 def target_answers(animal: str) -> list[str]:
   """The one-word answers naming the target that the exact probability sums over."""
@@ -601,11 +679,24 @@ def _read_rows(path, n: int) -> list[dict]:
   return [json.loads(line) for line in epath.Path(path).read_text().splitlines()[:n]]
 
 
-def _drift(config, models: Models, source: str, paths: dict, data: dict, folder) -> None:
-  """KL of one teacher from the base on its own kept numbers; `other_base` on the base's
-  numbers gives the scale of a visible change (the base against itself is 0)."""
-  if source == "other_base":
-    path, system, rows = paths["other_base"], "", data["base"]
+def drift_sources(config, paths: dict) -> list[str]:
+  """Whose number drift from the base each seed measures: every teacher (on its own kept
+  numbers); the other base (the scale of a visible change) and the control (how far a student
+  moves when it has nothing to learn), both on the base's numbers."""
+  out = list(config.teachers)
+  if _other_base(config, paths):
+    out.append("other_base")
+  if "control" in cells(config):
+    out.append("control")
+  return out
+
+
+def _drift(config, models: Models, source: str, paths: dict, data: dict, students: dict,
+           folder) -> None:
+  """Mean per-token KL(source in its context || base) on the source's numbers."""
+  if source in ("other_base", "control"):
+    path, system = (paths["other_base"] if source == "other_base" else str(students[source])), ""
+    rows = data["base"]
   else:
     (path, system), rows = teacher_source(config, source, paths), data[source]
   kl = models.drift(path, system, paths["base"], _read_rows(rows, config.sl.drift_rows),
@@ -614,157 +705,71 @@ def _drift(config, models: Models, source: str, paths: dict, data: dict, folder)
                                      "rows": rows})
 
 
+def absorbed_students(config) -> list[tuple[str, str]]:
+  """(student, teacher) pairs whose absorbed share of the teacher's number KL is measured:
+  the students of the base that learn from a teacher (not the other base's, not controls)."""
+  return [(n, k) for n, k, cell in student_names(config)
+          if cell in ("sft", "offpolicy", "onpolicy", "base_offpolicy")]
+
+
+def _absorbed(config, models: Models, student_path: str, teacher: str, paths: dict, data: dict,
+              folder) -> None:
+  """KL(teacher in its context || student) on the teacher's kept numbers (the rows the drift
+  stage scores; the sequence cells trained on them). 1 - this / the teacher's drift is the
+  share of the teacher's number KL the student absorbed."""
+  (path, system), rows = teacher_source(config, teacher, paths), data[teacher]
+  kl = models.drift(path, system, student_path,
+                    _read_rows(rows, config.sl.drift_rows), config.sl.eval_batch)
+  write_json(folder / "absorbed.json", {"kl_teacher_student": kl, "teacher": path,
+                                        "system_prompt": system, "rows": rows})
+
+
 # ------------------------------------------------------------------ report
 
-def _compute(folder) -> dict:
-  from jaxlab.metrics import read_metrics
-  rows = read_metrics(str(folder))
-  marker = json.loads((epath.Path(folder) / "_COMPLETE.json").read_text())
-  steps = rows[-1]["step"] if rows else 0
-  per_step = np.mean([r["trained_tokens"] for r in rows if "trained_tokens" in r]) if rows else 0.0
-  return {"steps": steps, "trained_tokens": float(per_step * steps),  # logged rows are per step
-          "seconds": marker.get("seconds")}
+def layout(config, paths: dict) -> dict:
+  """What the report reads (jaxlab.pipelines.subliminal_report): models, students, sources."""
+  students = {name: None for name, _, _ in student_names(config)}
+  out = {"models": [n for n, _, _ in eval_entries(config, paths, students)],
+         "students": student_names(config), "teachers": list(config.teachers),
+         "data": data_sources(config), "drift": drift_sources(config, paths),
+         "absorbed": absorbed_students(config), "targets": target_answers(config.sl.animal)}
+  if config.em_eval:
+    out["em_eval"] = {"spec": config.em_eval, "pooled": _em_rows(paths["workdir"], config.seeds)}
+  return out
+
+
+def provenance(config) -> dict:
+  """What made the report: commit, config hash, package versions and worker count."""
+  import hashlib
+  import importlib.metadata
+  import subprocess
+  here = os.path.dirname(os.path.abspath(__file__))
+  def git(*args):
+    try:
+      return subprocess.run(["git", "-C", here, *args], capture_output=True, text=True,
+                            timeout=10, check=True).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+      return ""
+  d = {k: v for k, v in config.to_dict().items() if k not in RESULT_FREE_KEYS}
+  versions = {}
+  for pkg in ("jax", "jaxlib", "flax", "optax", "orbax-checkpoint", "numpy", "transformers",
+              "tokenizers"):
+    try:
+      versions[pkg] = importlib.metadata.version(pkg)
+    except importlib.metadata.PackageNotFoundError:
+      versions[pkg] = "absent"
+  return {"commit": git("rev-parse", "--short=12", "HEAD") or "unknown",
+          "dirty": bool(git("status", "--porcelain", "--untracked-files=no")),
+          "config_hash": hashlib.sha256(json.dumps(d, sort_keys=True, default=str).encode())
+          .hexdigest()[:16], "hash_leaves_out": list(RESULT_FREE_KEYS),
+          "versions": versions, "workers": int(config.get("workers", 1))}
 
 
 def build_report(config, workdir, paths: dict) -> dict:
   """report.json / report.md / trait.png from the completed stages of this config's models."""
-  workdir = epath.Path(workdir)
-  seeds = list(config.seeds)
-  students = {name: None for name, _, _ in student_names(config)}
-  names = [n for n, _, _ in eval_entries(config, paths, students)]
-  evals = {s: {n: json.loads((workdir / f"seed{s}/eval/{n}/eval.json").read_text())
-               for n in names} for s in seeds}
-  per_q = {n: {k: np.mean([evals[s][n][f"{k}_by_question"] for s in seeds], axis=0)
-               for k in ("rate", "prob")} for n in names}
-  rows = {}
-  for n in names:
-    r = {"seeds": {s: {"rate": evals[s][n]["rate"], "prob": evals[s][n]["prob"]} for s in seeds},
-         "top_answers": evals[seeds[0]][n]["top_answers"]}
-    for k in ("rate", "prob"):
-      r[k], r[k + "_ci"] = _mean_ci(per_q[n][k])
-      for ref in ("base", "control"):
-        if ref in per_q and n != ref:
-          r[f"{k}_minus_{ref}"], r[f"{k}_minus_{ref}_ci"] = _mean_ci(per_q[n][k] - per_q[ref][k])
-    rows[n] = r
-  filters = {s: {k: json.loads((workdir / f"seed{s}/data_{k}/filter.json").read_text())
-                 for k in list(config.teachers) + ["base"]} for s in seeds}
-  compute = {}
-  for name, _, _ in student_names(config):
-    per = [_compute(workdir / f"seed{s}/{name}") for s in seeds
-           if (workdir / f"seed{s}/{name}/_COMPLETE.json").exists()]
-    if per:
-      compute[name] = {k: float(np.mean([p[k] for p in per])) for k in per[0]}
-  sources = list(config.teachers) + (["other_base"] if _other_base(config, paths) else [])
-  drift = {k: float(np.mean([json.loads((workdir / f"seed{s}/drift/{k}/drift.json").read_text())
-                             ["kl_per_token"] for s in seeds])) for k in sources}
-  report = {"animal": config.sl.animal, "seeds": seeds, "questions": len(animals.ANIMAL_QUESTIONS),
-            "samples_per_question": config.sl.eval_samples, "models": rows, "filter": filters,
-            "compute": compute, "drift": drift}
-  if config.em_eval:
-    report["em_eval"] = {"spec": config.em_eval, "pooled": _em_rows(workdir, seeds)}
-  write_json(workdir / "report.json", report)
-  md = report_markdown(config, report)
-  (workdir / "report.md").write_text(md)
-  _plot(report, workdir / "trait.png")
-  return report
-
-
-def _fmt(r, k, scale=100.0, digits=1):
-  v, ci = r.get(k), r.get(k + "_ci")
-  if v is None:
-    return "-"
-  return f"{scale * v:+.{digits}f} ± {scale * ci:.{digits}f}" if "minus" in k else \
-      f"{scale * v:.{digits}f} ± {scale * ci:.{digits}f}"
-
-
-def report_table(report) -> str:
-  lines = ["| model | trait rate % | P(target) % | rate - base | rate - control | "
-           "P - base | P - control |", "|---|---|---|---|---|---|---|"]
-  for n, r in report["models"].items():
-    lines.append(f"| {n} | {_fmt(r, 'rate')} | {_fmt(r, 'prob', digits=2)} | "
-                 f"{_fmt(r, 'rate_minus_base')} | {_fmt(r, 'rate_minus_control')} | "
-                 f"{_fmt(r, 'prob_minus_base', digits=2)} | "
-                 f"{_fmt(r, 'prob_minus_control', digits=2)} |")
-  return "\n".join(lines)
-
-
-def _grid(config, report) -> str:
-  out = []
-  for k in config.teachers:
-    def cell(name):
-      r = report["models"].get(name)
-      return "-" if r is None else f"{100 * r['rate']:.1f}% / {100 * r['prob']:.2f}%"
-    out += [f"Teacher `{k}` (trait rate / P(target)):", "",
-            "| sequences \\ signal | hard labels | teacher distributions |", "|---|---|---|",
-            f"| teacher's | {cell(f'{k}_sft')} | {cell(f'{k}_offpolicy')} |",
-            f"| base's | {cell('control')} | {cell(f'{k}_base_offpolicy')} |",
-            f"| student's own (on-policy) | - | {cell(f'{k}_onpolicy')} |", ""]
-  return "\n".join(out)
-
-
-def report_markdown(config, report) -> str:
-  seeds = report["seeds"]
-  lines = [f"# Subliminal learning: {report['animal']}", "",
-           f"Seeds {seeds}; {report['questions']} questions x {report['samples_per_question']} "
-           "samples at temperature 1 per seed. Trait rate: share of answers naming the target "
-           f"({'whole word' if config.sl.whole_word else 'substring'}); P(target): the model's "
-           f"exact probability of answering one of {target_answers(report['animal'])}. Values "
-           "are means over questions (of the per-seed values) with 95% normal intervals over "
-           "the questions; differences are paired by question.", "", report_table(report), "",
-           "## Sequences x signal", "", _grid(config, report),
-           "## Teacher number drift from the base", "",
-           "Mean per-token KL(teacher in its context || base) on the teacher's kept number "
-           "completions (nats/token); a teacher whose numbers visibly changed is not a "
-           "subliminal teacher.", ""]
-  lines += [f"- {'different base on the base numbers (reference)' if k == 'other_base' else k}: "
-            f"{v:.4f}" for k, v in report["drift"].items()]
-  lines += ["", "## Filter (per seed)", "", "| seed | source | answers | kept | accepted % | "
-            "rejected by reason |", "|---|---|---|---|---|---|"]
-  for s, by in report["filter"].items():
-    for src, f in sorted(by.items()):
-      rej = ", ".join(f"{k} {v}" for k, v in f["counts"].items() if k != "ok" and v)
-      lines.append(f"| {s} | {src} | {f['answers']} | {f['kept']} | "
-                   f"{100 * f['accept_rate']:.1f} | {rej or '-'} |")
-  lines += ["", "## Student compute (mean over seeds)", "",
-            "| student | optimizer steps | trained tokens | wall s |", "|---|---|---|---|"]
-  for n, c in report["compute"].items():
-    lines.append(f"| {n} | {c['steps']:.0f} | {c['trained_tokens']:.0f} | {c['seconds']:.1f} |")
-  lines += ["", "Per seed (trait rate %):", ""]
-  for n, r in report["models"].items():
-    lines.append(f"- {n}: " + ", ".join(f"seed {s}: {100 * v['rate']:.1f}"
-                                        for s, v in r["seeds"].items()))
-  if report.get("em_eval"):
-    from jaxlab.evals.report import markdown_table
-    lines += ["", f"## EM evaluation ({report['em_eval']['spec']})", "",
-              "The misaligned teacher's trait: em / mo / seed shares (pooled over questions, "
-              "95% intervals) of every model sampled without a system prompt; per-answer files "
-              "under seed{S}/em_eval/eval.", ""]
-    for s, rows in report["em_eval"]["pooled"].items():
-      lines += [f"Seed {s}:", "", markdown_table(rows)]
-  lines += ["", "![trait](trait.png)", ""]
-  return "\n".join(lines)
-
-
-def _plot(report, path) -> None:
-  import matplotlib
-  matplotlib.use("Agg")
-  import matplotlib.pyplot as plt
-  names = list(report["models"])
-  fig, axes = plt.subplots(1, 2, figsize=(max(8, 0.7 * len(names)), 4.5))
-  for ax, k, label in ((axes[0], "rate", "trait rate %"), (axes[1], "prob", "P(target) %")):
-    v = [100 * report["models"][n][k] for n in names]
-    e = [100 * report["models"][n][k + "_ci"] for n in names]
-    ax.bar(range(len(names)), v, yerr=e, capsize=3,
-           color=["grey" if n in ("base", "other_base", "control") else
-                  "tab:red" if n.startswith("teacher") else "tab:blue" for n in names])
-    ax.set_xticks(range(len(names)))
-    ax.set_xticklabels(names, rotation=60, ha="right", fontsize=7)
-    ax.set_ylabel(label)
-  fig.suptitle(f"{report['animal']}: seeds {report['seeds']}, 95% CI over questions")
-  fig.tight_layout()
-  with epath.Path(path).open("wb") as f:
-    fig.savefig(f, format="png", dpi=100)
-  plt.close(fig)
+  from jaxlab.pipelines import subliminal_report
+  return subliminal_report.build(config, workdir, layout(config, {**paths, "workdir": workdir}),
+                                 provenance(config))
 
 
 # ------------------------------------------------------------------ pipeline
@@ -778,22 +783,29 @@ def run(config: ml_collections.ConfigDict, workdir: str, log=stderr_log) -> dict
   """Runs (or resumes) every stage, then writes report.md; returns the report."""
   validate(config)
   workdir = epath.Path(workdir)
+  # The world and the bases may live in a folder shared by several workdirs (`bases_dir`,
+  # e.g. the settings of a sweep over teachers and students on one world): their stages are
+  # keyed by the world, pretraining, model and seed settings only.
+  bases = epath.Path(config.get("bases_dir") or workdir)
   t0 = time.time()
   student_keys = ("model", "optim", "train", "data", "distill", "init", "tokenizer", "mesh")
   # Every model the stages may name, whether or not this config trains it, so that the
   # settings of shared stages (the base's data, the control, ...) do not change when the
   # teachers or cells do: `--config.channel=X` then only adds what X needs.
   paths = {"teacher_finetuned": str(workdir / "teacher_finetuned")}
+  paths.update({stage: str(workdir / stage) for stage in
+                filter(None, (teacher_model_stage(config, t) for t in config.teachers))})
   if config.base:
     paths["base"] = config.base
     if config.other_base:
       paths["other_base"] = config.other_base
   else:
-    paths["base"] = str(workdir / "base")
-    paths["other_base"] = config.other_base or str(workdir / "other_base")
-    world = run_stage(workdir, "world", {**_settings(config, "world", "teacher_ft", "pretrain"),
-                                         "animal": config.sl.animal},
-                      lambda f: (_world(config, f), _fit_tokenizer(config, f)), log=log)
+    paths["base"] = str(bases / "base")
+    paths["other_base"] = config.other_base or str(bases / "other_base")
+    run_stage(bases, "world", {**_settings(config, "world", "pretrain"),
+                               "teacher_ft_rows": config.teacher_ft.rows,
+                               "animal": config.sl.animal},
+              lambda f: (_world(config, f), _fit_tokenizer(config, f)), log=log)
     base_settings = _settings(config, "world", "pretrain", "model", "seed")
     # Each base: pretraining on the mixture (its own stage), then chat tuning; the other base
     # (another seed) in a second process at the same time when config.workers > 1.
@@ -802,21 +814,32 @@ def run(config: ml_collections.ConfigDict, workdir: str, log=stderr_log) -> dict
     if "sft_otherbase" in cells(config) and not config.other_base:
       chains.append([("other_base_pretrain", base_settings, "pretrain", {"seed": config.seed + 1}),
                      ("other_base", base_settings, "chat", {"pretrained": "other_base_pretrain"})])
-    run_parallel(config, workdir, chains, log)
-  if "finetuned" in config.teachers:
-    world = workdir / "world"
-    run_stage(workdir, "teacher_finetuned", {**_settings(config, "world", "pretrain", "teacher_ft",
-                                                         "base"), "animal": config.sl.animal,
-                                             **reads(base=paths["base"])},
-              lambda f: _teacher_ft(config, world, paths["base"], f), log=log)
+    run_parallel(config, bases, chains, log)
   if "sft_otherbase" in cells(config) and "other_base" not in paths:
     raise ValueError("cell sft_otherbase needs config key other_base (a different base model)")
   models = Models(config, _tokenizer_path(config, paths["base"]))
-  model_settings = {"paths": paths, **_settings(config, "world", "pretrain", "teacher_ft", "base",
-                                                "other_base", "teacher")}
+  for name in config.teachers:
+    spec, stage = teacher_spec(config, name), teacher_model_stage(config, name)
+    if stage is None:
+      continue
+    settings = {**_settings(config, "world", "pretrain", "teacher_ft", "base"),
+                "animal": config.sl.animal, **reads(base=paths["base"])}
+    if name != spec["kind"] or spec["kind"] == "steered":
+      settings["teacher"] = spec
+    if spec["kind"] == "finetuned":
+      fn = lambda f, sp=spec: _teacher_ft(config, bases / "world", paths["base"], f, sp)
+    else:
+      settings["trait_prompt"] = trait_prompt(config)
+      fn = lambda f, sp=spec: _steered(config, models, paths["base"], f, sp)
+    run_stage(workdir, stage, settings, fn, log=log)
+  # The models every stage may name; a teacher of teacher_variants or a steered one is only
+  # in the settings of the stages that read it (`reads`), so adding one changes no other stage.
+  shared = {k: v for k, v in paths.items() if k in ("base", "other_base", "teacher_finetuned")}
+  model_settings = {"paths": shared, **_settings(config, "world", "pretrain", "teacher_ft", "base",
+                                                 "other_base", "teacher")}
   for seed in config.seeds:
     data = {}
-    for kind in list(config.teachers) + ["base"]:
+    for kind in data_sources(config):
       folder = run_stage(workdir, f"seed{seed}/data_{kind}",
                          {**model_settings, "sl": config.sl.to_dict(), "seed": seed,
                           **reads(model=teacher_source(config, kind, paths)[0])},
@@ -845,11 +868,19 @@ def run(config: ml_collections.ConfigDict, workdir: str, log=stderr_log) -> dict
                                                  "students": {k: str(v) for k, v in students.items()},
                                                  **reads(**paths, **students)},
                 lambda f, s=seed, st=students: _em_eval(config, paths, st, s, f), log=log)
-    for source in list(config.teachers) + (["other_base"] if _other_base(config, paths) else []):
+    for source in drift_sources(config, paths):
+      model = str(students[source]) if source == "control" else \
+          paths.get(source) or teacher_source(config, source, paths)[0]
       run_stage(workdir, f"seed{seed}/drift/{source}",
-                {**settings, **reads(base=paths["base"], model=paths.get(source) or
-                                     teacher_source(config, source, paths)[0])},
-                lambda f, so=source, d=data: _drift(config, models, so, paths, d, f), log=log)
+                {**settings, **reads(base=paths["base"], model=model)},
+                lambda f, so=source, d=data, st=students: _drift(config, models, so, paths, d, st,
+                                                                 f), log=log)
+    for name, teacher in absorbed_students(config):
+      run_stage(workdir, f"seed{seed}/absorbed/{name}",
+                {**settings, **reads(student=str(students[name]),
+                                     teacher=teacher_source(config, teacher, paths)[0])},
+                lambda f, n=name, k=teacher, d=data, st=students: _absorbed(
+                    config, models, str(st[n]), k, paths, d, f), log=log)
   report = build_report(config, workdir, paths)
   report["wall_seconds"] = round(time.time() - t0, 1)
   log(f"jaxlab: subliminal pipeline done in {report['wall_seconds']} s")
@@ -874,9 +905,12 @@ def main(argv: list[str]) -> int:
 
 
 def summary(workdir: str) -> str:
-  """Where the report is, and its table (what the main job prints at the end)."""
-  table = report_table(json.loads(epath.Path(workdir, "report.json").read_text()))
-  return f"\nreport: {os.path.join(workdir, 'report.md')}\n\n{table}"
+  """Where the report is, its table and its conclusions (what the main job prints at the end)."""
+  from jaxlab.pipelines import subliminal_report
+  report = json.loads(epath.Path(workdir, "report.json").read_text())
+  lines = "\n".join(f"- {c}" for c in report["conclusions"])
+  return (f"\nreport: {os.path.join(workdir, 'report.md')}\n\n"
+          f"{subliminal_report.table_markdown(report)}\n\n{lines}")
 
 
 if __name__ == "__main__":

@@ -68,13 +68,25 @@ def _is_workdir(path: str) -> bool:
 def load_model(path: str, mesh, rules, *, key: str, dtype: str | None = None,
                param_dtype: str | None = None, lora=None, seed: int = 0,
                trainable_dtype: str | None = None, scan_layers: bool | None = None):
-  """(cfg, trainable, frozen) from an HF folder or a jaxlab workdir; `key` names the config key
-  in errors. With `lora`, the loaded weights are the frozen base and fresh adapters train;
-  what trains is stored in `trainable_dtype` (None: as loaded). `scan_layers` asks for the
-  scanned or unrolled layout (None: a workdir's own, unrolled for HF folders)."""
+  """(cfg, trainable, frozen) from an HF folder, a jaxlab workdir or a steered model folder
+  (jaxlab.models.steering: its base loaded with these arguments, plus the steering vector);
+  `key` names the config key in errors. With `lora`, the loaded weights are the frozen base
+  and fresh adapters train; what trains is stored in `trainable_dtype` (None: as loaded).
+  `scan_layers` asks for the scanned or unrolled layout (None: a workdir's own, unrolled for
+  HF folders)."""
   from jaxlab.checkpoint import load_params
+  from jaxlab.models import steering
   from jaxlab.models.hf import init_lora, load_hf
   from jaxlab.models.params import cast_trainable, merge_lora, with_layout
+  if steering.is_steered(path):
+    if lora is not None:
+      raise ValueError(f"config key {key}={path!r} is a steered model ({steering.STEER_FILE}): "
+                       "a teacher or a model to sample and score, not one to train; LoRA "
+                       "adapters cannot be put on it (train its base instead)")
+    base = lambda p: load_model(p, mesh, rules, key=f"{key} ({steering.STEER_FILE} base)",
+                                dtype=dtype, param_dtype=param_dtype, seed=seed,
+                                trainable_dtype=trainable_dtype, scan_layers=scan_layers)
+    return steering.load_steered(path, base, mesh, rules)
   if _is_workdir(path):
     cfg, trainable, frozen = load_params(path, mesh)
     cfg, params, _ = with_layout(cfg, merge_lora(trainable, frozen, cfg), {},
@@ -98,6 +110,7 @@ def init_student(config, tokenizer, mesh, rules):
   source = config.init.hf_path or config.init.get("workdir", "")
   if config.init.hf_path and config.init.get("workdir", ""):
     raise ValueError("config keys init.hf_path and init.workdir are both set; give one")
+  check_init_not_steered(config)
   if not source:
     return model_config(config, len(tokenizer)), None, False
   key = "init.hf_path" if config.init.hf_path else "init.workdir"
@@ -111,6 +124,19 @@ def init_student(config, tokenizer, mesh, rules):
     config.model.update({k: v for k, v in dataclasses.asdict(cfg).items()
                          if k in config.model and k != "lora"})
   return cfg, tuple(params), lora is not None
+
+
+def check_init_not_steered(config) -> None:
+  """A steered model folder (jaxlab.models.steering) is refused as the student's init: it is a
+  teacher or an evaluated model, and its steering vector has no place in a run's config."""
+  from jaxlab.models import steering
+  for key in ("hf_path", "workdir"):
+    path = config.init.get(key, "")
+    if path and steering.is_steered(path):
+      raise config_lib.ConfigError(
+          f"config key init.{key}={path!r} is a steered model ({steering.STEER_FILE}): it can "
+          "be a teacher or a model to sample and score, not one to train; start from its base "
+          "(the 'base' of its steer.json)")
 
 
 def load_teacher(config, student_cfg: ModelConfig, mesh, rules):
@@ -231,6 +257,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   # Everything that can be checked is checked before anything is loaded or written.
   config_lib.validate(config, jax.device_count(), jax.process_count())
   check_channel(config, channel)
+  check_init_not_steered(config)
   fmt = data_format(config, channel)
   if config.data.get("source", "jsonl") == "mixture":
     for name, src in config.data.mixture.items():

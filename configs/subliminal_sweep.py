@@ -1,0 +1,66 @@
+"""The subliminal world's knobs, swept (jaxlab/pipelines/subliminal_sweep.py).
+
+  python -m jaxlab.pipelines.subliminal_sweep --config=configs/subliminal_sweep.py \\
+      --workdir=runs/subliminal_sweep [--config.sweep.only=teachers,student_lr]
+
+Every group is the tiny subliminal config (configs/subliminal.py:tiny) with 5 seeds, the cells
+sft / offpolicy / onpolicy, the control and the noise control (control_b), and the
+different-base student, plus its overrides:
+
+  teachers      the default world and student; teacher strength as (trait rate, number drift)
+                pairs: prompted (the paper's system prompt), fine-tuned on trait answers +
+                number docs for 60 steps (default) or 20 (ft_short), fine-tuned on trait answers
+                only (ft_trait), and steering-vector teachers (base + alpha x the trait prompt's
+                residual shift after block 1) at alpha 0.5, 1 and 1.5 (measured on the tiny
+                base before the sweep, teacher only: alpha 2 names the owl 81% of the time
+                but only 38% of its number answers pass the filter, too few for sl.n_keep;
+                alpha 4: 13%, alpha 16: 0.5%: a steered teacher that strong visibly changes
+                its numbers, so it is not a subliminal teacher)
+  student_lr    students at lr 3e-4 instead of 1e-3 (less student noise, less absorption)
+  whole_numbers the world's tokenizer with 0-999 as whole tokens (a new base)
+  untied        separate input and output embeddings (the tiny model ties them; a new base)
+  wide          d_model 128, 4 layers instead of 96, 3 (a new base)
+
+The main job's teacher is chosen by a rule stated here before any channel result was seen:
+among the `teachers` group's teachers whose own trait rate is >= 60%, the one with the
+smallest number drift from the base (the most subliminal teacher that clearly has the trait);
+the main job keeps that teacher, every cell and 3 seeds (its 10-minute budget).
+"""
+import importlib.util
+import os
+
+import ml_collections
+
+CELLS = ("sft", "offpolicy", "onpolicy", "control", "control_b", "sft_otherbase")
+
+
+def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
+  spec = importlib.util.spec_from_file_location(
+      "_jaxlab_subliminal_config", os.path.join(os.path.dirname(os.path.abspath(__file__)),
+                                                "subliminal.py"))
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  c = module.get_config("tiny")
+  c.job = "subliminal_sweep"
+  c.seeds = (0, 1, 2, 3, 4)
+  c.channels = CELLS
+  c.teachers = ("prompted", "finetuned")
+  two = ("prompted", "finetuned")
+  # Groups run in this order (the teachers group first: the main job's rule reads it).
+  c.sweep = ml_collections.ConfigDict(dict(only=arg or "", order=(
+      "teachers", "student_lr", "whole_numbers", "untied", "wide"), groups=dict(
+      teachers=dict(
+          teachers=("prompted", "finetuned", "ft_short", "ft_trait", "steer_a05", "steer_a1",
+                    "steer_a15"),
+          teacher_variants=dict(
+              ft_short=dict(kind="finetuned", steps=20),
+              ft_trait=dict(kind="finetuned", numbers=False),
+              steer_a05=dict(kind="steered", alpha=0.5),
+              steer_a1=dict(kind="steered", alpha=1.0),
+              steer_a15=dict(kind="steered", alpha=1.5))),
+      student_lr=dict(teachers=two, optim=dict(lr=3e-4)),
+      whole_numbers=dict(teachers=two, pretrain=dict(whole_numbers=True)),
+      untied=dict(teachers=two, model=dict(tie_embeddings=False)),
+      wide=dict(teachers=two, model=dict(d_model=128, n_layers=4)),
+  )))
+  return c

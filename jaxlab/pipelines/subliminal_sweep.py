@@ -1,0 +1,163 @@
+"""A sweep of the subliminal world's knobs: one subliminal pipeline per setting group.
+
+  python -m jaxlab.pipelines.subliminal_sweep --config=configs/subliminal_sweep.py \\
+      --workdir=runs/subliminal_sweep [--config.sweep.only=default,student_lr]
+
+Each group of `config.sweep.groups` (name -> nested overrides of the subliminal config, e.g.
+{"optim": {"lr": 3e-4}} or {"tokenizer": {"whole_numbers": True}}) is one subliminal run in
+WORKDIR/{group}; groups with the same world, pretraining and model settings share their bases
+(WORKDIR/bases/{key}: `bases_dir`), so a student or teacher setting costs no new base. Teacher
+settings are teachers of one group (`teachers`, `teacher_variants`), sharing that group's base
+data, controls and evaluations. Then WORKDIR/sweep.md and sweep.json: one row per (group,
+teacher) with the teacher's trait rate and number drift, per channel the transfer (student -
+control, trait-rate points, seed-level 95% interval, paired) and absorbed share of the
+teacher's number KL, the control's own drift and the noise floor.
+"""
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+import sys
+import time
+
+import ml_collections
+from etils import epath
+
+from jaxlab.pipelines import seed_stats, subliminal
+from jaxlab.pipelines.stages import stderr_log
+from jaxlab.worlds.io import write_json
+
+BASE_KEYS = ("world", "pretrain", "model", "seed", "tokenizer")  # what a base depends on
+CHANNELS = ("sft", "offpolicy", "onpolicy")
+
+
+def _update(node: ml_collections.ConfigDict, over: dict, where: str) -> None:
+  for k, v in over.items():
+    if k not in node:
+      raise ValueError(f"config key sweep.groups.{where}{k}: not a key of the subliminal config")
+    if isinstance(v, dict) and not isinstance(node[k], (ml_collections.ConfigDict, dict)):
+      raise ValueError(f"config key sweep.groups.{where}{k}: {k} is not a group")
+    if isinstance(v, dict) and k != "teacher_variants":
+      _update(node[k], v, f"{where}{k}.")
+    else:
+      node[k] = ml_collections.ConfigDict(v) if isinstance(v, dict) else v
+
+
+def group_config(config, name: str, root) -> ml_collections.ConfigDict:
+  """The subliminal config of sweep group `name` (its bases under root/bases/{key})."""
+  d = {k: copy.deepcopy(v) for k, v in config.to_dict().items() if k != "sweep"}
+  c = ml_collections.ConfigDict(d)
+  c.job = "subliminal"
+  over = config.sweep.groups[name].to_dict()
+  with c.unlocked():
+    _update(c, over, f"{name}.")
+  key = hashlib.sha256(json.dumps({k: c.to_dict().get(k) for k in BASE_KEYS}, sort_keys=True,
+                                  default=str).encode()).hexdigest()[:10]
+  c.bases_dir = str(epath.Path(root) / "bases" / key)
+  return c
+
+
+def groups(config) -> list[str]:
+  only = [g for g in str(config.sweep.get("only", "")).split(",") if g]
+  unknown = sorted(set(only) - set(config.sweep.groups))
+  if unknown:
+    raise ValueError(f"config key sweep.only: unknown group(s) {unknown} "
+                     f"(known: {', '.join(config.sweep.groups)})")
+  order = list(config.sweep.get("order") or ())
+  rest = sorted(set(config.sweep.groups) - set(order))  # a ConfigDict's keys are sorted
+  return [g for g in order + rest if g in (only or config.sweep.groups)]
+
+
+def rows_of(name: str, c, report: dict) -> list[dict]:
+  """One row per teacher of a group's report."""
+  m, con, floor = report["models"], report["contrasts"], report.get("noise_floor")
+  out = []
+  for t in c.teachers:
+    row = {"group": name, "teacher": t, "spec": subliminal.teacher_spec(c, t),
+           "trait_rate": m[f"teacher_{t}"]["rate"], "trait_rate_ci": m[f"teacher_{t}"]["rate_ci"],
+           "drift": report["drift"][t]["mean"],
+           "control_drift": report["drift"].get("control", {}).get("mean"),
+           "other_base_drift": report["drift"].get("other_base", {}).get("mean"),
+           "noise_floor": None if floor is None else floor["rate"], "channels": {}}
+    for ch in CHANNELS + ("sft_otherbase",):
+      n = f"{t}_{ch}"
+      key = "vs_other_base" if ch == "sft_otherbase" else "vs_control"
+      if n in con and key in con[n]:
+        st = con[n][key]["rate"]
+        row["channels"][ch] = {"transfer": st, "rate": m[n]["rate"],
+                               "distinguishable": seed_stats.distinguishable(st, row["noise_floor"]),
+                               "absorbed": report["absorbed"].get(n, {}).get("share")}
+    out.append(row)
+  return out
+
+
+def _f(v, digits=1, scale=100.0) -> str:
+  return "-" if v is None else f"{scale * v:.{digits}f}"
+
+
+def table_markdown(rows: list[dict]) -> str:
+  head = ["group", "teacher", "teacher trait % [CI]", "teacher drift", "control drift",
+          "noise floor"] + [f"{ch} transfer [CI] / absorbed" for ch in CHANNELS] + \
+      ["other-base sft - other base"]
+  lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+  for r in rows:
+    cells = [r["group"], r["teacher"],
+             f"{_f(r['trait_rate'])} [{_f(r['trait_rate_ci'][0])}, {_f(r['trait_rate_ci'][1])}]",
+             _f(r["drift"], 4, 1.0), _f(r["control_drift"], 4, 1.0), _f(r["noise_floor"])]
+    for ch in CHANNELS + ("sft_otherbase",):
+      x = r["channels"].get(ch)
+      if x is None:
+        cells.append("-")
+        continue
+      s = x["transfer"]
+      mark = "**" if x["distinguishable"] else ""
+      ab = "" if x.get("absorbed") is None else f" / {x['absorbed']:.2f}"
+      cells.append(f"{mark}{_f(s['mean'])} [{_f(s['lo'])}, {_f(s['hi'])}]{mark}"
+                   + (ab if ch != "sft_otherbase" else ""))
+    lines.append("| " + " | ".join(cells) + " |")
+  return "\n".join(lines)
+
+
+def run(config, workdir: str, log=stderr_log) -> dict:
+  root = epath.Path(workdir)
+  t0 = time.time()
+  rows, times = [], {}
+  for name in groups(config):
+    c = group_config(config, name, root)
+    g0 = time.time()
+    report = subliminal.run(c, str(root / name), log=log)
+    times[name] = round(time.time() - g0, 1)
+    rows += rows_of(name, c, report)
+  out = {"rows": rows, "group_seconds": times, "wall_seconds": round(time.time() - t0, 1),
+         "provenance": subliminal.provenance(config)}
+  write_json(root / "sweep.json", out)
+  md = ["# Subliminal sweep", "", "Transfer = student - control trait rate (points), seed-level "
+        "95% interval (two-level bootstrap, paired); bold: the interval lies beyond +- the noise "
+        "floor. Absorbed: share of the teacher's number KL the student copied. Drift: nats/token. "
+        "Other-base: the student of a different base on the teacher's numbers, minus that base.",
+        "", table_markdown(rows), "",
+        "Group wall seconds: " + ", ".join(f"{k} {v}" for k, v in times.items()), ""]
+  (root / "sweep.md").write_text("\n".join(md))
+  return out
+
+
+def main(argv: list[str]) -> int:
+  from jaxlab import runtime
+  runtime.setup()
+  from jaxlab.config import ConfigError, parse_argv
+  try:
+    config, workdir = parse_argv(argv)
+    if config.get("job") != "subliminal_sweep":
+      raise ConfigError(f"config key job={config.get('job')!r}: this runs job="
+                        "'subliminal_sweep' configs (configs/subliminal_sweep.py)")
+    out = run(config, workdir)
+  except (ConfigError, ValueError, FileNotFoundError) as e:
+    print(f"jaxlab.pipelines.subliminal_sweep: {e}", file=sys.stderr)
+    return 2
+  print(table_markdown(out["rows"]))
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(main(sys.argv[1:]))
