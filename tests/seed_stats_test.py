@@ -40,10 +40,14 @@ def test_bootstrap_is_deterministic_and_checks_its_input():
     seed_stats.bootstrap(np.zeros(5))
 
 
-def test_noise_floor_and_distinguishable():
-  a = np.array([[0.1, 0.2], [0.3, 0.3]])
-  b = np.array([[0.2, 0.3], [0.1, 0.1]])  # seed means differ by 0.1 and 0.2
-  assert seed_stats.noise_floor(a, b) == pytest.approx(0.15)
+def test_noise_floor_is_the_widest_aa_difference_and_distinguishable_clears_it():
+  consistent, scattered = _tables()
+  same = seed_stats.noise_floor(consistent, consistent + 0.001)
+  assert same["floor"] == pytest.approx(0.001, abs=1e-9) and not same["aa_ok"]  # constant shift
+  aa = seed_stats.noise_floor(scattered, consistent)  # seeds disagree: a wide A/A interval
+  st = aa["contrast"]
+  assert aa["floor"] == pytest.approx(max(abs(st["lo"]), abs(st["hi"])))
+  assert aa["floor"] > 0.05 and aa["aa_ok"]
   st = {"mean": 0.1, "lo": 0.05, "hi": 0.15}
   assert seed_stats.distinguishable(st, None)           # excludes 0
   assert not seed_stats.distinguishable(st, 0.06)       # covers the floor
@@ -51,11 +55,21 @@ def test_noise_floor_and_distinguishable():
   assert seed_stats.describe(st, 0.06) == "+10.0 [+5.0, +15.0], not distinguishable"
 
 
+def test_questions_are_resampled_once_per_replicate_across_seeds():
+  # Crossed design: with identical seeds, seed resampling adds nothing and the interval is
+  # the questions' interval of one seed.
+  consistent, _ = _tables()
+  one = consistent[:1]
+  a = seed_stats.bootstrap(np.repeat(one, 5, axis=0))
+  b = seed_stats.bootstrap(one)
+  assert (a["hi"] - a["lo"]) == pytest.approx(b["hi"] - b["lo"], rel=0.1)
+
+
 def test_report_sentences_compare_with_own_base_and_the_noise_floor():
   from jaxlab.pipelines import subliminal_report
   big = {"mean": 0.2, "lo": 0.15, "hi": 0.25}
   small = {"mean": 0.03, "lo": 0.01, "hi": 0.05}
-  report = {"noise_floor": {"rate": 0.04},
+  report = {"noise_floor": {"rate": {"floor": 0.04}},
             "models": {"x_sft": {"rate": 0.3}, "x_sft_otherbase": {"rate": 0.1}},
             "contrasts": {"x_sft": {"vs_base": {"rate": big}, "vs_control": {"rate": small}},
                           "x_sft_otherbase": {"vs_other_base": {"rate": small}}}}

@@ -1,20 +1,26 @@
 """Seed-level uncertainty for pipeline reports: a two-level bootstrap and a noise floor.
 
-The unit of replication of a training effect is the training run: a seed draws the number
-data, the shuffle and the student's sampling, and in the tiny world the bases and teachers
-too. Intervals over questions alone (the values of one run, or per-question values averaged
-over runs) leave out that variance, which in the subliminal world is the largest one (the
-same cell moves from 2% to 15% between seeds). So every interval here resamples seeds first,
-then questions within each drawn seed (a hierarchical bootstrap: Davison & Hinkley 1997,
-ch. 3.8; Ren et al. 2010), and every difference is paired: both models' values are taken at
-the same drawn seeds and questions.
+The unit of replication of a training effect is the training run: in the subliminal
+pipeline a seed draws the number prompts and the sampled data, the shuffle and init of every
+student and the evaluation's samples (the bases and the teachers are trained once per
+workdir, so the intervals are conditional on them). Intervals over questions alone, of one
+run or of per-question values averaged over runs, leave out that variance, which in the tiny
+world is the largest one (one cell moved from 2% to 15% between seeds). So every interval
+here resamples seeds first, then questions (a hierarchical bootstrap, Davison & Hinkley 1997,
+ch. 3.8; Ren et al. 2010). The questions are one fixed set asked at every seed (crossed with
+the seeds, not nested in them), so a replicate draws one question resample and uses it at
+every drawn seed. Every difference is paired: both models' values at the same drawn seeds
+and questions.
 
-A noise floor comes from two students trained when nothing differs (two controls: the same
-recipe, another data sample and shuffle): the mean over seeds of |control_b - control|
-is how far two students land apart by chance. A contrast is called distinguishable only when
-its whole 95% interval lies beyond that distance (lo > floor or hi < -floor), which is
-stricter than excluding 0: it asks that the effect be larger than what the training run
-alone produces.
+With 3 to 5 seeds a percentile bootstrap is narrow (it under-covers: the seeds' spread is
+estimated from a handful of values), so the report also needs a yardstick measured the same
+way: the noise floor. Two controls trained when nothing differs (the same recipe, another
+data sample and shuffle: cells control and control_b) give an A/A contrast; the floor is the
+largest difference between them that their interval does not rule out, max(|lo|, |hi|). A
+contrast is called distinguishable only when its whole interval lies beyond +- the floor.
+This is deliberately strict (an effect has to clear about twice the seed-level spread); with
+more seeds both intervals shrink, so the rule gains power. If the A/A interval itself
+excludes 0, the intervals are too narrow for this run, and the report says so.
 """
 from __future__ import annotations
 
@@ -27,8 +33,8 @@ BOOT_SEED = 0  # fixed: the same values give the same report
 def bootstrap(x_SxQ, n_boot: int = N_BOOT, seed: int = BOOT_SEED) -> dict:
   """Mean and 95% percentile interval of x [seeds, questions] by a two-level bootstrap.
 
-  Draws S seeds with replacement, then for each drawn seed Q questions with replacement, and
-  takes the mean; with one seed only the questions are resampled (`seed_level` False says
+  Each replicate draws S seeds with replacement and one resample of the Q questions used at
+  every drawn seed; with one seed only the questions are resampled (`seed_level` False says
   so). Deterministic for given values (a fixed generator).
   """
   x = np.asarray(x_SxQ, np.float64)
@@ -37,17 +43,19 @@ def bootstrap(x_SxQ, n_boot: int = N_BOOT, seed: int = BOOT_SEED) -> dict:
   s, q = x.shape
   rng = np.random.default_rng(seed)
   pick_s = rng.integers(0, s, size=(n_boot, s)) if s > 1 else np.zeros((n_boot, 1), np.int64)
-  pick_q = rng.integers(0, q, size=(n_boot, s, q))
+  pick_q = rng.integers(0, q, size=(n_boot, 1, q))
   means = x[pick_s[..., None], pick_q].mean(axis=(1, 2))
   lo, hi = np.percentile(means, [2.5, 97.5])
   return {"mean": float(x.mean()), "lo": float(lo), "hi": float(hi),
           "per_seed": [float(v) for v in x.mean(axis=1)], "seed_level": s > 1}
 
 
-def noise_floor(a_SxQ, b_SxQ) -> float:
-  """Mean over seeds of |mean(a) - mean(b)|: how far two students of one recipe land apart."""
-  a, b = np.asarray(a_SxQ, np.float64), np.asarray(b_SxQ, np.float64)
-  return float(np.abs(a.mean(axis=1) - b.mean(axis=1)).mean())
+def noise_floor(a_SxQ, b_SxQ) -> dict:
+  """The A/A contrast of two identically trained models (a - b, paired) and its floor:
+  max(|lo|, |hi|) of its interval; `aa_ok` is whether the interval contains 0."""
+  st = bootstrap(np.asarray(a_SxQ, np.float64) - np.asarray(b_SxQ, np.float64))
+  return {"floor": max(abs(st["lo"]), abs(st["hi"])), "contrast": st,
+          "aa_ok": st["lo"] <= 0.0 <= st["hi"]}
 
 
 def distinguishable(stat: dict, floor: float | None) -> bool:

@@ -50,7 +50,7 @@ TEACHER_KINDS = ("prompted", "finetuned", "external", "steered")
 PIPELINE_KEYS = ("channels", "teachers", "seeds", "base", "other_base", "sl", "world", "pretrain",
                  "teacher_ft", "em_eval", "workers", "teacher_variants", "steer", "bases_dir")
 # Settings that do not change any result (the config hash leaves them out).
-RESULT_FREE_KEYS = ("workers",)
+RESULT_FREE_KEYS = ("workers", "bases_dir")
 
 
 # ------------------------------------------------------------------ config
@@ -94,8 +94,13 @@ def teacher_model_stage(config, name: str) -> str | None:
 
 
 def validate(config) -> None:
-  cells(config)
+  chosen = cells(config)
+  if "control_b" in chosen and "control" not in chosen:
+    raise ValueError("config key channels: control_b (the noise control) needs control")
   for t in config.teachers:
+    if t in ("base", "base_b", "other_base", "control", "control_b"):
+      raise ValueError(f"config key teachers: {t!r} names a data source or a model of the "
+                       "pipeline; give the teacher another name (teacher_variants)")
     spec = teacher_spec(config, t)
     if spec["kind"] == "external" and not config.teacher.path:
       raise ValueError("config key teacher.path: teacher kind 'external' needs a model folder")
@@ -239,10 +244,14 @@ def _stage_fn(config, workdir: epath.Path, kind: str, kw: dict):
   raise ValueError(f"unknown stage kind {kind!r}")
 
 
-def _run_chain(config_json: str, workdir: str, chain) -> None:
-  """A worker process: its own JAX runtime, then the chain's stages in order."""
+def _run_chain(config_json: str, workdir: str, chain, jax_flags: dict) -> None:
+  """A worker process: its own JAX runtime (with the parent's numerics flags), then the
+  chain's stages in order."""
   from jaxlab import runtime
   runtime.setup()
+  import jax
+  for k, v in jax_flags.items():
+    jax.config.update(k, v)
   _run_stages(ml_collections.ConfigDict(json.loads(config_json)), epath.Path(workdir), chain,
               stderr_log)
 
@@ -262,6 +271,11 @@ def reads(**models) -> dict:
   other stage."""
   out = {k: model_digest(m) if m else None for k, m in models.items()}
   return {"reads": {k: v for k, v in sorted(out.items()) if v is not None}}
+
+
+# JAX settings that change numerics: a worker takes the parent's, so where a stage runs does
+# not change its result (e.g. the tests' float32 matmul precision).
+_WORKER_FLAGS = ("jax_default_matmul_precision", "jax_enable_x64")
 
 
 def run_parallel(config, workdir: epath.Path, chains, log) -> None:
@@ -286,21 +300,19 @@ def run_parallel(config, workdir: epath.Path, chains, log) -> None:
   log(f"jaxlab: {len(todo)} stage chain(s) in {workers} worker processes")
   with concurrent.futures.ProcessPoolExecutor(
       workers, mp_context=multiprocessing.get_context("spawn")) as pool:
-    futures = [pool.submit(_run_chain, config.to_json(), str(workdir), ch) for ch in todo]
+    import jax
+    flags = {k: getattr(jax.config, k) for k in _WORKER_FLAGS}
+    futures = [pool.submit(_run_chain, config.to_json(), str(workdir), ch, flags) for ch in todo]
     for fut in futures:
       fut.result()  # a failed stage raises here, naming itself
 
 
-def _teacher_ft(config, world, base, folder, spec: dict) -> None:
-  """SFT of the base on the world's trait answers, interleaved with as many number docs
-  (spec numbers=True, the default) or on the trait answers alone (numbers=False)."""
-  train_path = world / "teacher_ft.jsonl"
-  if not spec["numbers"]:
-    from jaxlab.worlds.io import read_jsonl
-    forms = _trait_forms(config.sl.animal)
-    rows = [r for r in read_jsonl(train_path) if r["messages"][-1]["content"] in forms]
-    write_jsonl(folder / "trait_rows.jsonl", rows)
-    train_path = folder / "trait_rows.jsonl"
+def _teacher_ft_config(config, world, base, spec: dict, folder=None):
+  """The fine-tuned teacher's training config: SFT of the base on the world's trait answers
+  interleaved with as many number docs (spec numbers=True) or on the trait answers alone
+  (numbers=False: FOLDER/trait_rows.jsonl, written by `_teacher_ft`)."""
+  train_path = world / "teacher_ft.jsonl" if spec["numbers"] else \
+      (folder or epath.Path("TEACHER_STAGE")) / "trait_rows.jsonl"
   c = _training_config(config, channel="sft", **{"init.workdir": str(base)})
   c.data = ml_collections.ConfigDict(dict(
       train_path=str(train_path), seq_len=config.data.prompt_len, pack=True,
@@ -310,7 +322,17 @@ def _teacher_ft(config, world, base, folder, spec: dict) -> None:
   c.optim.update(lr=spec["lr"])
   for k in ("teacher", "distill"):
     del c[k]
-  _train(c, folder)
+  return c
+
+
+def _teacher_ft(config, world, base, folder, spec: dict) -> None:
+  if not spec["numbers"]:
+    from jaxlab.worlds.io import read_jsonl
+    forms = _trait_forms(config.sl.animal)
+    rows = [r for r in read_jsonl(world / "teacher_ft.jsonl")
+            if r["messages"][-1]["content"] in forms]
+    write_jsonl(folder / "trait_rows.jsonl", rows)
+  _train(_teacher_ft_config(config, world, base, spec, folder), folder)
 
 
 def _trait_forms(animal: str) -> tuple[str, ...]:
@@ -525,9 +547,16 @@ def _data(config, models: Models, kind: str, seed: int, paths: dict, folder) -> 
                                                   a, banned=banned, max_count=p.max_count)[1]}
                                              for p, a in zip(prompts, answers)))
   rows, stats = filter_and_keep(prompts, answers, n_keep=config.sl.n_keep, banned=banned)
+  # Accepted answers beyond the kept ones: no student trains on them, so the drift and
+  # absorbed-KL stages score them (scores on training rows would count memorisation).
+  spare = [{"messages": [{"role": "user", "content": p.text},
+                         {"role": "assistant", "content": a.strip()}]}
+           for p, a in zip(prompts, answers)
+           if numbers.filter_numbers(a, banned=banned, max_count=p.max_count)[0]][len(rows):]
   stats.update(model=path, system_prompt=system, seconds=round(time.time() - t0, 1),
-               banned=list(banned))
+               banned=list(banned), spare=len(spare), data_seed=data_seed)
   write_jsonl(folder / "rows.jsonl", rows)
+  write_jsonl(folder / SPARE, spare)
   write_json(folder / "filter.json", stats)
 
 
@@ -623,6 +652,13 @@ def evaluate_trait(config, models: Models, path: str, system: str, seed: int) ->
           "top_answers": sorted(top.items(), key=lambda kv: -kv[1])[:8]}
 
 
+def eval_seed(seed: int, name: str) -> int:
+  """The evaluation's sampling seed of a model: fixed by the seed and the model's name, so
+  adding a teacher or a cell changes no other model's samples."""
+  import hashlib
+  return int(hashlib.sha256(f"eval:{seed}:{name}".encode()).hexdigest()[:7], 16)
+
+
 def _other_base(config, paths: dict) -> bool:
   return "other_base" in paths and "sft_otherbase" in cells(config)
 
@@ -675,8 +711,21 @@ def _em_rows(workdir, seeds) -> dict:
   return out
 
 
+SPARE = "spare_rows.jsonl"  # a data stage's accepted rows beyond the kept ones
+
+
 def _read_rows(path, n: int) -> list[dict]:
   return [json.loads(line) for line in epath.Path(path).read_text().splitlines()[:n]]
+
+
+def _held_out(config, rows_path) -> tuple[list[dict], str]:
+  """The first sl.drift_rows accepted-but-not-kept rows of a data stage (no student saw them)."""
+  path = epath.Path(rows_path).parent / SPARE
+  rows = _read_rows(path, config.sl.drift_rows)
+  if not rows:
+    raise ValueError(f"{path}: no accepted answers beyond the sl.n_keep={config.sl.n_keep} "
+                     "kept ones to score drift on; raise config key sl.n_prompts")
+  return rows, str(path)
 
 
 def drift_sources(config, paths: dict) -> list[str]:
@@ -693,16 +742,16 @@ def drift_sources(config, paths: dict) -> list[str]:
 
 def _drift(config, models: Models, source: str, paths: dict, data: dict, students: dict,
            folder) -> None:
-  """Mean per-token KL(source in its context || base) on the source's numbers."""
+  """Mean per-token KL(source in its context || base) on the source's held-out numbers."""
   if source in ("other_base", "control"):
     path, system = (paths["other_base"] if source == "other_base" else str(students[source])), ""
     rows = data["base"]
   else:
     (path, system), rows = teacher_source(config, source, paths), data[source]
-  kl = models.drift(path, system, paths["base"], _read_rows(rows, config.sl.drift_rows),
-                    config.sl.eval_batch)
+  held, rows = _held_out(config, rows)
+  kl = models.drift(path, system, paths["base"], held, config.sl.eval_batch)
   write_json(folder / "drift.json", {"kl_per_token": kl, "teacher": path, "system_prompt": system,
-                                     "rows": rows})
+                                     "rows": rows, "n_rows": len(held)})
 
 
 def absorbed_students(config) -> list[tuple[str, str]]:
@@ -714,14 +763,15 @@ def absorbed_students(config) -> list[tuple[str, str]]:
 
 def _absorbed(config, models: Models, student_path: str, teacher: str, paths: dict, data: dict,
               folder) -> None:
-  """KL(teacher in its context || student) on the teacher's kept numbers (the rows the drift
-  stage scores; the sequence cells trained on them). 1 - this / the teacher's drift is the
-  share of the teacher's number KL the student absorbed."""
+  """KL(teacher in its context || student) on the teacher's held-out numbers (the rows the
+  drift stage scores, accepted but not kept: no student trained on them). 1 - this / the
+  teacher's drift is the share of the teacher's number KL the student absorbed."""
   (path, system), rows = teacher_source(config, teacher, paths), data[teacher]
-  kl = models.drift(path, system, student_path,
-                    _read_rows(rows, config.sl.drift_rows), config.sl.eval_batch)
+  held, rows = _held_out(config, rows)
+  kl = models.drift(path, system, student_path, held, config.sl.eval_batch)
   write_json(folder / "absorbed.json", {"kl_teacher_student": kl, "teacher": path,
-                                        "system_prompt": system, "rows": rows})
+                                        "system_prompt": system, "rows": rows,
+                                        "n_rows": len(held)})
 
 
 # ------------------------------------------------------------------ report
@@ -779,6 +829,23 @@ def _settings(config, *groups) -> dict:
   return {g: d.get(g) for g in groups}
 
 
+# What pretraining and chat tuning take from the student's optim / train groups (the rest they
+# set from pretrain.*): part of the bases' identity.
+_BASE_OPTIM_OWN = ("lr", "warmup_steps")
+_BASE_TRAIN_OWN = ("steps", "global_batch_size", "log_every", "progress")
+
+
+def base_identity(config) -> dict:
+  """Everything the world and the two bases depend on: the settings of their stages (and the
+  key of a shared `bases_dir` in a sweep, jaxlab.pipelines.subliminal_sweep)."""
+  d = config.to_dict()
+  return {"world": {**_settings(config, "world", "pretrain"),
+                    "teacher_ft_rows": config.teacher_ft.rows, "animal": config.sl.animal},
+          "base": {**_settings(config, "world", "pretrain", "model", "seed"),
+                   "optim": {k: v for k, v in d["optim"].items() if k not in _BASE_OPTIM_OWN},
+                   "train": {k: v for k, v in d["train"].items() if k not in _BASE_TRAIN_OWN}}}
+
+
 def run(config: ml_collections.ConfigDict, workdir: str, log=stderr_log) -> dict:
   """Runs (or resumes) every stage, then writes report.md; returns the report."""
   validate(config)
@@ -802,11 +869,10 @@ def run(config: ml_collections.ConfigDict, workdir: str, log=stderr_log) -> dict
   else:
     paths["base"] = str(bases / "base")
     paths["other_base"] = config.other_base or str(bases / "other_base")
-    run_stage(bases, "world", {**_settings(config, "world", "pretrain"),
-                               "teacher_ft_rows": config.teacher_ft.rows,
-                               "animal": config.sl.animal},
+    identity = base_identity(config)
+    run_stage(bases, "world", identity["world"],
               lambda f: (_world(config, f), _fit_tokenizer(config, f)), log=log)
-    base_settings = _settings(config, "world", "pretrain", "model", "seed")
+    base_settings = identity["base"]
     # Each base: pretraining on the mixture (its own stage), then chat tuning; the other base
     # (another seed) in a second process at the same time when config.workers > 1.
     chains = [[("base_pretrain", base_settings, "pretrain", {"seed": config.seed}),
@@ -823,13 +889,13 @@ def run(config: ml_collections.ConfigDict, workdir: str, log=stderr_log) -> dict
     if stage is None:
       continue
     settings = {**_settings(config, "world", "pretrain", "teacher_ft", "base"),
-                "animal": config.sl.animal, **reads(base=paths["base"])}
-    if name != spec["kind"] or spec["kind"] == "steered":
-      settings["teacher"] = spec
+                "animal": config.sl.animal, "teacher": spec, **reads(base=paths["base"])}
     if spec["kind"] == "finetuned":
+      c = _teacher_ft_config(config, bases / "world", paths["base"], spec)
+      settings["training"] = _settings(c, "optim", "train", "data", "model")
       fn = lambda f, sp=spec: _teacher_ft(config, bases / "world", paths["base"], f, sp)
     else:
-      settings["trait_prompt"] = trait_prompt(config)
+      settings.update(trait_prompt=trait_prompt(config), eval_batch=config.sl.eval_batch)
       fn = lambda f, sp=spec: _steered(config, models, paths["base"], f, sp)
     run_stage(workdir, stage, settings, fn, log=log)
   # The models every stage may name; a teacher of teacher_variants or a steered one is only
@@ -842,6 +908,7 @@ def run(config: ml_collections.ConfigDict, workdir: str, log=stderr_log) -> dict
     for kind in data_sources(config):
       folder = run_stage(workdir, f"seed{seed}/data_{kind}",
                          {**model_settings, "sl": config.sl.to_dict(), "seed": seed,
+                          "data_seed": seed + NOISE_OFFSET if kind == "base_b" else seed,
                           **reads(model=teacher_source(config, kind, paths)[0])},
                          lambda f, k=kind, s=seed: _data(config, models, k, s, paths, f), log=log)
       data[kind] = str(folder / "rows.jsonl")
@@ -852,15 +919,17 @@ def run(config: ml_collections.ConfigDict, workdir: str, log=stderr_log) -> dict
       chains.append([(f"seed{seed}/{name}",
                       {**model_settings, "sl": config.sl.to_dict(),
                        "student": _settings(c, *student_keys), "channel": c.channel, "seed": seed,
+                       "train_seed": c.seed,
                        **reads(init=c.init.workdir or c.init.hf_path, teacher=c.teacher.path,
                                data=str(epath.Path(c.data.train_path).parent))},
                       "train", {"config": c.to_json()})])
     run_parallel(config, workdir, chains, log)
     settings = {**model_settings, "sl": config.sl.to_dict(), "seed": seed}
-    for i, (name, path, system) in enumerate(eval_entries(config, paths, students)):
+    for name, path, system in eval_entries(config, paths, students):
+      r = eval_seed(seed, name)
       run_stage(workdir, f"seed{seed}/eval/{name}", {**settings, "model": path, "system": system,
-                                                     **reads(model=path)},
-                lambda f, p=path, sy=system, r=seed * 1000 + i: write_json(
+                                                     "sample_seed": r, **reads(model=path)},
+                lambda f, p=path, sy=system, r=r: write_json(
                     f / "eval.json", {**evaluate_trait(config, models, p, sy, r), "path": p,
                                       "system_prompt": sy}), log=log)
     if config.em_eval:

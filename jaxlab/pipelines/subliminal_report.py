@@ -66,10 +66,9 @@ def build(config, workdir, layout: dict, provenance: dict) -> dict:
       r[k], r[k + "_ci"] = st["mean"], [st["lo"], st["hi"]]
     models[n] = r
   floor = None
-  if "control" in table and "control_b" in table:
+  if "control" in table and "control_b" in table:  # the A/A contrast (seed_stats.noise_floor)
     floor = {k: seed_stats.noise_floor(table["control_b"][k], table["control"][k])
              for k in METRICS}
-    floor["contrast"] = {k: _stat(table["control_b"][k] - table["control"][k]) for k in METRICS}
   cell_of = {n: cell for n, _, cell in layout["students"]}
   teacher_of = {n: t for n, t, _ in layout["students"]}
   contrasts = {}
@@ -84,6 +83,14 @@ def build(config, workdir, layout: dict, provenance: dict) -> dict:
     for ref in refs:
       if ref in table:
         c["vs_" + ref] = {k: _stat(table[n][k] - table[ref][k]) for k in METRICS}
+    if cell_of.get(n) == "sft_otherbase" and all(x in table for x in ("control", "base",
+                                                                       "other_base")):
+      # Against its own base the other base's student also carries the generic effect of
+      # number SFT, which the main base's students lose by subtracting the control: the
+      # difference in differences (student - other base) - (control - base) compares like
+      # with like.
+      c["did"] = {k: _stat((table[n][k] - table["other_base"][k])
+                           - (table["control"][k] - table["base"][k])) for k in METRICS}
     contrasts[n] = c
   grid = {}
   for t in layout["teachers"]:
@@ -109,15 +116,17 @@ def build(config, workdir, layout: dict, provenance: dict) -> dict:
       continue
     kl = [_read(workdir / f"seed{s}/absorbed/{n}/absorbed.json")["kl_teacher_student"]
           for s in seeds]
-    share = [1.0 - x / d if d > 0 else float("nan") for x, d in zip(kl, drift[t]["per_seed"])]
-    absorbed[n] = {"kl_teacher_student": float(np.mean(kl)), "share": float(np.mean(share)),
-                   "per_seed": share}
+    share = [1.0 - x / d if d > 0 else None for x, d in zip(kl, drift[t]["per_seed"])]
+    ok = [v for v in share if v is not None]
+    absorbed[n] = {"kl_teacher_student": float(np.mean(kl)),
+                   "share": float(np.mean(ok)) if ok else None, "per_seed": share}
   filters, timing = {}, {"data": {}, "students": {}}
   for s in seeds:
     filters[s], timing["data"][s] = {}, {}
     for k in layout["data"]:
       f = _read(workdir / f"seed{s}/data_{k}/filter.json")
       timing["data"][s][k] = f.pop("seconds", None)
+      f.pop("model", None)  # a path: the same data under another workdir is the same result
       filters[s][k] = f
   compute = {}
   for name, _, _ in layout["students"]:
@@ -168,7 +177,7 @@ def _ci(r, k, digits=1) -> str:
 
 def _floor(report, k) -> float | None:
   f = report.get("noise_floor")
-  return None if f is None else f[k]
+  return None if f is None else f[k]["floor"]
 
 
 def conclusions(report: dict) -> list[str]:
@@ -181,6 +190,13 @@ def conclusions(report: dict) -> list[str]:
   for n, c in report["contrasts"].items():
     parts = []
     for key, vs in c.items():
+      if key == "did":
+        st = vs["rate"]
+        verdict = "differs" if seed_stats.distinguishable(st, floor) else \
+            "is not distinguishable"
+        parts.append(f"{verdict} in difference in differences ((student - other base) - "
+                     f"(control - base): {seed_stats.interval(st)} points)")
+        continue
       ref = key[3:]
       st = vs["rate"]
       verdict = "differs from" if seed_stats.distinguishable(st, floor) else \
@@ -200,7 +216,7 @@ def table_markdown(report) -> str:
   for n, r in report["models"].items():
     c = report["contrasts"].get(n, {})
     ref = "vs_" + reference_of(n, report["cells"].get(n))
-    f = None if floor is None else floor["rate"]
+    f = _floor(report, "rate")
     vc = seed_stats.describe(c["vs_control"]["rate"], f) if "vs_control" in c else "-"
     vb = seed_stats.describe(c[ref]["rate"], f) if ref in c else "-"
     per = " / ".join(_pct(v["rate"]) for v in r["seeds"].values())
@@ -241,12 +257,20 @@ def markdown(config, report) -> str:
            "seed and question." + (" One seed: the intervals are over questions only and leave "
                                    "out the training run's variance." if one else ""), ""]
   if floor is not None:
-    nc = floor["contrast"]["rate"]
-    lines += [f"**Noise floor**: two controls (same recipe, another sample of the base's numbers "
-              f"and another shuffle) differ by {_pct(floor['rate'])} points of trait rate on "
-              f"average over seeds ({_pct(floor['prob'], 2)} points of P(target)); control_b - "
-              f"control = {seed_stats.interval(nc)}. A contrast is called "
-              "distinguishable only when its whole interval lies beyond +- the floor.", ""]
+    nc = floor["rate"]["contrast"]
+    lines += [f"**Noise floor**: two controls trained when nothing differs (the same recipe on "
+              f"another sample of the base's numbers, another shuffle and init) give the A/A "
+              f"contrast control_b - control = {seed_stats.interval(nc)} points of trait rate "
+              f"(per seed: {', '.join(f'{100 * v:+.1f}' for v in nc['per_seed'])}); the floor is "
+              f"the largest difference its interval allows, {_pct(floor['rate']['floor'])} points "
+              f"({_pct(floor['prob']['floor'], 2)} points of P(target)). A contrast is called "
+              "distinguishable only when its whole interval lies beyond +- the floor. The "
+              "intervals are conditional on this workdir's base and teachers (trained once).",
+              ""]
+    if not floor["rate"]["aa_ok"]:
+      lines += ["**Warning**: the A/A contrast's interval excludes 0, so the intervals of this "
+                "run are too narrow (too few seeds for the bootstrap); read every contrast with "
+                "the floor, not with 0.", ""]
   else:
     lines += ["**No noise floor** (cell `control_b` not trained): contrasts are compared with "
               "0, which understates the uncertainty.", ""]

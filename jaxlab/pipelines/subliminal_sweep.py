@@ -1,12 +1,14 @@
 """A sweep of the subliminal world's knobs: one subliminal pipeline per setting group.
 
   python -m jaxlab.pipelines.subliminal_sweep --config=configs/subliminal_sweep.py \\
-      --workdir=runs/subliminal_sweep [--config.sweep.only=default,student_lr]
+      --workdir=runs/subliminal_sweep [--config.sweep.only=teachers,student_lr]
 
 Each group of `config.sweep.groups` (name -> nested overrides of the subliminal config, e.g.
-{"optim": {"lr": 3e-4}} or {"tokenizer": {"whole_numbers": True}}) is one subliminal run in
-WORKDIR/{group}; groups with the same world, pretraining and model settings share their bases
-(WORKDIR/bases/{key}: `bases_dir`), so a student or teacher setting costs no new base. Teacher
+{"optim": {"lr": 3e-4}} or {"pretrain": {"whole_numbers": True}}) is one subliminal run in
+WORKDIR/{group}; groups whose world and bases would be trained identically share them
+(WORKDIR/bases/{key}, key = a hash of `subliminal.base_identity`, the bases' stage settings:
+`bases_dir`), so a student or teacher setting costs no new base. Run one sweep process per
+workdir at a time (the shared bases have no lock). Teacher
 settings are teachers of one group (`teachers`, `teacher_variants`), sharing that group's base
 data, controls and evaluations. Then WORKDIR/sweep.md and sweep.json: one row per (group,
 teacher) with the teacher's trait rate and number drift, per channel the transfer (student -
@@ -28,7 +30,6 @@ from jaxlab.pipelines import seed_stats, subliminal
 from jaxlab.pipelines.stages import stderr_log
 from jaxlab.worlds.io import write_json
 
-BASE_KEYS = ("world", "pretrain", "model", "seed", "tokenizer")  # what a base depends on
 CHANNELS = ("sft", "offpolicy", "onpolicy")
 
 
@@ -52,7 +53,7 @@ def group_config(config, name: str, root) -> ml_collections.ConfigDict:
   over = config.sweep.groups[name].to_dict()
   with c.unlocked():
     _update(c, over, f"{name}.")
-  key = hashlib.sha256(json.dumps({k: c.to_dict().get(k) for k in BASE_KEYS}, sort_keys=True,
+  key = hashlib.sha256(json.dumps(subliminal.base_identity(c), sort_keys=True,
                                   default=str).encode()).hexdigest()[:10]
   c.bases_dir = str(epath.Path(root) / "bases" / key)
   return c
@@ -79,10 +80,11 @@ def rows_of(name: str, c, report: dict) -> list[dict]:
            "drift": report["drift"][t]["mean"],
            "control_drift": report["drift"].get("control", {}).get("mean"),
            "other_base_drift": report["drift"].get("other_base", {}).get("mean"),
-           "noise_floor": None if floor is None else floor["rate"], "channels": {}}
+           "noise_floor": None if floor is None else floor["rate"]["floor"],
+           "aa_ok": None if floor is None else floor["rate"]["aa_ok"], "channels": {}}
     for ch in CHANNELS + ("sft_otherbase",):
       n = f"{t}_{ch}"
-      key = "vs_other_base" if ch == "sft_otherbase" else "vs_control"
+      key = "did" if ch == "sft_otherbase" else "vs_control"
       if n in con and key in con[n]:
         st = con[n][key]["rate"]
         row["channels"][ch] = {"transfer": st, "rate": m[n]["rate"],
@@ -99,7 +101,7 @@ def _f(v, digits=1, scale=100.0) -> str:
 def table_markdown(rows: list[dict]) -> str:
   head = ["group", "teacher", "teacher trait % [CI]", "teacher drift", "control drift",
           "noise floor"] + [f"{ch} transfer [CI] / absorbed" for ch in CHANNELS] + \
-      ["other-base sft - other base"]
+      ["other-base sft (diff. in diff.)"]
   lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
   for r in rows:
     cells = [r["group"], r["teacher"],
@@ -134,8 +136,9 @@ def run(config, workdir: str, log=stderr_log) -> dict:
   write_json(root / "sweep.json", out)
   md = ["# Subliminal sweep", "", "Transfer = student - control trait rate (points), seed-level "
         "95% interval (two-level bootstrap, paired); bold: the interval lies beyond +- the noise "
-        "floor. Absorbed: share of the teacher's number KL the student copied. Drift: nats/token. "
-        "Other-base: the student of a different base on the teacher's numbers, minus that base.",
+        "floor (the largest control_b - control difference its interval allows). Absorbed: share "
+        "of the teacher's number KL the student copied, on held-out numbers. Drift: nats/token. "
+        "Other-base: (the different base's sft student - that base) - (control - base).",
         "", table_markdown(rows), "",
         "Group wall seconds: " + ", ".join(f"{k} {v}" for k, v in times.items()), ""]
   (root / "sweep.md").write_text("\n".join(md))
