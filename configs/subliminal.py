@@ -12,13 +12,17 @@ A cell is a (sequences, signal) pair (`CELLS` in the pipeline):
   offpolicy       teacher sequences, teacher distribution (channel offpolicy)
   onpolicy        the student's own samples, teacher distribution (channel onpolicy)
   control         base sequences, hard labels           (channel sft; no teacher)
+  control_b       the same on another sample of base sequences, another seed (noise floor)
   base_offpolicy  base sequences, teacher distribution  (channel offpolicy)
   sft_otherbase   teacher sequences, hard labels, a student from a *different* base
 
 Keys beyond configs/distill.py (the student's training block):
   channels        cells to train; `channel` (one cell name) overrides it for a single run
   teachers        prompted (base + trait system prompt), finetuned (SFT of the base on trait
-                  answers), external (teacher.path, e.g. an EM-fine-tuned model; see sl.misaligned)
+                  answers), steered (base + steer.alpha x the trait prompt's residual shift
+                  after block steer.layer), external (teacher.path, e.g. an EM-fine-tuned model;
+                  see sl.misaligned), or names of teacher_variants ({"kind": ..., settings})
+  bases_dir       where the world and bases live ("" = the workdir; a sweep shares them)
   seeds           one data sample, student set and evaluation per seed
   base            the base: "" = pretrained here from `world` (pretrain.*), else an HF folder
   other_base      a different base for sft_otherbase ("" = pretrained here with seed + 1)

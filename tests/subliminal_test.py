@@ -164,7 +164,7 @@ def test_drift_equals_a_row_by_row_numpy_kl_of_the_two_models(trained):
   want = total / count
   assert want > 1e-4  # the fine-tuned teacher really moved
   assert record["kl_per_token"] == pytest.approx(want, rel=1e-3)
-  assert report["drift"]["finetuned"] == pytest.approx(want, rel=1e-3)  # one seed
+  assert report["drift"]["finetuned"]["mean"] == pytest.approx(want, rel=1e-3)  # one seed
 
 
 def test_report_files(trained):
@@ -338,6 +338,7 @@ def test_one_and_two_workers_give_the_same_report_with_a_noise_floor(trained, tm
   assert reports[1]["provenance"]["workers"] == 1 and reports[2]["provenance"]["workers"] == 2
   assert reports[1]["provenance"]["config_hash"] == reports[2]["provenance"]["config_hash"]
   floor = reports[1]["noise_floor"]
-  assert floor is not None and floor["rate"] >= 0 and "control_b" in reports[1]["models"]
+  assert floor is not None and floor["rate"]["floor"] >= 0 and "control_b" in reports[1]["models"]
+  assert set(floor["rate"]) == {"floor", "contrast", "aa_ok"}
   md = (tmp_path / "w1/report.md").read_text()
   assert "**Noise floor**" in md and "## Conclusions" in md and "config hash" in md

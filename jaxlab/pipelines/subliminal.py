@@ -7,13 +7,18 @@ Stages (each a folder of DIR, skipped when complete, so a killed pipeline resume
   base_pretrain, base          a base pretrained on the world's mixture, then chat-tuned on its
                                chat set (system-prompt following is learned there)
   other_base_pretrain, other_base  the same from another seed (the different-base student)
-  teacher_finetuned            the base fine-tuned on trait answers (+ as many number docs)
-  seed{S}/data_{KIND}          number prompts answered at temperature 1 by teacher KIND (or the
-                               base), strict filter with counted reasons, sl.n_keep rows kept
-  seed{S}/{KIND}_{CELL}        students from the base, one per cell (`CELLS`), equal steps
-  seed{S}/eval                 trait rate and exact target probability of every model, and
-                               each teacher's number drift from the base
-  report.md, report.json, trait.png (rewritten from the stages every run)
+  teacher_{NAME}                a fine-tuned teacher (the base fine-tuned on trait answers, +
+                               as many number docs) or a steered one (steer.json + direction)
+  seed{S}/data_{SOURCE}        number prompts answered at temperature 1 by a teacher, the base
+                               or (base_b, the noise control's) the base on other prompts and
+                               seed; strict filter with counted reasons, sl.n_keep rows kept,
+                               the other accepted rows kept aside (spare_rows.jsonl)
+  seed{S}/{NAME}_{CELL}        students from the base, one per cell (`CELLS`), equal steps
+  seed{S}/eval/{MODEL}         trait rate and exact target probability of every model
+  seed{S}/drift/{SOURCE}       number drift from the base (teachers, other base, control)
+  seed{S}/absorbed/{STUDENT}   KL(teacher || student) on the teacher's held-out numbers
+  report.md, report.json, trait.png (rewritten from the stages every run;
+  jaxlab/pipelines/subliminal_report.py)
 
 Teachers see their own context (the trait system prompt), students never do.
 """
@@ -893,6 +898,10 @@ def run(config: ml_collections.ConfigDict, workdir: str, log=stderr_log) -> dict
     if spec["kind"] == "finetuned":
       c = _teacher_ft_config(config, bases / "world", paths["base"], spec)
       settings["training"] = _settings(c, "optim", "train", "data", "model")
+      # Its data by name, not by absolute path: the world's content is in the settings above,
+      # so a workdir copied or moved (a sweep's shared bases, a test) keeps its teacher.
+      settings["training"]["data"]["train_path"] = (
+          "world/teacher_ft.jsonl" if spec["numbers"] else "TEACHER_STAGE/trait_rows.jsonl")
       fn = lambda f, sp=spec: _teacher_ft(config, bases / "world", paths["base"], f, sp)
     else:
       settings.update(trait_prompt=trait_prompt(config), eval_batch=config.sl.eval_batch)
