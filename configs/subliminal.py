@@ -38,8 +38,8 @@ Keys beyond configs/distill.py (the student's training block):
   teacher_ft.*    fine-tuned teacher: steps, lr, trait rows (+ as many number rows)
 
 Variants:
-  tiny        CPU: a ~0.4M-parameter base pretrained and chat-tuned on the SL world, both
-              teacher kinds, every cell, the different-base student, seeds 0, 1, 2 (within
+  tiny        CPU: a ~0.4M-parameter base pretrained and chat-tuned on the SL world, the
+              prompted teacher, every cell, the different-base student, seeds 0, 1, 2 (within
               the README main job's 10-minute budget on 2 cores; --config.seeds="(0,)" for one).
   qwen7b_owl  Cloud et al.'s open-model recipe: Qwen2.5-7B-Instruct, owl, 30k prompts, 10k kept,
               LoRA r=8 alpha 8 on all projections, 3 epochs, lr 2e-4 (set base / init.hf_path
@@ -74,7 +74,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.channel = ""
   c.channels = ("sft", "offpolicy", "onpolicy", "control", "control_b", "base_offpolicy",
                 "sft_otherbase")
-  c.teachers = ("prompted", "finetuned")
+  # The main job's teacher, chosen by the rule stated in configs/subliminal_sweep.py before any
+  # channel result was read: among the sweep's teachers with trait rate >= 60%, the one with
+  # the smallest number drift (the prompted teacher: 80.6% owl, 0.0023 nats/token; README).
+  c.teachers = ("prompted",)
   # Named teacher settings beyond the kinds (jaxlab.pipelines.subliminal.teacher_spec), e.g.
   # teacher_variants.ft_short = {"kind": "finetuned", "steps": 20} (configs/subliminal_sweep.py).
   c.teacher_variants = ml_collections.ConfigDict()
