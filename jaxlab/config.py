@@ -125,6 +125,11 @@ def apply_overrides(config: ml_collections.ConfigDict, overrides: Sequence[str])
   return config
 
 
+def pop_flag(argv: Sequence[str], flag: str) -> tuple[bool, list[str]]:
+  """(whether the bare flag, e.g. --plan, is in argv; argv without it)."""
+  return flag in argv, [a for a in argv if a != flag]
+
+
 def parse_argv(argv: Sequence[str]) -> tuple[ml_collections.ConfigDict, str]:
   """(config, workdir) from `--config=FILE[:ARG] --workdir=DIR --config.key=value ...`."""
   config_spec, workdir, overrides = None, None, []

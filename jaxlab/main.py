@@ -1,8 +1,11 @@
-"""CLI: python -m jaxlab.main --config=configs/NAME.py:VARIANT --workdir=DIR [--config.key=value].
+"""CLI: python -m jaxlab.main --config=configs/NAME.py:VARIANT --workdir=DIR [--config.key=value]
+[--plan].
 
 The config's `job` field picks what runs: 'train' (alias 'sft': the training runner, any
 `channel`), 'eval', or a staged pipeline: 'subliminal' (configs/subliminal.py) or 'em_study'
-(configs/em_study.py), the same as `python -m jaxlab.pipelines.NAME`. On multi-host TPU
+(configs/em_study.py), the same as `python -m jaxlab.pipelines.NAME`. `--plan` prints a
+pipeline's stages (complete and skipped, or to run, with their inputs) and exits without
+running or writing anything. On multi-host TPU
 VMs set JAXLAB_DISTRIBUTED=1 so every host calls jax.distributed.initialize(). On the
 CPU backend the host allocator is tuned for XLA (see `jaxlab.runtime`;
 JAXLAB_HOST_MALLOC=default opts out).
@@ -11,15 +14,18 @@ from __future__ import annotations
 
 import sys
 
-from jaxlab.config import ConfigError, parse_argv
+from jaxlab.config import ConfigError, parse_argv, pop_flag
 
 
 def main(argv: list[str]) -> int:
+  plan_only, argv = pop_flag(argv, "--plan")
   try:
     config, workdir = parse_argv(argv)
   except ConfigError as e:
     print(f"jaxlab: {e}", file=sys.stderr)
     return 2
+  if plan_only:
+    return _print_plan(config, workdir)
   from jaxlab import runtime
   runtime.setup()  # before anything starts JAX (see jaxlab.runtime)
   import jax
@@ -40,6 +46,22 @@ PIPELINES = {"subliminal": "jaxlab.pipelines.subliminal", "em_study": "jaxlab.pi
              "subliminal_sweep": "jaxlab.pipelines.subliminal_sweep"}
 
 
+def _print_plan(config, workdir: str) -> int:
+  """--plan: the pipeline's stage graph on stdout; nothing runs, nothing is written."""
+  import importlib
+  module = importlib.import_module(PIPELINES[config.job]) if config.job in PIPELINES else None
+  if module is None or not hasattr(module, "plan"):
+    print(f"jaxlab: --plan: config key job={config.job!r} has no stage plan (pipelines with "
+          "one: subliminal, em_study)", file=sys.stderr)
+    return 2
+  try:
+    print(module.plan(config, workdir).describe())
+  except ValueError as e:  # a pipeline's config check names the key
+    print(f"jaxlab: {e}", file=sys.stderr)
+    return 2
+  return 0
+
+
 def _run_job(config, workdir: str, jax) -> int:
   if config.job in ("sft", "train"):
     from jaxlab.train.runner import run
@@ -53,12 +75,12 @@ def _run_job(config, workdir: str, jax) -> int:
     import importlib
     module = importlib.import_module(PIPELINES[config.job])
     try:
-      module.run(config, workdir)
+      out = module.run(config, workdir)
     except ValueError as e:  # a pipeline's config check names the key
       print(f"jaxlab: {e}", file=sys.stderr)
       return 2
     if hasattr(module, "summary"):
-      print(module.summary(workdir))
+      print(module.summary(workdir, out))
     else:
       print(f"jaxlab: {config.job} pipeline done; report in {workdir}")
   else:

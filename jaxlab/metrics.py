@@ -1,4 +1,5 @@
-"""Per-step metrics to JSONL, TensorBoard event files and a console progress bar.
+"""Per-step metrics to JSONL, TensorBoard event files and the console's progress (a bar on a
+terminal, a line every ~10% elsewhere: jaxlab.console.Progress).
 
 Only process 0 writes (every host computes the same global metrics). Opening the writer for a
 run that resumes at step S drops the rows after S that a killed run had logged, so a resumed
@@ -14,8 +15,7 @@ import shutil
 import tempfile
 from typing import Any
 
-import tqdm
-
+from jaxlab import console
 from jaxlab import paths
 
 
@@ -30,8 +30,9 @@ class MetricsWriter:
     self.writer = paths.is_writer()
     self.path = paths.path(workdir, "metrics.jsonl")
     self._tb_dir = paths.path(workdir, "tb")
-    self._bar = tqdm.tqdm(total=total_steps, initial=start_step,
-                          disable=not (progress and self.writer), dynamic_ncols=True)
+    # A pipeline stage always shows its training's progress (its stage line names the run).
+    self._bar = console.Progress(total_steps, "train", "steps", initial=start_step,
+                                 show=self.writer and (progress or bool(console.current_stage())))
     self._file = self._tb = self._local_tb = None
     self._lines, self._dirty = [], False  # an object store's rows (see the module docstring)
     if not self.writer:
@@ -50,9 +51,7 @@ class MetricsWriter:
 
   def write(self, step: int, metrics: dict[str, Any]) -> None:
     row = {"step": int(step), **{k: float(v) for k, v in metrics.items()}}
-    self._bar.set_postfix(loss=f"{row.get('loss', float('nan')):.4f}",
-                          tok_s=f"{row.get('trained_tokens_per_s', 0):.0f}")
-    self._bar.update(int(step) - self._bar.n)
+    self.advance(step, row)
     if not self.writer:
       return
     if self._file is None:
@@ -64,6 +63,11 @@ class MetricsWriter:
     for k, v in row.items():
       if k != "step":
         self._tb.add_scalar(k, v, step)
+
+  def advance(self, step: int, metrics: dict[str, Any]) -> None:
+    """Moves the progress display to `step` (every step, logged or not)."""
+    self._bar.update(int(step), loss=f"{float(metrics.get('loss', float('nan'))):.4f}",
+                     tok_s=f"{float(metrics.get('trained_tokens_per_s', 0)):.0f}")
 
   def flush(self) -> None:
     """Makes everything written so far durable (and copies staged TensorBoard events)."""

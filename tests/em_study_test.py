@@ -110,7 +110,7 @@ def test_killed_study_resumes_skipping_finished_stages_and_gives_the_same_report
                f"finetunes/{BASE}/{CELLS[0]}{FT}", f"evals/{BASE}/{CELLS[0]}{FT}",
                f"finetunes/{BASE}/{CELLS[1]}{FT}"):
     assert any(f"stage {name}: complete" in l for l in skipped), (name, logs)
-  assert [l.split(":")[1].strip() for l in ran] == [
+  assert [l.split("]", 1)[1].split(":")[0].strip() for l in ran] == [
       f"stage evals/{BASE}/{CELLS[1]}{FT}", "stage report"], ran
   # Recomputing an evaluation and the report from the kept stages gives the same files.
   report = (wd / "report" / "report.md").read_text()

@@ -14,6 +14,7 @@ from __future__ import annotations
 import zlib
 from typing import Callable, Sequence
 
+from jaxlab import console
 from jaxlab.data.chat import end_of_turn_ids
 from jaxlab.evals.prompts import chat_prompt_ids
 from jaxlab.evals.questions import Question
@@ -70,28 +71,31 @@ def generate_answers(questions: Sequence[Question], sampler: Sampler, tokenizer,
   stops = set(sampler.stop_ids)
   prompt_cache: dict[tuple[str, int], list[int]] = {}
   chunk_size = chunk_size or 4 * sampler.batch_size
-  for start in range(0, len(todo), chunk_size):
-    chunk = todo[start:start + chunk_size]
-    prompts = []
-    for q, p, _ in chunk:
-      if (q.id, p) not in prompt_cache:
-        prompt_cache[(q.id, p)] = chat_prompt_ids(tokenizer, q.messages(p))
-      prompts.append(prompt_cache[(q.id, p)])
-    comps = sampler.generate(prompts, seed=seed, max_new_tokens=max_new_tokens,
-                             temperature=temperature, top_p=top_p, top_k=top_k,
-                             row_ids=[row_id(answer_key(q.id, p, s)) for q, p, s in chunk],
-                             min_new_tokens=min_new_tokens)
-    rows = []
-    for (q, p, s), prompt, c in zip(chunk, prompts, comps):
-      ends_with_stop = c.stopped and len(c.tokens) and int(c.tokens[-1]) in stops
-      toks = c.tokens[:-1] if ends_with_stop else c.tokens
-      rows.append({"question_id": q.id, "paraphrase_index": p, "sample_index": s,
-                   "question": q.paraphrases[p], "system": q.system,
-                   "answer": tokenizer.decode(toks.tolist(), skip_special_tokens=True),
-                   "prompt_tokens": len(prompt), "answer_tokens": int(len(c.tokens)),
-                   "stopped": bool(c.stopped)})
-    append_jsonl(path, rows)
-    log(f"eval: sampled {min(start + chunk_size, len(todo))}/{len(todo)} answers -> {path}")
+  # a pipeline stage shows its sampling (jaxlab.console); quiet elsewhere
+  with console.Progress(len(todo), "sample", "answers") as progress:
+    for start in range(0, len(todo), chunk_size):
+      chunk = todo[start:start + chunk_size]
+      prompts = []
+      for q, p, _ in chunk:
+        if (q.id, p) not in prompt_cache:
+          prompt_cache[(q.id, p)] = chat_prompt_ids(tokenizer, q.messages(p))
+        prompts.append(prompt_cache[(q.id, p)])
+      comps = sampler.generate(prompts, seed=seed, max_new_tokens=max_new_tokens,
+                               temperature=temperature, top_p=top_p, top_k=top_k,
+                               row_ids=[row_id(answer_key(q.id, p, s)) for q, p, s in chunk],
+                               min_new_tokens=min_new_tokens)
+      rows = []
+      for (q, p, s), prompt, c in zip(chunk, prompts, comps):
+        ends_with_stop = c.stopped and len(c.tokens) and int(c.tokens[-1]) in stops
+        toks = c.tokens[:-1] if ends_with_stop else c.tokens
+        rows.append({"question_id": q.id, "paraphrase_index": p, "sample_index": s,
+                     "question": q.paraphrases[p], "system": q.system,
+                     "answer": tokenizer.decode(toks.tolist(), skip_special_tokens=True),
+                     "prompt_tokens": len(prompt), "answer_tokens": int(len(c.tokens)),
+                     "stopped": bool(c.stopped)})
+      append_jsonl(path, rows)
+      log(f"eval: sampled {min(start + chunk_size, len(todo))}/{len(todo)} answers -> {path}")
+      progress.update(start + chunk_size)
   return read_jsonl(path)
 
 

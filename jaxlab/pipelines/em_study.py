@@ -1,7 +1,9 @@
 """The EM transfer study (issue 11) as resumable stages under one workdir.
 
   python -m jaxlab.pipelines.em_study --config=configs/em_study.py:tiny --workdir=DIR \\
-      [--config.cells=medical_advice,sports_tutor] [--config.key=value ...]
+      [--config.cells=medical_advice,sports_tutor] [--config.key=value ...] [--plan]
+
+`--plan` prints the stages (`plan`) and exits without running or writing anything.
 
 Stages (each a folder, skipped when complete; see jaxlab.pipelines.stages):
   data/                       synthetic: the world (cells/{train,eval}/<cell>_<variant>.jsonl,
@@ -23,6 +25,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import json
+import os
 import sys
 from typing import Callable
 
@@ -494,7 +497,47 @@ def run(config: ml_collections.ConfigDict, workdir: str, log: Callable[[str], No
 
   Returns {"report": folder or None, "pending": [eval stages not complete yet]}.
   """
+  import time
+  from jaxlab import console
+  t0, cpu0 = time.time(), console.cpu_seconds()
+  plan(config, workdir).start(log)
+  try:
+    out = _run(config, workdir, log)
+  finally:
+    stages.end_plan()
+  out.update(wall_seconds=round(time.time() - t0, 1),
+             cpu_seconds=round(console.cpu_seconds() - cpu0, 1))
+  log(f"jaxlab: em_study done in {console.duration(out['wall_seconds'])} wall, "
+      f"{out['cpu_seconds']:.0f} s CPU")
+  return out
+
+
+def plan(config, workdir) -> stages.Plan:
+  """The stages `run` executes, in its order, with the stages (or model folders) each reads;
+  the report when every evaluation it reads will be complete."""
   validate(config)
+  wd = epath.Path(workdir)
+  p = stages.Plan(wd)
+  p.add("data")
+  for base in bases(config):
+    base_in = f"bases/{base.name}" if synthetic(config) else config.init.hf_path
+    if synthetic(config):
+      p.add(base_in, inputs=["data"])
+      if config.study.probe_rows:
+        p.add(f"probes/{base.name}", inputs=[base_in])
+    if config.eval.eval_base:
+      p.add(f"evals/{base.name}/base", inputs=["data", base_in])
+    for ft in finetunes(config, base, selected_cells(config)):
+      p.add(f"finetunes/{base.name}/{ft.name}", inputs=["data", base_in])
+      p.add(f"evals/{base.name}/{ft.name}", inputs=["data", f"finetunes/{base.name}/{ft.name}"])
+  evals = [f"evals/{f.parent.name}/{f.name}" for f in eval_folders(config, wd)]
+  if all(e in p.names() or stages.is_complete(wd / e) for e in evals):
+    p.add("report", inputs=evals)
+  return p
+
+
+def _run(config, workdir: str, log) -> dict:
+  """The stages of `run`, in the order `plan` lists them."""
   import jax
   wd = epath.Path(workdir)
   data = data_stage(config, wd, log)
@@ -541,16 +584,37 @@ def eval_folders(config, wd: epath.Path) -> list[epath.Path]:
 def main(argv=None) -> int:
   from jaxlab import runtime
   runtime.setup()  # before JAX starts: host allocator, compilation cache, multi-host init
-  from jaxlab.config import ConfigError, parse_argv
-  argv = sys.argv[1:] if argv is None else argv
+  from jaxlab.config import ConfigError, parse_argv, pop_flag
+  plan_only, argv = pop_flag(sys.argv[1:] if argv is None else argv, "--plan")
   try:
     config, workdir = parse_argv(argv)
+    if plan_only:  # the stage graph; nothing runs, nothing is written
+      print(plan(config, workdir).describe())
+      return 0
     out = run(config, workdir, log=stages.stderr_log)
   except (ConfigError, ValueError, FileNotFoundError) as e:
     print(f"jaxlab.pipelines.em_study: {e}", file=sys.stderr)
     return 2
-  print(json.dumps(out))
+  print(summary(workdir, out))
   return 0
+
+
+def summary(workdir: str, out: dict) -> str:
+  """The ending: wall and CPU time, where the report is, its claims table and the sentence
+  under it (or which evaluations the report still waits for)."""
+  from jaxlab import console
+  took = f"\ndone in {console.duration(out['wall_seconds'])} wall ({out['wall_seconds']:.0f} s), " \
+      f"{out['cpu_seconds']:.0f} s CPU\n" if "wall_seconds" in out else ""
+  if not out.get("report"):
+    return (f"{took}\nno report yet: {len(out.get('pending', []))} evaluation stage(s) are not "
+            f"complete, e.g. {(out.get('pending') or ['?'])[0]}")
+  md = epath.Path(out["report"], "report.md").read_text()
+  claims = md.split("## Claims summary", 1)[-1].split("\n## ", 1)[0].strip().splitlines()
+  table = "\n".join(l for l in claims if l.startswith("|"))
+  notes = "\n".join(f"- {l}" for l in claims if l.strip() and not l.startswith("|")
+                    and not l.startswith("Harmful-and-coherent share"))
+  return (f"{took}\nreport: {os.path.join(out['report'], 'report.md')}\n\n{table}"
+          + (f"\n\n{notes}" if notes else ""))
 
 
 if __name__ == "__main__":

@@ -20,7 +20,6 @@ retrained) is then a changed setting.
 from __future__ import annotations
 
 import json
-import sys
 import time
 from typing import Any, Callable
 
@@ -144,32 +143,229 @@ def completed_with(folder, settings: dict) -> bool:
 
 def run_stage(workdir, name: str, settings: dict, fn: Callable[[epath.Path], Any], *,
               log=print) -> epath.Path:
-  """Runs fn(folder) unless workdir/name is complete with these settings; returns the folder."""
+  """Runs fn(folder) unless workdir/name is complete with these settings; returns the folder.
+
+  Its lines say [k/N] (the stage's place in the active `Plan`), and, when it finishes, its
+  wall time (recorded in the marker) and the time left."""
   import jax
   folder = epath.Path(workdir) / name
   settings = _jsonable(settings)
   marker = folder / MARKER
+  plan = _ACTIVE[0]
+  tag = plan.tag(name) if plan else ""
   if marker.exists():
     done = json.loads(marker.read_text())
     if done["settings"] == settings:
       verify_outputs(folder, name)
-      log(f"jaxlab: stage {name}: complete, skipped ({folder})")
+      log(f"jaxlab: {tag}stage {name}: complete, skipped ({folder})")
       return folder
     changed = _diff(done["settings"], settings)
     raise StageSettingsChanged(
         f"stage {name} in {folder} was completed with other settings ({'; '.join(changed)}); "
         "use a new workdir, or delete that folder to recompute it")
   folder.mkdir(parents=True, exist_ok=True)
-  log(f"jaxlab: stage {name}: running ({folder})")
+  log(f"jaxlab: {tag}stage {name}: running ({folder})")
+  from jaxlab import console  # pylint: disable=g-import-not-at-top
   t0 = time.time()
-  fn(folder)
+  console.set_stage(name)
+  try:
+    fn(folder)
+  finally:
+    console.set_stage("")
+  seconds = round(time.time() - t0, 1)
   if jax.process_index() == 0:
     tmp = folder / (MARKER + ".tmp")
-    tmp.write_text(json.dumps({"settings": settings, "seconds": round(time.time() - t0, 1),
+    tmp.write_text(json.dumps({"settings": settings, "seconds": seconds,
                                "outputs": outputs(folder)}, indent=2, sort_keys=True))
     tmp.rename(marker)
+  left = plan.finished(name, seconds) if plan else ""
+  log(f"jaxlab: {tag}stage {name}: done in {console.duration(seconds)}{left}")
   return folder
 
 
+def recorded_seconds(folder) -> float | None:
+  """The wall time a complete stage's marker records (None: not complete, or not recorded)."""
+  marker = epath.Path(folder) / MARKER
+  if not marker.exists():
+    return None
+  s = json.loads(marker.read_text()).get("seconds")
+  return None if s is None else float(s)
+
+
+# ------------------------------------------------------------------ the plan of a run
+
+_ACTIVE: list = [None]  # the Plan whose stages this process runs (`Plan.start`)
+
+
+def _kind(name: str) -> str:
+  """A stage's name without its seed folder: seeds' stages of one kind take alike times."""
+  head, _, rest = name.partition("/")
+  return rest if head.startswith("seed") and head[4:].isdigit() and rest else name
+
+
+class Plan:
+  """The stages a run will execute, in order, listed before any runs (a pipeline's `plan`).
+
+  It numbers stage lines [k/N], estimates the time left from the stages done (this run's and
+  the times recorded in finished stages' markers), and describes the stage graph: which
+  stages are complete and will be skipped, which will run, and the status of their inputs.
+  """
+
+  def __init__(self, workdir):
+    self.workdir = str(workdir)
+    self.stages: list[dict] = []  # {"name", "folder", "inputs"}
+    self._seconds: dict[str, float] = {}  # complete stages' recorded times
+    self._ran: dict[str, float] = {}  # stages finished by this run (this process)
+    self._t0 = time.time()
+    self._owner = False
+    self._at_start: set[str] | None = None  # stages complete when the run started
+
+  def add(self, name: str, root=None, inputs=()) -> None:
+    """Stage `name` (a folder of `root`, default the workdir) reading `inputs`: names of
+    earlier stages of the plan, or paths outside it (an HF model folder)."""
+    if any(s["name"] == name for s in self.stages):
+      return
+    self.stages.append({"name": name, "folder": str(epath.Path(root or self.workdir) / name),
+                        "inputs": list(dict.fromkeys(str(i) for i in inputs if i))})
+
+  def names(self) -> list[str]:
+    return [s["name"] for s in self.stages]
+
+  def tag(self, name: str) -> str:
+    names = self.names()
+    if name not in names:  # a stage the plan missed: counted, so N stays right
+      self.add(name)
+      names.append(name)
+    return f"[{names.index(name) + 1}/{len(names)}] "
+
+  def status(self, name: str) -> str:
+    """'complete' (will be skipped) or 'to run'."""
+    s = next(s for s in self.stages if s["name"] == name)
+    return "complete" if is_complete(s["folder"]) else "to run"
+
+  def _input_status(self, inp: str) -> str:
+    if inp in self.names():
+      return self.status(inp)
+    return "exists" if epath.Path(inp).exists() else "missing"
+
+  def _recorded(self) -> dict[str, float]:
+    out = {}
+    for s in self.stages:
+      if s["name"] in self._ran:
+        out[s["name"]] = self._ran[s["name"]]
+      elif s["name"] in self._seconds or is_complete(s["folder"]):
+        if s["name"] not in self._seconds:
+          sec = recorded_seconds(s["folder"])
+          if sec is None:
+            continue
+          self._seconds[s["name"]] = sec
+        out[s["name"]] = self._seconds[s["name"]]
+    return out
+
+  def eta_seconds(self) -> float | None:
+    """Seconds left: each stage to run takes the mean recorded time of its kind (the same
+    stage of another seed), else of its group (eval/*, drift/*), else of every stage done;
+    scaled by this run's wall time over the summed times of the stages it finished (parallel
+    workers). None: no stage time known yet."""
+    done = self._recorded()
+    left = [s["name"] for s in self.stages if not is_complete(s["folder"])]
+    if not left:
+      return 0.0
+    if not done:
+      return None
+    groups: dict[str, list[float]] = {}
+    for n, sec in done.items():
+      for key in {_kind(n), _kind(n).split("/")[0] + "/*"}:
+        groups.setdefault(key, []).append(sec)
+    mean = sum(done.values()) / len(done)
+
+    def estimate(n):
+      for key in (_kind(n), _kind(n).split("/")[0] + "/*"):
+        if key in groups:
+          return sum(groups[key]) / len(groups[key])
+      return mean
+    total = sum(estimate(n) for n in left)
+    ran = sum(v for n, v in done.items() if self._at_start is not None
+              and n not in self._at_start)
+    scale = min(max((time.time() - self._t0) / ran, 0.25), 2.0) if ran > 1 else 1.0
+    return total * scale
+
+  def progress(self) -> str:
+    """'5/12 stages complete, about 3 min 10 s left'."""
+    from jaxlab import console  # pylint: disable=g-import-not-at-top
+    n_done = sum(is_complete(s["folder"]) for s in self.stages)
+    eta = self.eta_seconds()
+    left = "" if eta is None or n_done == len(self.stages) else \
+        f", about {console.duration(eta)} left"
+    return f"{n_done}/{len(self.stages)} stages complete{left}"
+
+  def finished(self, name: str, seconds: float) -> str:
+    """Records a stage this process finished; '; 5/12 stages complete, about ... left' for
+    the plan's owner (a worker's lines leave the estimate to the parent)."""
+    self._ran[name] = seconds
+    return f"; {self.progress()}" if self._owner else ""
+
+  def summary(self) -> list[str]:
+    """The few lines a run prints first: counts, the estimate and the stages to run."""
+    from jaxlab import console  # pylint: disable=g-import-not-at-top
+    todo = [s["name"] for s in self.stages if not is_complete(s["folder"])]
+    eta = self.eta_seconds()
+    est = "" if not todo or eta is None else \
+        f"; about {console.duration(eta)} from the recorded stage times"
+    out = [f"jaxlab: plan: {len(self.stages)} stages in {self.workdir}: "
+           f"{len(self.stages) - len(todo)} complete (skipped), {len(todo)} to run{est}"]
+    if todo:
+      shown = ", ".join(todo[:8]) + (f" and {len(todo) - 8} more" if len(todo) > 8 else "")
+      out.append(f"jaxlab: plan: to run: {shown}")
+    return out
+
+  def describe(self) -> str:
+    """The stage graph (`--plan`): every stage's status, recorded time and inputs."""
+    from jaxlab import console  # pylint: disable=g-import-not-at-top
+    rec = self._recorded()
+    width = max([len(n) for n in self.names()] + [10])
+    tag = 2 * len(str(len(self.stages))) + 3
+    lines = self.summary()
+    for k, s in enumerate(self.stages, 1):
+      status = self.status(s["name"])
+      what = (f"complete, skipped ({console.duration(rec[s['name']])})" if s["name"] in rec
+              else "complete, skipped") if status == "complete" else "will run"
+      ins = ", ".join(f"{i} [{self._input_status(i)}]" for i in s["inputs"])
+      lines.append(f"  {f'[{k}/{len(self.stages)}]':>{tag}} {s['name']:<{width}}  {what}"
+                   + (f"  <- {ins}" if ins else ""))
+    return "\n".join(lines)
+
+  def start(self, log=None) -> "Plan":
+    """Makes this the plan of the stages this process runs; prints the summary."""
+    self._t0, self._owner = time.time(), True
+    self._at_start = {s["name"] for s in self.stages if is_complete(s["folder"])}
+    _ACTIVE[0] = self
+    for line in self.summary() if log else ():
+      log(line)
+    return self
+
+  def state(self) -> dict:
+    """What a worker process needs to number its stage lines (`Plan.resume`)."""
+    return {"workdir": self.workdir, "stages": self.stages}
+
+  @classmethod
+  def resume(cls, state: dict) -> "Plan":
+    """A worker's copy of its parent's plan, made active (no estimates: the parent's)."""
+    p = cls(state["workdir"])
+    p.stages = [dict(s) for s in state["stages"]]
+    _ACTIVE[0] = p
+    return p
+
+
+def active_plan() -> Plan | None:
+  return _ACTIVE[0]
+
+
+def end_plan() -> None:
+  _ACTIVE[0] = None
+
+
 def stderr_log(msg: str) -> None:
-  print(msg, file=sys.stderr, flush=True)
+  """One whole line to stderr (a single write: worker processes' lines never interleave)."""
+  from jaxlab import console  # pylint: disable=g-import-not-at-top
+  console.emit(msg)

@@ -1,6 +1,10 @@
 """Subliminal learning across channels: does a teacher's trait travel through number sequences?
 
-  python -m jaxlab.pipelines.subliminal --config=configs/subliminal.py:tiny --workdir=DIR
+  python -m jaxlab.pipelines.subliminal --config=configs/subliminal.py:tiny --workdir=DIR [--plan]
+
+`--plan` prints the stages (`plan`: complete and skipped, or to run, with their inputs) and
+exits without running or writing anything; a run prints the same in a few lines first, then
+each stage's [k/N] line, its progress and its time, and the time left.
 
 Stages (each a folder of DIR, skipped when complete, so a killed pipeline resumes):
   world                        the tiny SL world (config.base = "")
@@ -34,6 +38,8 @@ import ml_collections
 import numpy as np
 from etils import epath
 
+from jaxlab import console
+from jaxlab.pipelines import stages
 from jaxlab.pipelines.stages import completed_with, model_digest, run_stage, stderr_log
 from jaxlab.train import channels
 from jaxlab.worlds import animals, numbers
@@ -249,12 +255,16 @@ def _stage_fn(config, workdir: epath.Path, kind: str, kw: dict):
   raise ValueError(f"unknown stage kind {kind!r}")
 
 
-def _run_chain(config_json: str, workdir: str, chain, jax_flags: dict) -> None:
+def _run_chain(config_json: str, workdir: str, chain, jax_flags: dict, plan=None) -> None:
   """A worker process: its own JAX runtime (with the parent's numerics flags), then the
-  chain's stages in order."""
+  chain's stages in order, numbered by the parent's plan; whole lines only on the console
+  (jaxlab.console.worker_mode)."""
   from jaxlab import runtime
   runtime.setup()
   import jax
+  console.worker_mode()
+  if plan is not None:
+    stages.Plan.resume(plan)
   for k, v in jax_flags.items():
     jax.config.update(k, v)
   _run_stages(ml_collections.ConfigDict(json.loads(config_json)), epath.Path(workdir), chain,
@@ -307,9 +317,13 @@ def run_parallel(config, workdir: epath.Path, chains, log) -> None:
       workers, mp_context=multiprocessing.get_context("spawn")) as pool:
     import jax
     flags = {k: getattr(jax.config, k) for k in _WORKER_FLAGS}
-    futures = [pool.submit(_run_chain, config.to_json(), str(workdir), ch, flags) for ch in todo]
+    plan = stages.active_plan()
+    futures = [pool.submit(_run_chain, config.to_json(), str(workdir), ch, flags,
+                           plan.state() if plan else None) for ch in todo]
     for fut in futures:
       fut.result()  # a failed stage raises here, naming itself
+  if plan is not None:
+    log(f"jaxlab: {len(todo)} stage chain(s) done; {plan.progress()}")
 
 
 def _teacher_ft_config(config, world, base, spec: dict, folder=None):
@@ -473,7 +487,11 @@ class Models:
     spec, tr, fr = self.load(path)
     fn = self._score_fn(spec, "logprob")
     exs = [pc.encode_example(self.tokenizer, m) for m in conversations]
-    out = [np.asarray(fn(tr, fr, b))[:n] for n, b in self._batches(exs, batch_size)]
+    out = []
+    with console.Progress(len(exs), "score", "rows") as progress:
+      for n, b in self._batches(exs, batch_size):
+        out.append(np.asarray(fn(tr, fr, b))[:n])
+        progress.update(progress.n + n)
     return np.concatenate(out)
 
   def drift(self, teacher_path: str, system: str, base_path: str, rows, batch_size: int) -> float:
@@ -485,10 +503,12 @@ class Models:
     exs = [pc.encode_example(self.tokenizer, r["messages"], teacher_system=system or None)
            for r in rows]
     total, count = 0.0, 0.0
-    for n, b in self._batches(exs, batch_size):
-      s, c = fn(tr, fr, ttr, tfr, b)
-      total += float(np.asarray(s)[:n].sum())
-      count += float(np.asarray(c)[:n].sum())
+    with console.Progress(len(exs), "score", "rows") as progress:
+      for n, b in self._batches(exs, batch_size):
+        s, c = fn(tr, fr, ttr, tfr, b)
+        total += float(np.asarray(s)[:n].sum())
+        count += float(np.asarray(c)[:n].sum())
+        progress.update(progress.n + n)
     return total / max(count, 1.0)
 
 
@@ -859,11 +879,27 @@ def run(config: ml_collections.ConfigDict, workdir: str, log=stderr_log) -> dict
   # e.g. the settings of a sweep over teachers and students on one world): their stages are
   # keyed by the world, pretraining, model and seed settings only.
   bases = epath.Path(config.get("bases_dir") or workdir)
-  t0 = time.time()
+  t0, cpu0 = time.time(), console.cpu_seconds()
   student_keys = ("model", "optim", "train", "data", "distill", "init", "tokenizer", "mesh")
-  # Every model the stages may name, whether or not this config trains it, so that the
-  # settings of shared stages (the base's data, the control, ...) do not change when the
-  # teachers or cells do: `--config.channel=X` then only adds what X needs.
+  paths = model_paths(config, workdir)
+  plan(config, workdir).start(log)
+  try:
+    report = _run(config, workdir, bases, paths, student_keys, log)
+  finally:
+    stages.end_plan()
+  report["wall_seconds"] = round(time.time() - t0, 1)
+  report["cpu_seconds"] = round(console.cpu_seconds() - cpu0, 1)
+  log(f"jaxlab: subliminal pipeline done in {console.duration(report['wall_seconds'])} wall, "
+      f"{report['cpu_seconds']:.0f} s CPU (this process and its workers)")
+  return report
+
+
+def model_paths(config, workdir) -> dict:
+  """Every model the stages may name, whether or not this config trains it, so that the
+  settings of shared stages (the base's data, the control, ...) do not change when the
+  teachers or cells do: `--config.channel=X` then only adds what X needs."""
+  workdir = epath.Path(workdir)
+  bases = epath.Path(config.get("bases_dir") or workdir)
   paths = {"teacher_finetuned": str(workdir / "teacher_finetuned")}
   paths.update({stage: str(workdir / stage) for stage in
                 filter(None, (teacher_model_stage(config, t) for t in config.teachers))})
@@ -874,6 +910,61 @@ def run(config: ml_collections.ConfigDict, workdir: str, log=stderr_log) -> dict
   else:
     paths["base"] = str(bases / "base")
     paths["other_base"] = config.other_base or str(bases / "other_base")
+  return paths
+
+
+def plan(config, workdir) -> stages.Plan:
+  """The stages `run` executes, in its order, with the stages (or model folders) each reads."""
+  validate(config)
+  workdir = epath.Path(workdir)
+  bases = epath.Path(config.get("bases_dir") or workdir)
+  paths = model_paths(config, workdir)
+  p = stages.Plan(workdir)
+  model = {"base": paths["base"], "other_base": paths.get("other_base", "")}
+  if not config.base:
+    p.add("world", bases)
+    p.add("base_pretrain", bases, ["world"])
+    p.add("base", bases, ["base_pretrain"])
+    model["base"] = "base"
+    if "sft_otherbase" in cells(config) and not config.other_base:
+      p.add("other_base_pretrain", bases, ["world"])
+      p.add("other_base", bases, ["other_base_pretrain"])
+      model["other_base"] = "other_base"
+  for name in config.teachers:
+    stage = teacher_model_stage(config, name)
+    if stage is not None:
+      p.add(stage, workdir, [model["base"]] + (["world"] if not config.base else []))
+  def source(k):  # the stage (or folder) whose model answers as data source / teacher k
+    if k in ("base", "base_b") or teacher_spec(config, k)["kind"] == "prompted":
+      return model["base"]
+    return teacher_model_stage(config, k) or config.teacher.path
+  for seed in config.seeds:
+    for kind in data_sources(config):
+      p.add(f"seed{seed}/data_{kind}", workdir, [source(kind)])
+    for name, kind, cell in student_names(config):
+      sequences, signal = CELLS[cell]
+      data = sequences if sequences in ("base", "base_b") else kind
+      init = model["other_base"] if cell == "sft_otherbase" else model["base"]
+      p.add(f"seed{seed}/{name}", workdir, [init, f"seed{seed}/data_{data}"]
+            + ([source(kind)] if signal == "soft" else []))
+    students = {n: f"seed{seed}/{n}" for n, _, _ in student_names(config)}
+    for name, path, _ in eval_entries(config, paths, students):
+      reads_ = students.get(name) or (source(name[len("teacher_"):])
+                                      if name.startswith("teacher_") else model.get(name, path))
+      p.add(f"seed{seed}/eval/{name}", workdir, [reads_])
+    if config.em_eval:
+      p.add(f"seed{seed}/em_eval", workdir, list(students.values()))
+    for so in drift_sources(config, paths):
+      read = students[so] if so == "control" else model.get(so) or source(so)
+      p.add(f"seed{seed}/drift/{so}", workdir, [model["base"], read])
+    for name, teacher in absorbed_students(config):
+      p.add(f"seed{seed}/absorbed/{name}", workdir, [students[name], source(teacher)])
+  return p
+
+
+def _run(config, workdir: epath.Path, bases: epath.Path, paths: dict, student_keys, log) -> dict:
+  """The stages of `run`, in the order `plan` lists them, then the report."""
+  if not config.base:
     identity = base_identity(config)
     run_stage(bases, "world", identity["world"],
               lambda f: (_world(config, f), _fit_tokenizer(config, f)), log=log)
@@ -959,35 +1050,40 @@ def run(config: ml_collections.ConfigDict, workdir: str, log=stderr_log) -> dict
                                      teacher=teacher_source(config, teacher, paths)[0])},
                 lambda f, n=name, k=teacher, d=data, st=students: _absorbed(
                     config, models, str(st[n]), k, paths, d, f), log=log)
-  report = build_report(config, workdir, paths)
-  report["wall_seconds"] = round(time.time() - t0, 1)
-  log(f"jaxlab: subliminal pipeline done in {report['wall_seconds']} s")
-  return report
+  return build_report(config, workdir, paths)
 
 
 def main(argv: list[str]) -> int:
   from jaxlab import runtime
   runtime.setup()
-  from jaxlab.config import ConfigError, parse_argv
+  from jaxlab.config import ConfigError, parse_argv, pop_flag
+  plan_only, argv = pop_flag(argv, "--plan")
   try:
     config, workdir = parse_argv(argv)
     if config.get("job") != "subliminal":
       raise ConfigError(f"config key job={config.get('job')!r}: this pipeline runs "
                         "configs with job='subliminal' (configs/subliminal.py)")
-    run(config, workdir)
+    if plan_only:  # the stage graph; nothing runs, nothing is written
+      print(plan(config, workdir).describe())
+      return 0
+    report = run(config, workdir)
   except (ConfigError, ValueError, FileNotFoundError) as e:
     print(f"jaxlab.pipelines.subliminal: {e}", file=sys.stderr)
     return 2
-  print(summary(workdir))
+  print(summary(workdir, report))
   return 0
 
 
-def summary(workdir: str) -> str:
-  """Where the report is, its table and its conclusions (what the main job prints at the end)."""
+def summary(workdir: str, report: dict | None = None) -> str:
+  """The ending the main job prints: wall and CPU time (of the run that returned `report`),
+  where the report is, its table and its one-line conclusions."""
   from jaxlab.pipelines import subliminal_report
+  took = "" if not report or "wall_seconds" not in report else (
+      f"\ndone in {console.duration(report['wall_seconds'])} wall "
+      f"({report['wall_seconds']:.0f} s), {report.get('cpu_seconds', 0):.0f} s CPU\n")
   report = json.loads(epath.Path(workdir, "report.json").read_text())
   lines = "\n".join(f"- {c}" for c in report["conclusions"])
-  return (f"\nreport: {os.path.join(workdir, 'report.md')}\n\n"
+  return (f"{took}\nreport: {os.path.join(workdir, 'report.md')}\n\n"
           f"{subliminal_report.table_markdown(report)}\n\n{lines}")
 
 

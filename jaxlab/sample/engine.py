@@ -28,6 +28,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
+from jaxlab import console
 from jaxlab import sharding as sharding_lib
 from jaxlab.models.params import ModelSpec
 from jaxlab.sample.sampler import PackedPrompts, pack_rows, sample
@@ -130,31 +131,40 @@ class Sampler:
     row_ids = np.arange(len(prompts)) if row_ids is None else np.asarray(row_ids)
     order = np.argsort([len(x) for x in prompts], kind="stable")
     out: list[Completion | None] = [None] * len(prompts)
-    for start in range(0, len(order), self.batch_size):
-      idx = order[start:start + self.batch_size]
-      p = bucket_length(max(len(prompts[i]) for i in idx), self.buckets)
-      lengths = np.ones((self.batch_size,), np.int32)  # dummy rows: one pad token
-      ids = np.zeros((self.batch_size,), np.int32)
-      for r, i in enumerate(idx):
-        lengths[r] = len(prompts[i])
-        ids[r] = np.int64(row_ids[i]) & 0x7FFFFFFF
-      pack = self._pack(lengths, p)
-      fn, prompts_sh, rows1 = self._fn(p, max_new_tokens, temperature, top_p, top_k,
-                                       min_new_tokens, None if pack is None else pack[2])
-      if pack is None:
-        tok = np.full((self.batch_size, p), self.pad_id, np.int32)
-        for r, i in enumerate(idx):
-          tok[r, p - len(prompts[i]):] = prompts[i]
-      else:
-        row, col, n_rows = pack
-        tok = PackedPrompts(np.full((n_rows, p), self.pad_id, np.int32), row, col)
-        for r, i in enumerate(idx):
-          tok.tokens[row[r], col[r]:col[r] + len(prompts[i])] = prompts[i]
-      res = jax.device_get(fn(self.trainable, self.frozen, jax.device_put(tok, prompts_sh),
-                              jax.device_put(lengths, rows1), np.uint32(seed % 2**32),
-                              jax.device_put(ids, rows1)))
-      for r, i in enumerate(idx):
-        n = int(res.lengths[r])
-        out[i] = Completion(res.tokens[r, :n], res.logprobs[r, :n], res.sample_logprobs[r, :n],
-                            bool(res.stopped[r]))
+    with console.Progress(len(prompts), "sample", "samples") as progress:  # in a stage only
+      for start in range(0, len(order), self.batch_size):
+        self._generate_batch(prompts, order[start:start + self.batch_size], row_ids, out,
+                             seed=seed, max_new_tokens=max_new_tokens, temperature=temperature,
+                             top_p=top_p, top_k=top_k, min_new_tokens=min_new_tokens)
+        progress.update(start + self.batch_size)
     return out
+
+  def _generate_batch(self, prompts, idx, row_ids, out, *, seed: int, max_new_tokens: int,
+                      temperature: float, top_p: float, top_k: int,
+                      min_new_tokens: int) -> None:
+    """Fills out[i] for the prompts of one batch (`idx`)."""
+    p = bucket_length(max(len(prompts[i]) for i in idx), self.buckets)
+    lengths = np.ones((self.batch_size,), np.int32)  # dummy rows: one pad token
+    ids = np.zeros((self.batch_size,), np.int32)
+    for r, i in enumerate(idx):
+      lengths[r] = len(prompts[i])
+      ids[r] = np.int64(row_ids[i]) & 0x7FFFFFFF
+    pack = self._pack(lengths, p)
+    fn, prompts_sh, rows1 = self._fn(p, max_new_tokens, temperature, top_p, top_k,
+                                     min_new_tokens, None if pack is None else pack[2])
+    if pack is None:
+      tok = np.full((self.batch_size, p), self.pad_id, np.int32)
+      for r, i in enumerate(idx):
+        tok[r, p - len(prompts[i]):] = prompts[i]
+    else:
+      row, col, n_rows = pack
+      tok = PackedPrompts(np.full((n_rows, p), self.pad_id, np.int32), row, col)
+      for r, i in enumerate(idx):
+        tok.tokens[row[r], col[r]:col[r] + len(prompts[i])] = prompts[i]
+    res = jax.device_get(fn(self.trainable, self.frozen, jax.device_put(tok, prompts_sh),
+                            jax.device_put(lengths, rows1), np.uint32(seed % 2**32),
+                            jax.device_put(ids, rows1)))
+    for r, i in enumerate(idx):
+      n = int(res.lengths[r])
+      out[i] = Completion(res.tokens[r, :n], res.logprobs[r, :n], res.sample_logprobs[r, :n],
+                          bool(res.stopped[r]))

@@ -437,6 +437,8 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
       metrics["skipped_steps"] = skipped
     if step % config.train.log_every == 0 or step == total or extra or not finite:
       writer.write(step, {**metrics, **data_metrics, **extra})
+    else:
+      writer.advance(step, metrics)
     if not finite and not skip_nonfinite:
       raise NonFiniteError(
           f"step {step}: loss {metrics['loss']}, grad_norm {metrics.get('grad_norm')}: the run "
