@@ -79,3 +79,21 @@ def torch_logits(model, ids, positions, seg) -> np.ndarray:
                 attention_mask=torch.tensor(seg != 0, dtype=torch.long),
                 position_ids=torch.tensor(positions, dtype=torch.long))
   return out.logits.float().numpy()
+
+
+def train_batch(tok):
+  """`chat_batch` as a next-token training batch (inputs, targets, positions, segments, mask)."""
+  ids, pos, seg, loss = chat_batch(tok)
+  return {"inputs": ids[:, :-1], "targets": ids[:, 1:], "positions": pos[:, :-1],
+          "segment_ids": seg[:, :-1], "loss_mask": loss[:, 1:].astype(np.float32)}
+
+
+def torch_loss(model, b):
+  """Mean NLL per trained token of a transformers (or PEFT) model on a `train_batch`."""
+  out = model(input_ids=torch.tensor(b["inputs"], dtype=torch.long),
+              attention_mask=torch.tensor(b["segment_ids"] != 0, dtype=torch.long),
+              position_ids=torch.tensor(b["positions"], dtype=torch.long))
+  logp = torch.log_softmax(out.logits.float(), -1)
+  nll = -torch.gather(logp, -1, torch.tensor(b["targets"], dtype=torch.long)[..., None])[..., 0]
+  mask = torch.tensor(b["loss_mask"])
+  return (nll * mask).sum() / mask.sum()

@@ -16,10 +16,7 @@ import transformers
 from jaxlab import sharding
 from jaxlab.models import hf
 from jaxlab.models.config import LoraConfig
-from jaxlab.models.params import model_spec
-from jaxlab.train import optim, sft
-from jaxlab.train import state as state_lib
-from tests import hf_util
+from tests import hf_util, train_util
 
 TARGETS = ("q_proj", "v_proj", "down_proj")
 LR, WD, EPS = 1e-5, 0.01, 1e-8
@@ -30,33 +27,8 @@ def _optim(lr):
                                         weight_decay=WD, clip_norm=0.0, b1=0.9, b2=0.999, eps=EPS))
 
 
-def _batch(tok):
-  ids, pos, seg, loss = hf_util.chat_batch(tok)
-  return {"inputs": ids[:, :-1], "targets": ids[:, 1:], "positions": pos[:, :-1],
-          "segment_ids": seg[:, :-1], "loss_mask": loss[:, 1:].astype(np.float32)}
-
-
-def _torch_loss(model, b):
-  out = model(input_ids=torch.tensor(b["inputs"], dtype=torch.long),
-              attention_mask=torch.tensor(b["segment_ids"] != 0, dtype=torch.long),
-              position_ids=torch.tensor(b["positions"], dtype=torch.long))
-  logp = torch.log_softmax(out.logits.float(), -1)
-  nll = -torch.gather(logp, -1, torch.tensor(b["targets"], dtype=torch.long)[..., None])[..., 0]
-  mask = torch.tensor(b["loss_mask"])
-  return (nll * mask).sum() / mask.sum()
-
-
 def _jax_steps(cfg, trainable, frozen, batch, lr, steps):
-  mesh = sharding.make_mesh((1, 1, 1), jax.devices()[:1])
-  spec = model_spec(cfg)
-  opt, sched = optim.make_optimizer(_optim(lr), steps)
-  state = state_lib.create_state(spec, opt, mesh, sharding.DEFAULT_RULES, 0, (trainable, frozen))
-  for leaf in jax.tree.leaves((state.params, state.opt_state)):
-    if jnp.issubdtype(leaf.dtype, jnp.floating):
-      assert leaf.dtype == jnp.dtype(cfg.trainable_dtype or cfg.param_dtype)
-  step = jax.jit(sft.make_sft_step(spec, opt, sched))
-  for _ in range(steps):
-    state, _ = step(state, batch)
+  state, _ = train_util.run_steps(cfg, trainable, frozen, batch, _optim(lr), steps)
   return state
 
 
@@ -81,7 +53,7 @@ def _lora_step(path, tok, trainable_dtype):
       lambda p, x: jnp.asarray(rng.normal(0, 0.1, x.shape), x.dtype)
       if p[-1].key == "lora_b" else x, trainable)
   before = jax.tree.map(lambda x: np.asarray(x, np.float32), trainable)
-  batch = _batch(tok)
+  batch = hf_util.train_batch(tok)
   after = _jax_steps(cfg, trainable, frozen, batch, LR, 1).params
 
   model = transformers.AutoModelForCausalLM.from_pretrained(
@@ -101,7 +73,7 @@ def _lora_step(path, tok, trainable_dtype):
         mod.lora_B["default"].weight.copy_(torch.tensor(node["lora_b"].T))
   params = [p for p in model.parameters() if p.requires_grad]
   opt = torch.optim.AdamW(params, lr=LR, betas=(0.9, 0.999), eps=EPS, weight_decay=WD)
-  _torch_loss(model, batch).backward()
+  hf_util.torch_loss(model, batch).backward()
   opt.step()
   theirs = {}
   for i, layer in enumerate(model.base_model.model.model.layers):
@@ -156,7 +128,7 @@ def _full_ft(path, tok, trainable_dtype):
                                       trainable_dtype=trainable_dtype)
   assert cfg.param_dtype == "bfloat16" and frozen == {}
   start = {n: np.asarray(x, np.float32) for n, x in _named(trainable).items()}
-  batch = _batch(tok)
+  batch = hf_util.train_batch(tok)
   ours = {n: np.asarray(x, np.float32)
           for n, x in _named(_jax_steps(cfg, trainable, frozen, batch, FULL_LR,
                                         FULL_STEPS).params).items()}
@@ -169,7 +141,7 @@ def _full_ft(path, tok, trainable_dtype):
                           lr=FULL_LR, betas=(0.9, 0.999), eps=EPS)
   for _ in range(FULL_STEPS):
     opt.zero_grad()
-    _torch_loss(model, batch).backward()
+    hf_util.torch_loss(model, batch).backward()
     opt.step()
   theirs = dict(model.state_dict())
   theirs = {n: theirs[n].detach().float().numpy() for n in ours}

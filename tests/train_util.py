@@ -1,5 +1,6 @@
 """Shared helpers for train tests: tiny configs, random batches, one-device meshes."""
 import jax
+import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
@@ -51,3 +52,21 @@ def setup(cfg=TINY, mesh_shape=(1, 1, 1), devices=None, steps=10, grad_accum=1, 
 
 def lora_cfg(**kw):
   return TINY.replace(lora=LoraConfig(**kw))
+
+
+def run_steps(cfg, trainable, frozen, batch, optim_cfg, steps):
+  """(state, per-step metrics) of `steps` SFT steps from these params on one device; checks that
+  what trains and the optimizer moments are stored in `cfg.trainable_dtype`."""
+  mesh = sharding.make_mesh((1, 1, 1), jax.devices()[:1])
+  spec = model_spec(cfg)
+  opt, sched = optim.make_optimizer(optim_cfg, steps)
+  state = state_lib.create_state(spec, opt, mesh, sharding.DEFAULT_RULES, 0, (trainable, frozen))
+  for leaf in jax.tree.leaves((state.params, state.opt_state)):
+    if jnp.issubdtype(leaf.dtype, jnp.floating):
+      assert leaf.dtype == jnp.dtype(cfg.trainable_dtype or cfg.param_dtype)
+  step = jax.jit(sft.make_sft_step(spec, opt, sched))
+  metrics = []
+  for _ in range(steps):
+    state, m = step(state, batch)
+    metrics.append(m)
+  return state, metrics

