@@ -27,7 +27,7 @@ import ml_collections
 from etils import epath
 
 from jaxlab.pipelines import seed_stats, subliminal
-from jaxlab.pipelines.stages import stderr_log
+from jaxlab.pipelines.stages import MARKER, recorded_seconds, stderr_log
 from jaxlab.worlds.io import write_json
 
 CHANNELS = ("sft", "offpolicy", "onpolicy")
@@ -121,18 +121,30 @@ def table_markdown(rows: list[dict]) -> str:
   return "\n".join(lines)
 
 
+def stage_seconds(folder) -> float:
+  """The wall seconds recorded by the complete stages under folder, summed."""
+  folder = epath.Path(folder)
+  if not folder.is_dir():
+    return 0.0
+  # A stage's folder holds its marker; stages nest (seed0/eval/base), so descend further.
+  own = recorded_seconds(folder) or 0.0
+  return round(own + sum(stage_seconds(f) for f in folder.iterdir() if f.is_dir()), 1)
+
+
 def run(config, workdir: str, log=stderr_log) -> dict:
   root = epath.Path(workdir)
   t0 = time.time()
-  rows, times = [], {}
+  rows, times, stage_times = [], {}, {}
   for name in groups(config):
     c = group_config(config, name, root)
     g0 = time.time()
     report = subliminal.run(c, str(root / name), log=log)
     times[name] = round(time.time() - g0, 1)
+    stage_times[name] = stage_seconds(root / name)
     rows += rows_of(name, c, report)
-  out = {"rows": rows, "group_seconds": times, "wall_seconds": round(time.time() - t0, 1),
-         "provenance": subliminal.provenance(config)}
+  stage_times["bases"] = stage_seconds(root / "bases")
+  out = {"rows": rows, "group_seconds": times, "stage_seconds": stage_times,
+         "wall_seconds": round(time.time() - t0, 1), "provenance": subliminal.provenance(config)}
   write_json(root / "sweep.json", out)
   md = ["# Subliminal sweep", "", "Transfer = student - control trait rate (points), seed-level "
         "95% interval (two-level bootstrap, paired); bold: the interval lies beyond +- the noise "
@@ -140,7 +152,11 @@ def run(config, workdir: str, log=stderr_log) -> dict:
         "of the teacher's number KL the student copied, on held-out numbers. Drift: nats/token. "
         "Other-base: (the different base's sft student - that base) - (control - base).",
         "", table_markdown(rows), "",
-        "Group wall seconds: " + ", ".join(f"{k} {v}" for k, v in times.items()), ""]
+        "Wall seconds of this run per group (complete stages are skipped, so a rerun is "
+        "short): " + ", ".join(f"{k} {v}" for k, v in times.items()) + ".",
+        "Stage seconds (the sum of the wall times recorded by every stage when it ran; students "
+        "train `workers` at a time, so this exceeds the wall time of a cold run): "
+        + ", ".join(f"{k} {v}" for k, v in stage_times.items()) + ".", ""]
   (root / "sweep.md").write_text("\n".join(md))
   return out
 
