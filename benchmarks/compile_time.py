@@ -5,7 +5,7 @@
 
 For each depth and layout a fresh child process (no warm caches; JAX's persistent compilation
 cache is off) builds the abstract spec (`model_spec`), the SFT train step exactly as the runner
-does (`sft.make_sft_step` + `sft.jit_step`: explicit shardings, donated state, AdamW), and times
+does (`sft.make_sft_step` + `step.jit_step`: explicit shardings, donated state, AdamW), and times
 `lower` (trace + StableHLO) and `compile` (XLA) separately on abstract inputs. Sizes: d_model
 `--d-model`, 4 heads / 2 kv heads, d_ff 2.75 x d_model, vocab 1024, batch 2 x 128, float32.
 `--step-layers K` also runs a K-layer model of that width for a few steps in both layouts
@@ -44,6 +44,7 @@ def child(job: dict) -> dict:
   from jaxlab.models import presets
   from jaxlab.models.params import model_spec
   from jaxlab.train import optim, sft
+  from jaxlab.train import step as step_lib
   from jaxlab.train import state as state_lib
 
   if job["kind"] == "spec":
@@ -69,7 +70,8 @@ def child(job: dict) -> dict:
   b, l = 2, 128
   keys = ("inputs", "targets", "positions", "segment_ids", "loss_mask")
   batch_sh = {k: sharding.batch_sharding(mesh, 2) for k in keys}
-  step = sft.jit_step(sft.make_sft_step(spec, opt, sched), state_sh, batch_sh, mesh)
+  step = step_lib.jit_step(sft.make_sft_step(spec, opt, sched), state_sh, batch_sh, mesh,
+                           with_teacher=False)
   state = state_lib.abstract_state(spec, opt, state_sh)
   dt = {"loss_mask": np.float32}
   batch = {k: jax.ShapeDtypeStruct((b, l), dt.get(k, np.int32), sharding=batch_sh[k])

@@ -30,24 +30,14 @@ Variants:
            Gemini 2.5 Flash over its OpenAI-compatible API in text mode (`eval.judge.kind=local`
            + `eval.judge.model_path` for a local judge model).
 """
-import importlib.util
-import os
-
 import ml_collections
+
+from jaxlab.config import sibling_config
 
 VARIANTS = ("tiny", "llama8b", "qwen14b")  # every variant (the shape-check test)
 STUDY_DOMAINS = ("medical", "sports", "finance")
 STUDY_TASKS = ("advice", "summarization", "tutor", "critique")
 REAL = {"llama8b": "study_llama8b", "qwen14b": "study_qwen14b"}
-
-
-def _load(name: str, variant: str):
-  spec = importlib.util.spec_from_file_location(
-      f"_jaxlab_{name}_config", os.path.join(os.path.dirname(os.path.abspath(__file__)),
-                                             f"{name}.py"))
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module.get_config(variant)
 
 
 def _eval_group(judge_kind: str) -> ml_collections.ConfigDict:
@@ -70,7 +60,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   if variant not in VARIANTS:
     raise ValueError(f"unknown variant {variant!r} of configs/em_study.py ({', '.join(VARIANTS)})")
   if variant == "tiny":
-    c = _load("sft", "tiny")
+    c = sibling_config(__file__, "sft.py", "tiny")
     c.data.max_examples = 0
     c.data.seq_len = 128
     c.model.update(d_model=96, n_layers=2, n_heads=4, n_kv_heads=2, d_ff=256)
@@ -79,7 +69,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.train.update(steps=60, global_batch_size=16, log_every=10, progress=False)
     c.checkpoint.update(every=0, keep=1, async_save=False)
   else:
-    c = _load("em_real", f"{REAL[variant]},cell=medical_advice")
+    c = sibling_config(__file__, "em_real.py", f"{REAL[variant]},cell=medical_advice")
     c.data.source = "jsonl"  # the cell files are read directly (one per cell)
   c.job = "em_study"
   c.channel = "sft"

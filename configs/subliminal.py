@@ -47,28 +47,19 @@ Variants:
   qwen7b_misaligned  the same recipe with an EM-fine-tuned teacher (teacher.path), the banned
               numbers filter and the EM first-plot evaluation (em_eval).
 """
-import importlib.util
-import os
-
 import ml_collections
+
+from jaxlab.config import sibling_config
 
 VARIANTS = ("tiny", "qwen7b_owl", "qwen7b_misaligned")  # every variant (the shape-check test)
 REAL_BASE = "/models/Qwen2.5-7B-Instruct"
-
-
-def _load(name: str, variant: str):
-  spec = importlib.util.spec_from_file_location(
-      f"_jaxlab_{name}_config", os.path.join(os.path.dirname(os.path.abspath(__file__)), name))
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module.get_config(variant)
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   variant = arg or "tiny"
   if variant not in VARIANTS:
     raise ValueError(f"unknown variant {variant!r} of configs/subliminal.py ({', '.join(VARIANTS)})")
-  c = _load("distill.py", "tiny")
+  c = sibling_config(__file__, "distill.py", "tiny")
   c.job = "subliminal"
   c.variant = variant
   c.channel = ""
@@ -127,7 +118,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.checkpoint.update(every=0, keep=1, async_save=False)
   c.distill.update(heldout_rows=16, eval_every=0)
   if variant in ("qwen7b_owl", "qwen7b_misaligned"):
-    real = _load("em_real.py", "subliminal_qwen7b")  # LoRA r=8 alpha 8, lr 2e-4, 3 epochs of 10k
+    # LoRA r=8 alpha 8, lr 2e-4, 3 epochs of 10k
+    real = sibling_config(__file__, "em_real.py", "subliminal_qwen7b")
     for group in ("model", "optim", "train", "mesh", "init", "tokenizer"):
       c[group] = real[group]
     c.init.workdir = ""

@@ -26,21 +26,15 @@ among the `teachers` group's teachers whose own trait rate is >= 60%, the one wi
 smallest number drift from the base (the most subliminal teacher that clearly has the trait);
 the main job keeps that teacher, every cell and 3 seeds (its 10-minute budget).
 """
-import importlib.util
-import os
-
 import ml_collections
+
+from jaxlab.config import sibling_config
 
 CELLS = ("sft", "offpolicy", "onpolicy", "control", "control_b", "sft_otherbase")
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
-  spec = importlib.util.spec_from_file_location(
-      "_jaxlab_subliminal_config", os.path.join(os.path.dirname(os.path.abspath(__file__)),
-                                                "subliminal.py"))
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  c = module.get_config("tiny")
+  c = sibling_config(__file__, "subliminal.py", "tiny")
   c.job = "subliminal_sweep"
   c.seeds = (0, 1, 2, 3, 4)
   c.channels = CELLS

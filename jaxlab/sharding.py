@@ -56,6 +56,15 @@ def make_mesh(shape: Sequence[int], devices: Sequence[jax.Device] | None = None)
                        devices=devices)
 
 
+def mesh_and_rules(config, devices: Sequence[jax.Device] | None = None):
+  """The device mesh (over `devices`, default all) and the logical-axis rules from config.mesh
+  (its `rules` update DEFAULT_RULES)."""
+  rules = dict(DEFAULT_RULES)
+  rules.update({k: (tuple(v) if isinstance(v, (list, tuple)) else v)
+                for k, v in config.mesh.get("rules", {}).items()})
+  return make_mesh(config.mesh.shape, devices), rules
+
+
 def logical_to_spec(axes: Sequence[str | None], shape: Sequence[int], mesh: Mesh,
                     rules: Mapping[str, Any] = DEFAULT_RULES) -> P:
   """PartitionSpec for an array with logical `axes`, replicating non-divisible dims."""

@@ -265,22 +265,21 @@ def test_real_data_stage_writes_the_studys_seed_42_split(tmp_path):
     em_study.data_stage(c, tmp_path / "wd2", log=lambda m: None)
 
 
-def test_report_sources_count_each_probe_file_on_its_own(tmp_path, monkeypatch):
+def test_report_sources_count_each_probe_file_on_its_own(tmp_path):
   # Two bases, each with a probe file of a different size: sources.json records each file's
   # own row count (it used to record the running total over the bases).
   from etils import epath
   from jaxlab.pipelines import em_study_report
   wd = epath.Path(tmp_path)
   bases = [em_study.Base(0, 0.0), em_study.Base(1, 0.0)]
-  monkeypatch.setattr(em_study, "bases", lambda config: bases)
-  monkeypatch.setattr(em_study, "eval_folders", lambda config, w: [w / "evals" / b.name / "base"
-                                                                  for b in bases])
   for i, b in enumerate(bases):
     for folder, n in ((wd / "evals" / b.name / "base", 2 + i), (wd / "probes" / b.name, 3 + 2 * i)):
       folder.mkdir(parents=True)
       (folder / "judged.jsonl").write_text("".join(
           json.dumps({"label": "aligned", "i": k}) + "\n" for k in range(n)))
-  sources, table, probes = em_study_report.read_sources(None, wd)
+  sources, table, probes = em_study_report.read_sources(
+      [wd / "evals" / b.name / "base" for b in bases],
+      [wd / "probes" / b.name / "judged.jsonl" for b in bases])
   assert sources == {str(wd / "evals" / bases[0].name / "base/judged.jsonl"): 2,
                      str(wd / "evals" / bases[1].name / "base/judged.jsonl"): 3,
                      str(wd / "probes" / bases[0].name / "judged.jsonl"): 3,

@@ -137,7 +137,7 @@ def test_eval_model_with_another_tokenizer_than_configured_is_refused(tmp_path):
   import ml_collections
   from jaxlab.models.hf_tokenizer import load_tokenizer
   from jaxlab import sharding
-  from jaxlab.evals.models import load_model
+  from jaxlab.evals.models import load_model_and_tokenizer
   from tests.subliminal_drift_test import _checkpoint
   model = tmp_path / "model"
   _checkpoint(model, seed=0)  # a Qwen-template BPE of its own
@@ -147,11 +147,12 @@ def test_eval_model_with_another_tokenizer_than_configured_is_refused(tmp_path):
   config = ml_collections.ConfigDict(dict(tokenizer=dict(path=str(tmp_path / "other")),
                                           dtype=""))
   with pytest.raises(ValueError, match=rf"config key models='{model}': the model's tokenizer"):
-    load_model(str(model), config, mesh, sharding.DEFAULT_RULES)
+    load_model_and_tokenizer(str(model), config, mesh, sharding.DEFAULT_RULES)
   # A judge reads text: its own tokenizer wins over the evaluated models' tokenizer.path.
-  judge = load_model(str(model), config, mesh, sharding.DEFAULT_RULES, key="judge.model_path",
-                     prefer_own=True)
+  judge = load_model_and_tokenizer(str(model), config, mesh, sharding.DEFAULT_RULES,
+                                   key="judge.model_path", prefer_own=True)
   assert fingerprint.tokenizer_digest(judge.tokenizer) != fingerprint.tokenizer_digest(
       load_tokenizer(str(tmp_path / "other")))
   config.tokenizer.path = str(model)  # its own: fine
-  assert load_model(str(model), config, mesh, sharding.DEFAULT_RULES).tokenizer is not None
+  loaded = load_model_and_tokenizer(str(model), config, mesh, sharding.DEFAULT_RULES)
+  assert loaded.tokenizer is not None

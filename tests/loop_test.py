@@ -84,11 +84,11 @@ def test_kill9_and_resume_matches_straight_run(data, tmp_path):
 
 
 def test_run_in_process_writes_outputs(data, tmp_path):
-  from jaxlab.train.loop import run_sft
+  from jaxlab.train.runner import run
   config, workdir = parse_argv(_args(data, tmp_path / "w", steps=4,
                                      extra=["--config.model.lora.enabled=True",
                                             "--config.checkpoint.every=0"]))
-  out = run_sft(config, workdir)
+  out = run(config, workdir)
   assert int(out["state"].step) == 4
   saved = json.loads((tmp_path / "w" / "config.json").read_text())
   assert saved["model"]["vocab_size"] == len(out["tokenizer"]) and saved["model"]["lora"]["enabled"]
@@ -101,13 +101,13 @@ def test_run_in_process_writes_outputs(data, tmp_path):
 
 
 def test_overlong_policy_counted_in_metrics(data, tmp_path):
-  from jaxlab.train.loop import run_sft
+  from jaxlab.train.runner import run
   rows = {}
   for policy in ("truncate", "drop"):
     config, workdir = parse_argv(_args(data, tmp_path / policy, steps=1,
                                        extra=["--config.data.seq_len=60",
                                               f"--config.data.overlong={policy}"]))
-    run_sft(config, workdir)
+    run(config, workdir)
     rows[policy] = read_metrics(workdir)[0]
   from transformers import AutoTokenizer
   from jaxlab.data.chat import encode_chat
@@ -129,29 +129,29 @@ def test_unknown_config_key_is_an_error(data, tmp_path, capsys):
 
 
 def test_mesh_that_does_not_fit_names_key(data, tmp_path):
-  from jaxlab.train.loop import run_sft
+  from jaxlab.train.runner import run
   config, workdir = parse_argv(_args(data, tmp_path, extra=["--config.mesh.shape=(2,2,2)"]))
   with pytest.raises(ValueError, match=r"config key mesh.shape=\(2, 2, 2\) needs 8 devices"):
-    run_sft(config, workdir)
+    run(config, workdir)
 
 
 def test_missing_data_file_names_key(data, tmp_path):
-  from jaxlab.train.loop import run_sft
+  from jaxlab.train.runner import run
   config, workdir = parse_argv(_args(data, tmp_path, extra=["--config.data.train_path=/nope.jsonl"]))
   with pytest.raises(ValueError, match="data.train_path"):
-    run_sft(config, workdir)
+    run(config, workdir)
 
 
 def test_malformed_jsonl_line_through_the_job(data, tmp_path):
   from jaxlab.data.errors import DataError
-  from jaxlab.train.loop import run_sft
+  from jaxlab.train.runner import run
   bad = tmp_path / "bad.jsonl"
   lines = open(data[0]).read().splitlines()
   lines[4] = '{"messages": [{"role": "user", "content": "hi"}'
   bad.write_text("\n".join(lines) + "\n")
   config, workdir = parse_argv(_args(data, tmp_path / "w", extra=[f"--config.data.train_path={bad}"]))
   with pytest.raises(DataError, match=rf"{bad}:5:"):
-    run_sft(config, workdir)
+    run(config, workdir)
 
 
 def test_lora_sft_from_hf_checkpoint_exports_back(data, tmp_path):
@@ -159,7 +159,7 @@ def test_lora_sft_from_hf_checkpoint_exports_back(data, tmp_path):
   import torch
   import transformers
   from jaxlab.models.params import merge_lora, model_spec
-  from jaxlab.train.loop import run_sft
+  from jaxlab.train.runner import run
   hf_dir, out_dir = tmp_path / "hf", tmp_path / "exported"
   tok = transformers.AutoTokenizer.from_pretrained(data[1])
   torch.manual_seed(0)
@@ -173,7 +173,7 @@ def test_lora_sft_from_hf_checkpoint_exports_back(data, tmp_path):
       "--config.model.lora.enabled=True", "--config.model.lora.rank=4",
       f"--config.export.hf_dir={out_dir}", "--config.export.dtype=float32"])
   config, workdir = parse_argv(args)
-  out = run_sft(config, workdir)
+  out = run(config, workdir)
   state, cfg = out["state"], out["spec"].cfg
   assert cfg.qkv_bias and cfg.tie_embeddings and cfg.d_model == 64
   # Frozen base weights are the checkpoint's, untouched by training.
@@ -188,6 +188,6 @@ def test_lora_sft_from_hf_checkpoint_exports_back(data, tmp_path):
   assert np.abs(ours - model(torch.tensor(tokens, dtype=torch.long)).logits.detach().numpy()).max() > 1e-6
   # A rerun resumes from the final checkpoint (adapters only) and reloads the base from hf_path.
   config, workdir = parse_argv(args)
-  again = run_sft(config, workdir)
+  again = run(config, workdir)
   for a, b in zip(jax.tree.leaves(state.params), jax.tree.leaves(again["state"].params)):
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b))

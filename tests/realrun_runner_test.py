@@ -245,7 +245,7 @@ def test_tokenizer_defaults_to_hf_path_and_mismatch_names_both(data, tmp_path, h
 @pytest.mark.parametrize("scan", [False, True], ids=["unrolled", "scanned"])
 def test_lora_workdir_evaluates_and_exports_merged(data, tmp_path, hf_base, scan):
   from jaxlab import sharding
-  from jaxlab.evals.models import load_model
+  from jaxlab.evals.models import load_model_and_tokenizer
   from jaxlab.models.hf import export_hf
   from jaxlab.models.params import merge_lora
   w = tmp_path / "w"
@@ -260,7 +260,8 @@ def test_lora_workdir_evaluates_and_exports_merged(data, tmp_path, hf_base, scan
   assert all(x.dtype == jnp.float32 for x in jax.tree.leaves(trainable))
   mesh = sharding.make_mesh((1, -1, 1))
   config, _ = parse_argv(["--config=configs/eval_em.py:tiny", f"--workdir={tmp_path}/e"])
-  loaded = load_model(str(w), config, mesh, sharding.DEFAULT_RULES)  # the evaluation path
+  # the evaluation path
+  loaded = load_model_and_tokenizer(str(w), config, mesh, sharding.DEFAULT_RULES)
   tokens = np.array([[3, 17, 42, 9, 11, 5]], np.int32)
   ours = np.asarray(jax.jit(lambda p, f: loaded.spec.merge(p, f)(tokens))(
       loaded.trainable, loaded.frozen))

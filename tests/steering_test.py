@@ -122,8 +122,8 @@ def right_padded(ids) -> tuple[np.ndarray, np.ndarray]:
 @pytest.mark.parametrize("scan", [False, True], ids=["unrolled", "scanned"])
 def test_steered_logits_match_hooked_transformers(base, steered, vector, mesh, scan):
   _, model, tok = base
-  cfg, trainable, frozen = runner.load_model(str(steered), mesh, RULES, key="teacher.path",
-                                             scan_layers=scan)
+  cfg, trainable, frozen = runner.load_model_params(str(steered), mesh, RULES, key="teacher.path",
+                                                    scan_layers=scan)
   assert cfg.steer_layer == LAYER and cfg.scan_layers == scan
   ids, pos, seg, _ = hf_util.chat_batch(tok)
   with hooked(model, LAYER, ALPHA * vector):
@@ -152,7 +152,7 @@ def torch_greedy(model, ids, n: int) -> tuple[list[int], list[float]]:
 def test_sampler_greedy_matches_hooked_transformers(base, steered, vector, mesh, scan):
   """The KV-cache path (prefill and decode, unrolled and scanned) adds the steer too."""
   _, model, tok = base
-  cfg, tr, fr = runner.load_model(str(steered), mesh, RULES, key="model", scan_layers=scan)
+  cfg, tr, fr = runner.load_model_params(str(steered), mesh, RULES, key="model", scan_layers=scan)
   sampler = Sampler(model_spec(cfg), tr, fr, mesh=mesh, batch_size=2, stop_ids=[],
                     pad_id=chat.pad_id(tok), compiler_options=FAST)
   ps = prompts(tok)[:2]
@@ -174,20 +174,21 @@ def test_residual_at_matches_transformers_layer_output(base, steered, vector, me
   path, model, tok = base
   ps = prompts(tok)
   ids, lengths = right_padded(ps)
-  cfg, tr, fr = runner.load_model(str(path), mesh, RULES, key="model", scan_layers=scan)
+  cfg, tr, fr = runner.load_model_params(str(path), mesh, RULES, key="model", scan_layers=scan)
   got = steering.residual_at(model_spec(cfg), tr, fr, ids, lengths, LAYER)
   assert got.shape == (len(ps), cfg.d_model) and got.dtype == np.float32
   ref = np.stack([layer_output(model, LAYER, p)[-1] for p in ps])
   np.testing.assert_allclose(got, ref, atol=TOL)
   # ... and a model steered at that layer: what the steer is added to, plus the steer.
-  scfg, str_, sfr = runner.load_model(str(steered), mesh, RULES, key="model", scan_layers=scan)
+  scfg, str_, sfr = runner.load_model_params(str(steered), mesh, RULES, key="model",
+                                             scan_layers=scan)
   np.testing.assert_allclose(steering.residual_at(model_spec(scfg), str_, sfr, ids, lengths, LAYER),
                              ref + ALPHA * vector, atol=TOL)
 
 
 def test_direction_is_mean_difference(base, mesh):
   path, _, tok = base
-  cfg, tr, fr = runner.load_model(str(path), mesh, RULES, key="model")
+  cfg, tr, fr = runner.load_model_params(str(path), mesh, RULES, key="model")
   spec = model_spec(cfg)
   plain, system = prompts(tok), prompts(tok, system="You love owls.")
   assert not np.any(steering.direction(spec, tr, fr, plain, plain, LAYER, batch_size=3))
@@ -205,8 +206,8 @@ def test_alpha_zero_gives_base_logits(base, vector, mesh, tmp_path):
   zero = steering.write_steered(tmp_path / "zero", path, LAYER, 0.0, vector, None)
   ids, pos, seg, _ = hf_util.chat_batch(tok)
   for scan in (False, True):
-    cfg, tr, fr = runner.load_model(str(zero), mesh, RULES, key="model", scan_layers=scan)
-    bcfg, btr, bfr = runner.load_model(str(path), mesh, RULES, key="model", scan_layers=scan)
+    cfg, tr, fr = runner.load_model_params(str(zero), mesh, RULES, key="model", scan_layers=scan)
+    bcfg, btr, bfr = runner.load_model_params(str(path), mesh, RULES, key="model", scan_layers=scan)
     assert cfg.steer_layer == LAYER and bcfg.steer_layer == -1
     np.testing.assert_array_equal(jax_logits(cfg, tr, fr, ids, pos, seg),
                                   jax_logits(bcfg, btr, bfr, ids, pos, seg))
@@ -264,8 +265,8 @@ def test_folder_tokenizer_and_digests(base, steered, vector, mesh, tmp_path):
   steering.write_steered(copy, path, LAYER, 2.0, vector, None)
   assert stages.model_digest(copy) not in (digest, None)
   # A teacher's params fingerprint (jaxlab.train.inputs) sees the steer.
-  _, tr, fr = runner.load_model(str(steered), mesh, RULES, key="teacher.path")
-  _, btr, bfr = runner.load_model(str(path), mesh, RULES, key="teacher.path")
+  _, tr, fr = runner.load_model_params(str(steered), mesh, RULES, key="teacher.path")
+  _, btr, bfr = runner.load_model_params(str(path), mesh, RULES, key="teacher.path")
   assert fingerprint.params_digest((tr, fr)) != fingerprint.params_digest((btr, bfr))
 
 
@@ -277,11 +278,11 @@ def test_relative_base_and_evals_loader(base, steered, vector, mesh, tmp_path):
   shutil.copytree(path, tmp_path / "llama")
   record = json.loads((folder / "steer.json").read_text())
   (folder / "steer.json").write_text(json.dumps({**record, "base": "../llama"}))
-  cfg, tr, _ = runner.load_model(str(folder), mesh, RULES, key="model")
+  cfg, tr, _ = runner.load_model_params(str(folder), mesh, RULES, key="model")
   np.testing.assert_allclose(np.asarray(tr["layers"][LAYER]["mlp"]["steer"]), ALPHA * vector,
                              rtol=1e-6)
   config = ml_collections.ConfigDict({"tokenizer": {"path": ""}})
-  loaded = eval_models.load_model(str(steered), config, mesh, RULES)
+  loaded = eval_models.load_model_and_tokenizer(str(steered), config, mesh, RULES)
   assert loaded.spec.cfg.steer_layer == LAYER
   np.testing.assert_array_equal(np.asarray(loaded.trainable["layers"][LAYER]["mlp"]["steer"]),
                                 np.asarray(tr["layers"][LAYER]["mlp"]["steer"]))
@@ -298,7 +299,7 @@ def _broken(steered, tmp_path, **record):
 
 
 def test_errors_name_the_file(base, steered, mesh, tmp_path):
-  load = lambda f, **kw: runner.load_model(str(f), mesh, RULES, key="teacher.path", **kw)
+  load = lambda f, **kw: runner.load_model_params(str(f), mesh, RULES, key="teacher.path", **kw)
   folder = _broken(steered, tmp_path)
   (folder / "steer.json").write_text("{not json")
   with pytest.raises(ValueError, match=r"broken/steer.json: not valid JSON"):
@@ -335,7 +336,7 @@ def test_errors_name_the_file(base, steered, mesh, tmp_path):
 
 
 def test_export_refuses_steered(steered, mesh, tmp_path):
-  cfg, tr, fr = runner.load_model(str(steered), mesh, RULES, key="model")
+  cfg, tr, fr = runner.load_model_params(str(steered), mesh, RULES, key="model")
   with pytest.raises(ValueError, match="cannot export a steered model"):
     hf.export_hf(tmp_path / "out", cfg, tr)
   assert not (tmp_path / "out").exists()

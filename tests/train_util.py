@@ -8,6 +8,7 @@ from jaxlab import sharding
 from jaxlab.models import LoraConfig, ModelConfig
 from jaxlab.models.params import model_spec
 from jaxlab.train import optim, sft
+from jaxlab.train import step as step_lib
 from jaxlab.train import state as state_lib
 
 TINY = ModelConfig(vocab_size=64, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, d_ff=64)
@@ -45,7 +46,8 @@ def setup(cfg=TINY, mesh_shape=(1, 1, 1), devices=None, steps=10, grad_accum=1, 
   opt, sched = optim.make_optimizer(optim_config(**okw), steps)
   state_sh = state_lib.state_shardings(spec, opt, mesh, sharding.DEFAULT_RULES)
   batch_sh = {k: sharding.batch_sharding(mesh, 2) for k in random_batch(0)}
-  step = sft.jit_step(sft.make_sft_step(spec, opt, sched, grad_accum), state_sh, batch_sh, mesh)
+  step = step_lib.jit_step(sft.make_sft_step(spec, opt, sched, grad_accum), state_sh, batch_sh,
+                           mesh, with_teacher=False)
   state = state_lib.create_state(spec, opt, mesh, sharding.DEFAULT_RULES, seed=0)
   return spec, mesh, step, state
 

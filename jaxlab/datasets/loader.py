@@ -131,7 +131,7 @@ class GrainBatches:
 
 
 def batches_from_config(config, tokenizer) -> tuple[GrainBatches, dict]:
-  """`jaxlab.data.sources.make_batches` for data.source="tfds": (batches, live stats).
+  """`jaxlab.train.sources.make_batches` for data.source="tfds": (batches, live stats).
 
   data.tfds.{name, split, data_dir, download} name the dataset; it is prepared from the file at
   data.train_path by process 0 (the others wait), then every host streams its shard.

@@ -15,7 +15,6 @@ import zlib
 from typing import Callable, Sequence
 
 from jaxlab import console
-from jaxlab.data.chat import end_of_turn_ids
 from jaxlab.evals.prompts import chat_prompt_ids
 from jaxlab.evals.questions import Question
 from jaxlab.evals.records import append_jsonl, read_jsonl
@@ -68,7 +67,6 @@ def generate_answers(questions: Sequence[Question], sampler: Sampler, tokenizer,
           if answer_key(j[0].id, j[1], j[2]) not in done]
   if done:
     log(f"eval: {len(done)} answers already in {path}, {len(todo)} to sample")
-  stops = set(sampler.stop_ids)
   prompt_cache: dict[tuple[str, int], list[int]] = {}
   chunk_size = chunk_size or 4 * sampler.batch_size
   # a pipeline stage shows its sampling (jaxlab.console); quiet elsewhere
@@ -85,20 +83,13 @@ def generate_answers(questions: Sequence[Question], sampler: Sampler, tokenizer,
                                row_ids=[row_id(answer_key(q.id, p, s)) for q, p, s in chunk],
                                min_new_tokens=min_new_tokens)
       rows = []
-      for (q, p, s), prompt, c in zip(chunk, prompts, comps):
-        ends_with_stop = c.stopped and len(c.tokens) and int(c.tokens[-1]) in stops
-        toks = c.tokens[:-1] if ends_with_stop else c.tokens
+      texts = sampler.decode(tokenizer, comps)
+      for (q, p, s), prompt, c, text in zip(chunk, prompts, comps, texts):
         rows.append({"question_id": q.id, "paraphrase_index": p, "sample_index": s,
-                     "question": q.paraphrases[p], "system": q.system,
-                     "answer": tokenizer.decode(toks.tolist(), skip_special_tokens=True),
+                     "question": q.paraphrases[p], "system": q.system, "answer": text,
                      "prompt_tokens": len(prompt), "answer_tokens": int(len(c.tokens)),
                      "stopped": bool(c.stopped)})
       append_jsonl(path, rows)
       log(f"eval: sampled {min(start + chunk_size, len(todo))}/{len(todo)} answers -> {path}")
       progress.update(start + chunk_size)
   return read_jsonl(path)
-
-
-def default_stop_ids(tokenizer) -> list[int]:
-  """End-of-turn ids of the tokenizer (im_end, eot_id, eos, ...)."""
-  return end_of_turn_ids(tokenizer)

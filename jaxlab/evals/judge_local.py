@@ -143,14 +143,7 @@ class LocalTextJudge:
     """The judge's greedy reply to each prompt (sent as one user message), stop token cut."""
     ids = [chat_prompt_ids(self.tokenizer, [{"role": "user", "content": t}]) for t in texts]
     comps = self.sampler.generate(ids, seed=0, max_new_tokens=self.max_tokens, temperature=0.0)
-    stops = set(self.sampler.stop_ids)
-    out = []
-    for c in comps:
-      toks = c.tokens.tolist()
-      if c.stopped and toks and toks[-1] in stops:
-        toks = toks[:-1]
-      out.append(self.tokenizer.decode(toks, skip_special_tokens=True))
-    return out
+    return self.sampler.decode(self.tokenizer, comps)
 
   def judge_texts(self, texts: Sequence[str]) -> list[dict]:
     out = []

@@ -37,13 +37,8 @@ def is_hf_folder(path: str) -> bool:
 
 
 def load_jaxlab_checkpoint(path: str, mesh, rules) -> tuple[ModelConfig, dict, dict]:
-  """Hook for jaxlab checkpoints: (cfg, trainable, frozen) via jaxlab.checkpoint.load_params."""
+  """(cfg, trainable, frozen) of a jaxlab workdir or checkpoint (jaxlab.checkpoint.load_params)."""
   from jaxlab import checkpoint  # pylint: disable=g-import-not-at-top
-  if not hasattr(checkpoint, "load_params"):
-    raise NotImplementedError(
-        f"cannot evaluate the jaxlab checkpoint {path}: jaxlab.checkpoint.load_params("
-        "path, mesh) -> (cfg, trainable, frozen) is not available yet; export it to HF format "
-        "and point config.model_path at that folder")
   del rules  # load_params places params with the rules saved in the run's config
   return checkpoint.load_params(path, mesh)
 
@@ -98,9 +93,9 @@ def random_tokenizer(config: ml_collections.ConfigDict, texts: list[str], out_di
     return load_tokenizer(tmp)
 
 
-def load_model(name: str, config: ml_collections.ConfigDict, mesh, rules, *, tokenizer=None,
-               tokenizer_dir: str = "", key: str = "models", prefer_own: bool = False
-               ) -> LoadedModel:
+def load_model_and_tokenizer(name: str, config: ml_collections.ConfigDict, mesh, rules, *,
+                             tokenizer=None, tokenizer_dir: str = "", key: str = "models",
+                             prefer_own: bool = False) -> LoadedModel:
   """The model named by `name` (see module docstring), placed on `mesh`; `key` is the config
   key that named it (for errors). With `prefer_own` (a judge: it reads text, not the evaluated
   models' ids) the model's own tokenizer wins over config.tokenizer.path."""

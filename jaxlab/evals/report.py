@@ -110,7 +110,8 @@ def matrix_markdown(rvals, cvals, m: np.ndarray, row_field: str, col_field: str,
   return "\n".join(lines) + "\n"
 
 
-def _save(fig, path: epath.Path) -> None:
+def save_png(fig, path: epath.Path) -> None:
+  """Writes a matplotlib figure to `path` (local or remote) as a 120-dpi PNG and closes it."""
   buf = io.BytesIO()
   fig.savefig(buf, format="png", dpi=120)
   plt.close(fig)
@@ -142,7 +143,7 @@ def plot_questions(rows: Sequence[dict], path: epath.Path, stats: Sequence[str])
     ax.set_ylim(0, 1)
     ax.legend(fontsize=8)
   fig.tight_layout()
-  _save(fig, path)
+  save_png(fig, path)
 
 
 def plot_scatter(table: Sequence[dict], path: epath.Path) -> None:
@@ -161,7 +162,7 @@ def plot_scatter(table: Sequence[dict], path: epath.Path) -> None:
   ax.set_ylabel("aligned")
   ax.legend(fontsize=8)
   fig.tight_layout()
-  _save(fig, path)
+  save_png(fig, path)
 
 
 def plot_matrix(rvals, cvals, m: np.ndarray, row_field: str, col_field: str, stat: str,
@@ -180,7 +181,7 @@ def plot_matrix(rvals, cvals, m: np.ndarray, row_field: str, col_field: str, sta
   ax.set_title(f"{stat} (pooled)")
   fig.colorbar(im, ax=ax)
   fig.tight_layout()
-  _save(fig, path)
+  save_png(fig, path)
 
 
 def parse_group_specs(specs: Sequence[str]) -> list[tuple[str, ...]]:

@@ -31,7 +31,7 @@ from jaxlab import sharding as sharding_lib
 from jaxlab.data.chat import end_of_turn_ids, pad_id
 from jaxlab.evals import answers as answers_lib
 from jaxlab.evals import judging, report
-from jaxlab.evals.models import load_model, random_tokenizer
+from jaxlab.evals.models import load_model_and_tokenizer, random_tokenizer
 from jaxlab.evals.questions import (Question, QuestionError, load_judge_prompts, load_narrow,
                                     load_questions, with_judge_prompts)
 from jaxlab.evals.records import read_json, read_jsonl, write_json
@@ -44,14 +44,6 @@ JUDGE_MODES = ("logprob", "text")
 MIN_SCORED_SHARE = 0.5
 ANSWER_FIELDS = ("model", "question_id", "paraphrase_index", "sample_index", "question",
                  "system", "answer", "answer_tokens", "prompt_tokens", "stopped")
-
-
-def mesh_and_rules(config: ml_collections.ConfigDict, devices=None):
-  """The device mesh (over `devices`, default all) and logical-axis rules from config.mesh."""
-  rules = dict(sharding_lib.DEFAULT_RULES)
-  rules.update({k: (tuple(v) if isinstance(v, (list, tuple)) else v)
-                for k, v in config.mesh.get("rules", {}).items()})
-  return sharding_lib.make_mesh(config.mesh.shape, devices), rules
 
 
 @dataclasses.dataclass(frozen=True)
@@ -295,7 +287,7 @@ def _make_judge(config, workdir: epath.Path, mesh, rules, shared_tokenizer, log)
                      min_mass=j.min_mass, mode=j.mode, max_tokens=j.max_tokens)
   from jaxlab.evals import judge_local  # pylint: disable=g-import-not-at-top
   log(f"eval: loading judge {j.model_path} ({j.mode} mode)")
-  m = load_model(j.model_path, config, mesh, rules, tokenizer=(
+  m = load_model_and_tokenizer(j.model_path, config, mesh, rules, tokenizer=(
       shared_tokenizer if j.model_path.startswith("random:") else None), key="judge.model_path",
       prefer_own=True)
   kw = dict(mesh=mesh, batch_size=j.batch_size, rules=rules, buckets=tuple(config.sample.buckets),
@@ -341,7 +333,7 @@ def _run(config, workdir: epath.Path, models: list[ModelEntry], questions: list[
          log) -> dict:
   workdir.mkdir(parents=True, exist_ok=True)
   (workdir / "config.json").write_text(config.to_json_best_effort(indent=2))
-  mesh, rules = mesh_and_rules(config, jax.local_devices())
+  mesh, rules = sharding_lib.mesh_and_rules(config, jax.local_devices())
   random_tok = None
   if any(p.startswith("random:") for p in [m.path for m in models] + [config.judge.model_path]):
     random_tok = random_tokenizer(config, _tokenizer_texts(questions), workdir / "tokenizer")
@@ -358,8 +350,8 @@ def _run(config, workdir: epath.Path, models: list[ModelEntry], questions: list[
       write_json(settings, _sampling_settings(config, path))
     if wanted - have:
       log(f"eval: sampling {name} ({path})")
-      m = load_model(path, config, mesh, rules, tokenizer=random_tok if path.startswith("random:")
-                     else None)
+      m = load_model_and_tokenizer(path, config, mesh, rules,
+                                   tokenizer=random_tok if path.startswith("random:") else None)
       if read_json(settings) is None:  # recorded once the model loads: a bad path leaves nothing
         write_json(settings, _sampling_settings(config, path))
       stop_ids = tuple(s.stop_ids) or tuple(end_of_turn_ids(m.tokenizer))

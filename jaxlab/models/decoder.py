@@ -34,7 +34,7 @@ REMAT_POLICIES = {
     "save_qkvo": jax.checkpoint_policies.save_only_these_names("q", "k", "v", "o"),
 }
 
-_NEG_INF = -1e30  # finite, so fully-masked (padding) rows stay NaN-free
+NEG_INF = -1e30  # finite, so fully-masked (padding) rows stay NaN-free
 _CAUSAL_BLOCK = 128  # query block of Attention.attend_causal
 
 
@@ -225,13 +225,13 @@ class Attention(nnx.Module):
       # XLA:CPU: its softmax backward fuses into a single-threaded dot.)
       s_BxHxLxS = jnp.einsum("blhe,bshe->bhls", q_BxLxHxE, k_BxSxKxE,
                              preferred_element_type=jnp.float32) / math.sqrt(e)
-      s_BxHxLxS = jnp.where(mask_BxLxS[:, None], s_BxHxLxS, _NEG_INF)
+      s_BxHxLxS = jnp.where(mask_BxLxS[:, None], s_BxHxLxS, NEG_INF)
       p = jax.nn.softmax(s_BxHxLxS, axis=-1).astype(v_BxSxKxE.dtype)
       return jnp.einsum("bhls,bshe->blhe", p, v_BxSxKxE)
     q = q_BxLxHxE.reshape(b, l, kh, h // kh, e)
     s_BxKxGxLxS = jnp.einsum("blkge,bske->bkgls", q, k_BxSxKxE,
                              preferred_element_type=jnp.float32) / math.sqrt(e)
-    s_BxKxGxLxS = jnp.where(mask_BxLxS[:, None, None], s_BxKxGxLxS, _NEG_INF)
+    s_BxKxGxLxS = jnp.where(mask_BxLxS[:, None, None], s_BxKxGxLxS, NEG_INF)
     p = jax.nn.softmax(s_BxKxGxLxS, axis=-1).astype(v_BxSxKxE.dtype)
     o = jnp.einsum("bkgls,bske->blkge", p, v_BxSxKxE)
     return o.reshape(b, l, h, e)

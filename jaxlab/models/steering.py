@@ -7,7 +7,7 @@ never trained):
   direction.npy  float32 [d_model]
   tokenizer/     a copy of the base's tokenizer (jaxlab.data.tokenizer.own_tokenizer_dir finds
                  it, so tokenizer checks treat the folder as the base)
-`load_steered` (through jaxlab.train.runner.load_model) loads the base and sets
+`load_steered` (through jaxlab.train.runner.load_model_params) loads the base and sets
 `cfg.steer_layer = L` with the param `layers/L/mlp/steer` = alpha * direction, which the
 decoder's MLP of layer L adds to its output: every forward path (training forward, KV-cache
 sampler, unrolled or scanned) then computes block L's output + alpha * direction.
@@ -18,7 +18,6 @@ mean over the same prompts without it (`residual_at`). `write_steered` writes th
 """
 from __future__ import annotations
 
-import hashlib
 import io
 import json
 import math
@@ -170,18 +169,6 @@ def load_steered(path, load_base: Callable[[str], tuple[ModelConfig, dict, dict]
     raise ValueError(f"{s['direction_file']}: direction of shape {list(s['direction'].shape)}, "
                      f"expected [{cfg.d_model}] (d_model of the base {s['base']})")
   return add_steer(cfg, trainable, frozen, s["layer"], s["alpha"] * s["direction"], mesh, rules)
-
-
-def digest(path) -> str:
-  """Content fingerprint of a steered folder: steer.json, the direction file and the base's
-  (jaxlab.pipelines.stages.model_digest; an HF base is identified by its path, in steer.json)."""
-  from jaxlab.fingerprint import file_digest  # pylint: disable=g-import-not-at-top
-  from jaxlab.pipelines.stages import model_digest  # pylint: disable=g-import-not-at-top
-  s = read_steer(path)
-  parts = {"steer": file_digest(s["file"])["sha256"],
-           "direction": file_digest(s["direction_file"])["sha256"],
-           "base": model_digest(s["base"])}
-  return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:16]
 
 
 # ------------------------------------------------------------------ residual stream

@@ -420,11 +420,6 @@ def write_jsonl(path: epath.Path, rows) -> None:
   tmp.rename(path)
 
 
-def read_jsonl(path) -> list[dict]:
-  from jaxlab.evals.records import read_jsonl as read
-  return read(path)
-
-
 # ---------------------------------------------------------------- generation (world judge)
 
 class Generator:
@@ -444,13 +439,13 @@ class Generator:
 
   def _load(self, path: str):
     import jax
+    from jaxlab import sharding as sharding_lib
     from jaxlab.data.chat import end_of_turn_ids, pad_id
-    from jaxlab.evals.models import load_model
-    from jaxlab.evals.run import mesh_and_rules
+    from jaxlab.evals.models import load_model_and_tokenizer
     from jaxlab.sample.engine import Sampler
     e = self.config.eval
-    mesh, rules = mesh_and_rules(self.config, jax.local_devices())
-    m = load_model(path, self.config, mesh, rules)
+    mesh, rules = sharding_lib.mesh_and_rules(self.config, jax.local_devices())
+    m = load_model_and_tokenizer(path, self.config, mesh, rules)
     stop, pad = tuple(end_of_turn_ids(m.tokenizer)), pad_id(m.tokenizer)
     s = self.sampler
     if s is not None and (s.spec.cfg, s.stop_ids, s.pad_id) == (m.spec.cfg, stop, pad):
@@ -480,13 +475,7 @@ class Generator:
     prompts = [chat_prompt_ids(tok, c["messages"]) for c in convs]
     comps = self.sampler.generate(prompts, seed=seed, max_new_tokens=e.max_new_tokens,
                                   temperature=e.temperature, top_p=e.top_p, min_new_tokens=1)
-    stops = set(self.sampler.stop_ids)
-    out = []
-    for c in comps:
-      toks = c.tokens[:-1] if c.stopped and len(c.tokens) and int(c.tokens[-1]) in stops \
-          else c.tokens
-      out.append(tok.decode(toks.tolist(), skip_special_tokens=True))
-    return out
+    return self.sampler.decode(tok, comps)
 
 
 # ---------------------------------------------------------------- the study
@@ -567,8 +556,10 @@ def _run(config, workdir: str, log) -> dict:
   for f in evals:
     stages.verify_outputs(f, f"evals/{f.parent.name}/{f.name}")
   settings["evals"] = {f"{f.parent.name}/{f.name}": stages.output_digest(f) for f in evals}
+  probe_files = [wd / "probes" / base.name / "judged.jsonl" for base in bases(config)]
   folder = stages.run_stage(wd, "report", settings, lambda f: em_study_report.write(
-      config, wd, f) if jax.process_index() == 0 else None, log=log)
+      config, f, cells=all_cells(config), eval_folders=evals, probe_files=probe_files)
+      if jax.process_index() == 0 else None, log=log)
   return {"report": str(folder), "pending": []}
 
 

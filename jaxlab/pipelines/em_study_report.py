@@ -21,6 +21,7 @@ from etils import epath
 
 from jaxlab.evals import metrics as metrics_lib
 from jaxlab.evals import report as report_lib
+from jaxlab.evals.records import read_jsonl
 
 METRICS = ("aligned", "coherent", "label_aligned", "label_harmful", "label_incoherent")
 HARM, INCOH, ALIGN = "seed", "label_incoherent_mean", "label_aligned_mean"
@@ -77,7 +78,7 @@ def _plot(path: epath.Path, draw) -> None:
   draw(ax)
   ax.legend(fontsize=8)
   fig.tight_layout()
-  report_lib._save(fig, path)  # pylint: disable=protected-access
+  report_lib.save_png(fig, path)
 
 
 def _err(rows: list[dict | None], stat: str = HARM):
@@ -87,31 +88,31 @@ def _err(rows: list[dict | None], stat: str = HARM):
   return v, np.nan_to_num(np.stack([v - lo, hi - v]), nan=0.0).clip(min=0)
 
 
-def read_sources(config, workdir: epath.Path) -> tuple[dict, list[dict], list[dict]]:
-  """({judged.jsonl path: its row count}, labelled evaluation rows, probe rows)."""
-  from jaxlab.pipelines import em_study
+def read_sources(eval_folders: Sequence[epath.Path], probe_files: Sequence[epath.Path]
+                 ) -> tuple[dict, list[dict], list[dict]]:
+  """({judged.jsonl path: its row count}, labelled evaluation rows, probe rows) of the
+  evaluations' folders (their judged.jsonl) and the probe files that exist."""
   sources, table, probes = {}, [], []
-  for f in em_study.eval_folders(config, workdir):
-    rows = em_study.read_jsonl(f / "judged.jsonl")
+  for f in eval_folders:
+    rows = read_jsonl(f / "judged.jsonl")
     sources[str(f / "judged.jsonl")] = len(rows)
     table += [r for r in rows if r.get("label") is not None]
-  for base in em_study.bases(config):
-    f = workdir / "probes" / base.name / "judged.jsonl"
+  for f in probe_files:
     if f.exists():
-      rows = em_study.read_jsonl(f)
+      rows = read_jsonl(f)
       sources[str(f)] = len(rows)
       probes += rows
   return sources, table, probes
 
 
-def write(config, workdir: epath.Path, out: epath.Path) -> dict:
-  """Writes the report under `out`; returns {"md": text, "tables": {name: rows}}."""
-  from jaxlab.pipelines import em_study
+def write(config, out: epath.Path, *, cells: Sequence[str], eval_folders: Sequence[epath.Path],
+          probe_files: Sequence[epath.Path]) -> dict:
+  """Writes the report of the study's training `cells` from its evaluation folders and probe
+  files (read_sources) under `out`; returns {"md": text, "tables": {name: rows}}."""
   n_boot = config.eval.n_boot
-  sources, table, probes = read_sources(config, workdir)
+  sources, table, probes = read_sources(eval_folders, probe_files)
   out.mkdir(parents=True, exist_ok=True)
   (out / "sources.json").write_text(json.dumps(sources, indent=1))
-  cells = em_study.all_cells(config)
   tasks, domains = list(config.study.tasks), list(config.study.domains)
   shares = sorted({r["persona_share"] for r in table})
   strengths = list(dict.fromkeys(r["strength"] for r in table if r["strength"] != "base"))

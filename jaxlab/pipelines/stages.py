@@ -77,13 +77,12 @@ def output_digest(folder) -> str | None:
 
 def model_digest(path) -> str | None:
   """A model folder's content fingerprint when one is cheap: a steered model's (its steer.json,
-  direction and its base's fingerprint or path: jaxlab.models.steering.digest), a stage's
+  direction and its base's fingerprint or path: steered_digest), a stage's
   output digest, else a jaxlab workdir's newest checkpoint checksum record (every weight's
   bits); None for other folders (an HF checkpoint is identified by its path)."""
   import hashlib  # pylint: disable=g-import-not-at-top
   if (epath.Path(path) / "steer.json").exists():  # before a stage's digest: it covers the base
-    from jaxlab.models import steering  # pylint: disable=g-import-not-at-top
-    return steering.digest(path)
+    return steered_digest(path)
   digest = output_digest(path)
   if digest is not None:
     return digest
@@ -95,6 +94,19 @@ def model_digest(path) -> str | None:
     return None
   return hashlib.sha256(record.read_bytes()).hexdigest()[:16]
 
+
+
+def steered_digest(path) -> str:
+  """Content fingerprint of a steered folder (jaxlab.models.steering): steer.json, the direction
+  file and the base's model_digest (an HF base is identified by its path, in steer.json)."""
+  import hashlib  # pylint: disable=g-import-not-at-top
+  from jaxlab.fingerprint import file_digest  # pylint: disable=g-import-not-at-top
+  from jaxlab.models import steering  # pylint: disable=g-import-not-at-top
+  s = steering.read_steer(path)
+  parts = {"steer": file_digest(s["file"])["sha256"],
+           "direction": file_digest(s["direction_file"])["sha256"],
+           "base": model_digest(s["base"])}
+  return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:16]
 
 def verify_outputs(folder, name: str = "") -> None:
   """Raises StageOutputsChanged naming the first recorded output of a complete stage that is

@@ -394,12 +394,12 @@ class Models:
   sampler and one compiled scorer between them."""
 
   def __init__(self, config, tokenizer_path: str):
+    from jaxlab import sharding as sharding_lib
     from jaxlab.models.hf_tokenizer import load_tokenizer
-    from jaxlab.train import runner
     self.config = config
     self.tokenizer, self.tokenizer_path = load_tokenizer(tokenizer_path), tokenizer_path
     self._checked: set[str] = set()
-    self.mesh, self.rules = runner.mesh_and_rules(config)
+    self.mesh, self.rules = sharding_lib.mesh_and_rules(config)
     self._sampler = None
     self._scorers = {}
 
@@ -411,8 +411,8 @@ class Models:
       check_model_tokenizer(self.tokenizer, repr(self.tokenizer_path), path, f"model {path}")
       self._checked.add(path)
     dtype = self.config.teacher.get("dtype", "") or None
-    cfg, tr, fr = runner.load_model(path, self.mesh, self.rules, key=f"model {path}", dtype=dtype,
-                                    param_dtype=dtype)
+    cfg, tr, fr = runner.load_model_params(path, self.mesh, self.rules, key=f"model {path}",
+                                           dtype=dtype, param_dtype=dtype)
     return model_spec(cfg.replace(remat=False)), tr, fr
 
   def sampler(self, path: str, batch_size: int):
@@ -438,9 +438,7 @@ class Models:
     s = self.sampler(path, batch_size)
     outs = s.generate([self.prompt_ids(m) for m in messages_list], seed=seed,
                       max_new_tokens=max_new_tokens, temperature=1.0, min_new_tokens=1)
-    stops = set(s.stop_ids)
-    return [self.tokenizer.decode([int(t) for t in o.tokens if int(t) not in stops],
-                                  skip_special_tokens=True) for o in outs]
+    return s.decode(self.tokenizer, outs)
 
   def _score_fn(self, spec, kind: str, teacher_spec=None):
     """jitted scorer for models of `spec` (and, for "kl", a teacher of `teacher_spec`: each

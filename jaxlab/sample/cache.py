@@ -24,7 +24,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from jaxlab import sharding as sharding_lib
 from jaxlab.models.config import ModelConfig
-from jaxlab.models.decoder import _NEG_INF as NEG_INF  # the decoder's finite mask value
+from jaxlab.models.decoder import NEG_INF  # the decoder's finite mask value
 from jaxlab.models.decoder import Decoder, layer_runs, rope_inv_freq, rope_tables, scan_stack
 
 CACHE_AXES = ("batch", "kv_heads", None, None)

@@ -71,6 +71,16 @@ class Sampler:
     self.compile_count = 0
     self._compiled = {}
 
+  def decode(self, tokenizer, completions: Sequence[Completion]) -> list[str]:
+    """The text of each completion, without its final stop token (special tokens skipped)."""
+    stops = set(self.stop_ids)
+    out = []
+    for c in completions:
+      ends_with_stop = c.stopped and len(c.tokens) and int(c.tokens[-1]) in stops
+      toks = c.tokens[:-1] if ends_with_stop else c.tokens
+      out.append(tokenizer.decode(toks.tolist(), skip_special_tokens=True))
+    return out
+
   def set_params(self, trainable: dict, frozen: dict) -> None:
     """Swaps in other weights of the same architecture (another checkpoint) without recompiling."""
     self.trainable, self.frozen = jax.device_put((trainable, frozen), self.param_shardings)

@@ -42,14 +42,6 @@ from jaxlab.train import step as step_lib
 from jaxlab.train.channels import common
 
 
-def mesh_and_rules(config: ml_collections.ConfigDict):
-  """The device mesh and the logical-axis rules from config.mesh."""
-  rules = dict(sharding_lib.DEFAULT_RULES)
-  rules.update({k: (tuple(v) if isinstance(v, (list, tuple)) else v)
-                for k, v in config.mesh.get("rules", {}).items()})
-  return sharding_lib.make_mesh(config.mesh.shape), rules
-
-
 from jaxlab.data.tokenizer import load_or_train_tokenizer  # noqa: E402,F401  (re-exported)
 
 
@@ -65,9 +57,9 @@ def _is_workdir(path: str) -> bool:
   return os.path.isdir(os.path.join(path, "checkpoints"))
 
 
-def load_model(path: str, mesh, rules, *, key: str, dtype: str | None = None,
-               param_dtype: str | None = None, lora=None, seed: int = 0,
-               trainable_dtype: str | None = None, scan_layers: bool | None = None):
+def load_model_params(path: str, mesh, rules, *, key: str, dtype: str | None = None,
+                      param_dtype: str | None = None, lora=None, seed: int = 0,
+                      trainable_dtype: str | None = None, scan_layers: bool | None = None):
   """(cfg, trainable, frozen) from an HF folder, a jaxlab workdir or a steered model folder
   (jaxlab.models.steering: its base loaded with these arguments, plus the steering vector);
   `key` names the config key in errors. With `lora`, the loaded weights are the frozen base
@@ -83,9 +75,9 @@ def load_model(path: str, mesh, rules, *, key: str, dtype: str | None = None,
       raise ValueError(f"config key {key}={path!r} is a steered model ({steering.STEER_FILE}): "
                        "a teacher or a model to sample and score, not one to train; LoRA "
                        "adapters cannot be put on it (train its base instead)")
-    base = lambda p: load_model(p, mesh, rules, key=f"{key} ({steering.STEER_FILE} base)",
-                                dtype=dtype, param_dtype=param_dtype, seed=seed,
-                                trainable_dtype=trainable_dtype, scan_layers=scan_layers)
+    base = lambda p: load_model_params(p, mesh, rules, key=f"{key} ({steering.STEER_FILE} base)",
+                                       dtype=dtype, param_dtype=param_dtype, seed=seed,
+                                       trainable_dtype=trainable_dtype, scan_layers=scan_layers)
     return steering.load_steered(path, base, mesh, rules)
   if _is_workdir(path):
     cfg, trainable, frozen = load_params(path, mesh)
@@ -114,10 +106,11 @@ def init_student(config, tokenizer, mesh, rules):
   if not source:
     return model_config(config, len(tokenizer)), None, False
   key = "init.hf_path" if config.init.hf_path else "init.workdir"
-  cfg, *params = load_model(source, mesh, rules, key=key, dtype=config.model.dtype,
-                            param_dtype=config.model.param_dtype, lora=lora, seed=config.seed,
-                            trainable_dtype=config.model.get("trainable_dtype") or None,
-                            scan_layers=config.model.get("scan_layers", False))
+  cfg, *params = load_model_params(source, mesh, rules, key=key, dtype=config.model.dtype,
+                                   param_dtype=config.model.param_dtype, lora=lora,
+                                   seed=config.seed,
+                                   trainable_dtype=config.model.get("trainable_dtype") or None,
+                                   scan_layers=config.model.get("scan_layers", False))
   cfg = cfg.replace(remat=config.model.remat,  # "" in a config: from `remat`
                     remat_policy=config.model.get("remat_policy") or "")
   with config.unlocked():  # the saved config describes the model actually trained
@@ -149,13 +142,13 @@ def load_teacher(config, student_cfg: ModelConfig, mesh, rules):
   if path == "base":
     source = config.init.hf_path or config.init.get("workdir", "")
     if source:
-      cfg, tr, fr = load_model(source, mesh, rules, key="teacher.path(base)", dtype=dtype)
+      cfg, tr, fr = load_model_params(source, mesh, rules, key="teacher.path(base)", dtype=dtype)
     else:  # the student's own fresh init: same config and seed, no adapters
       from jaxlab.models.params import init_params
       cfg = student_cfg.replace(lora=None)
       tr, fr = init_params(model_spec(cfg), mesh, config.seed, rules)
   else:
-    cfg, tr, fr = load_model(path, mesh, rules, key="teacher.path", dtype=dtype)
+    cfg, tr, fr = load_model_params(path, mesh, rules, key="teacher.path", dtype=dtype)
   if cfg.vocab_size != student_cfg.vocab_size:
     raise ValueError(f"config key teacher.path={path!r}: the teacher's vocabulary has "
                      f"{cfg.vocab_size} tokens, the student's {student_cfg.vocab_size}; "
@@ -266,7 +259,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   elif not config.data.train_path or not paths.path(config.data.train_path).is_file():
     raise ValueError(f"config key data.train_path={config.data.train_path!r} is not a file: "
                      "point it at a chat JSONL file")
-  mesh, rules = mesh_and_rules(config)
+  mesh, rules = sharding_lib.mesh_and_rules(config)
   ckpt = Checkpointer(paths.path(workdir, "checkpoints"), every=config.checkpoint.every,
                       keep=config.checkpoint.keep, async_save=config.checkpoint.async_save)
   saved = ckpt.saved_config() if ckpt.latest_step() is not None else None
@@ -322,7 +315,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
 
   held_batch = None
   if fmt == "packed":
-    from jaxlab.data.sources import make_batches
+    from jaxlab.train.sources import make_batches
     batches, stats = make_batches(config, tokenizer)
     data_metrics = {"data_truncated": stats.get("truncated", 0),
                     "data_dropped": stats.get("dropped", 0)}
@@ -517,9 +510,9 @@ def _resume_student(config, saved: dict, mesh, rules):
   if not external:
     return cfg, None, False
   source = config.init.hf_path or config.init.get("workdir", "")
-  _, _, frozen = load_model(source, mesh, rules, key="init.hf_path", dtype=cfg.dtype,
-                            param_dtype=cfg.param_dtype, lora=cfg.lora, seed=config.seed,
-                            trainable_dtype=cfg.trainable_dtype)
+  _, _, frozen = load_model_params(source, mesh, rules, key="init.hf_path", dtype=cfg.dtype,
+                                   param_dtype=cfg.param_dtype, lora=cfg.lora, seed=config.seed,
+                                   trainable_dtype=cfg.trainable_dtype)
   return cfg, ({}, frozen), True
 
 

@@ -87,9 +87,15 @@ def make_step(channel, ctx: Context, optimizer: optax.GradientTransformation,
   return step
 
 
-def jit_step(step_fn, state_sh: TrainState, batch_sh, mesh, teacher_sh=None):
-  """jax.jit with explicit shardings; the state is donated, the teacher never is."""
+def jit_step(step_fn, state_sh: TrainState, batch_sh, mesh, teacher_sh=None, *,
+             with_teacher: bool = True):
+  """jax.jit with explicit shardings; the state is donated, the teacher never is.
+
+  step_fn(state, batch, teacher); with_teacher=False: step_fn(state, batch), a step without a
+  teacher argument (jaxlab.train.sft.make_sft_step).
+  """
   from jax.sharding import NamedSharding, PartitionSpec as P
   replicated = NamedSharding(mesh, P())
-  return jax.jit(step_fn, in_shardings=(state_sh, batch_sh, teacher_sh),
+  in_shardings = (state_sh, batch_sh, teacher_sh) if with_teacher else (state_sh, batch_sh)
+  return jax.jit(step_fn, in_shardings=in_shardings,
                  out_shardings=(state_sh, replicated), donate_argnums=(0,))

@@ -1,5 +1,8 @@
 """Where a packed-batch channel's rows come from (config.data): the one place a new source plugs in.
 
+Here in train/, above both jaxlab.data (chat JSONL, mixtures) and jaxlab.datasets (TFDS + grain,
+built on jaxlab.data), so neither package imports the other back.
+
 `make_batches(config, tokenizer)` returns (batches, stats): an iterator of this host's batch
 rows with `get_state()` / `set_state(dict)` (saved in checkpoints), and a JSON-serialisable dict
 of what loading did (counts of examples kept / truncated / dropped), written to data_stats.json.
