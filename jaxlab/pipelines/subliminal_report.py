@@ -22,7 +22,7 @@ from etils import epath
 from jaxlab.pipelines import seed_stats
 from jaxlab.worlds.io import write_json
 
-VOLATILE = ("timing", "provenance.workers", "provenance.dirty", "wall_seconds")
+VOLATILE = ("timing", "provenance.workers", "provenance.dirty", "wall_seconds", "cpu_seconds")
 METRICS = ("rate", "prob")
 LABEL = {"rate": "trait rate", "prob": "P(target)"}
 
