@@ -15,7 +15,7 @@ import os
 import sys
 import time
 
-_state = {"worker": False, "stage": "", "active": None}
+_state = {"worker": False, "stage": "", "active": None, "warned": set()}
 
 
 def worker_mode() -> None:
@@ -56,6 +56,19 @@ def emit(line: str) -> None:
     return
   while data:
     data = data[os.write(fd, data):]
+
+
+def warn_once(key: str, message: str) -> bool:
+  """Prints 'jaxlab: warning: MESSAGE' (naming the running stage) the first time `key` is
+  seen in this process, and nothing after: a warning the user can act on (rows truncated, a
+  judge that could not score some answers) shows once, never as a flood. Returns whether it
+  printed."""
+  if key in _state["warned"]:
+    return False
+  _state["warned"].add(key)
+  stage = current_stage()
+  emit(f"jaxlab: warning: {stage + ': ' if stage else ''}{message}")
+  return True
 
 
 def duration(seconds: float) -> str:

@@ -50,12 +50,12 @@ def _print_plan(config, workdir: str) -> int:
   """--plan: the pipeline's stage graph on stdout; nothing runs, nothing is written."""
   import importlib
   module = importlib.import_module(PIPELINES[config.job]) if config.job in PIPELINES else None
-  if module is None or not hasattr(module, "plan"):
+  if module is None:
     print(f"jaxlab: --plan: config key job={config.job!r} has no stage plan (pipelines with "
-          "one: subliminal, em_study)", file=sys.stderr)
+          f"one: {', '.join(PIPELINES)})", file=sys.stderr)
     return 2
   try:
-    print(module.plan(config, workdir).describe())
+    print(module.describe_plan(config, workdir))
   except ValueError as e:  # a pipeline's config check names the key
     print(f"jaxlab: {e}", file=sys.stderr)
     return 2

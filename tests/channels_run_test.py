@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 
 from jaxlab import checkpoint
+from jaxlab import console
 from jaxlab.config import parse_argv
 from jaxlab.metrics import read_metrics
 from jaxlab.train import runner
@@ -223,3 +224,27 @@ def test_onpolicy_kill9_and_resume_matches_straight_run(world, tmp_path):
   _, pb, _ = checkpoint.load_params(str(killed))
   for a, b in zip(jax.tree.leaves(pa), jax.tree.leaves(pb)):
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+def test_truncated_rows_are_a_warning_printed_once_per_run(world, tmp_path, capfd):
+  """A warning the user can act on still shows (issue 24), once per process, not once per batch
+  or per trained model: completions cut to 4 tokens print one line naming the config key."""
+  config, workdir = parse_argv(_distill_args(world, tmp_path / "w", "sft", steps=3,
+                                             extra=("--config.data.completion_len=4",)))
+  runner.run(config, workdir)
+  warnings = [l for l in capfd.readouterr().err.splitlines() if "jaxlab: warning:" in l]
+  assert len(warnings) == 1, warnings
+  assert "truncated" in warnings[0] and "config key data.completion_len=4" in warnings[0]
+  console._state["warned"].clear()  # pylint: disable=protected-access  (a new process)
+  config, workdir = parse_argv(_distill_args(world, tmp_path / "w2", "sft", steps=3,
+                                             extra=("--config.data.completion_len=64",)))
+  runner.run(config, workdir)  # every completion fits: nothing to say
+  assert "jaxlab: warning:" not in capfd.readouterr().err
+  config, workdir = parse_argv(_distill_args(world, tmp_path / "w3", "sft", steps=3,
+                                             extra=("--config.data.completion_len=4",)))
+  runner.run(config, workdir)  # one line per process, not one per trained model
+  assert "jaxlab: warning:" in capfd.readouterr().err
+  config, workdir = parse_argv(_distill_args(world, tmp_path / "w4", "sft", steps=3,
+                                             extra=("--config.data.completion_len=4",)))
+  runner.run(config, workdir)
+  assert "jaxlab: warning:" not in capfd.readouterr().err

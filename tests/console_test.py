@@ -42,10 +42,14 @@ def small_run(tmp_path_factory):
 def test_a_pipeline_run_prints_a_plan_numbered_timed_stages_and_progress(small_run):
   _, proc = small_run
   err = proc.stderr.splitlines()
-  # No library floods: Orbax / absl warnings, the setuptools banner, Python warnings.
+  # No library floods: Orbax / absl warnings, the setuptools banner, Python warnings. jaxlab's
+  # own warnings (rows truncated) show once per process and kind: a few lines at most.
+  ours = [l for l in err if l.startswith("jaxlab: warning: ")]
+  assert len(ours) <= 4 and len(set(ours)) == len(ours), ours
   for bad in ("orbax", "absl", "CheckpointManagerOptions", "read only", "setuptools",
               "Warning:", "WARNING"):
-    assert not [l for l in err if bad.lower() in l.lower()], (bad, proc.stderr[-3000:])
+    assert not [l for l in err if bad.lower() in l.lower() and l not in ours], \
+        (bad, proc.stderr[-3000:])
   assert err[0].startswith(f"jaxlab: plan: {STAGES} stages in ") and "0 complete" in err[0]
   assert err[1].startswith("jaxlab: plan: to run: world, base_pretrain, base,")
   stage_lines = [l for l in err if " stage " in l]
@@ -101,13 +105,28 @@ def test_plan_after_a_complete_run_marks_every_stage_complete_and_writes_nothing
   assert "stage" not in proc.stderr  # nothing ran
 
 
+def test_plan_marks_a_complete_stage_that_a_changed_setting_would_refuse(small_run):
+  workdir, _ = small_run
+  before = _snapshot(workdir)
+  proc = _main(workdir, "--plan", "--config.train.steps=11")  # the student's setting only
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  assert _snapshot(workdir) == before
+  assert "jaxlab: plan: 1 complete stage(s) would be REFUSED" in proc.stdout, proc.stdout
+  rows = [l for l in proc.stdout.splitlines() if re.match(r"\s+\[\d+/\d+\] ", l)]
+  refused = [r for r in rows if "REFUSED" in r]
+  assert len(refused) == 1 and "seed0/control " in refused[0], refused
+  assert "train.steps: 10 -> 11" in refused[0]
+  assert sum("complete, skipped (" in r for r in rows) == STAGES - 1
+
+
 def test_plan_of_a_new_workdir_lists_what_will_run_and_creates_nothing(tmp_path):
   from jaxlab.config import parse_argv
   from jaxlab.pipelines import subliminal
   config, _ = parse_argv([f"--config={ROOT}/configs/subliminal.py:tiny",
                           f"--workdir={tmp_path / 'w'}", *SMALL])
-  text = subliminal.plan(config, tmp_path / "w").describe()
+  text = subliminal.describe_plan(config, tmp_path / "w")
   assert not (tmp_path / "w").exists()
+  assert "settings compared up to stage world, the first to run" in text
   assert f"0 complete (skipped), {STAGES} to run" in text
   assert "seed0/eval/control" in text and "<- seed0/control [to run]" in text
 
@@ -181,3 +200,30 @@ def test_workers_never_draw_bars(monkeypatch):
 def test_durations_read_well():
   assert [console.duration(s) for s in (4.24, 185, 3725)] == ["4.2 s", "3 min 05 s",
                                                               "1 h 02 min"]
+
+
+def test_warn_once_prints_one_whole_line_per_key(capfd):
+  console.set_stage("seed0/eval/control")
+  try:
+    assert console.warn_once("k-test", "judge x could not score 3 of 10 answers")
+    assert not console.warn_once("k-test", "judge x could not score 4 of 10 answers")
+    assert console.warn_once("k-other", "another thing")
+  finally:
+    console.set_stage("")
+  err = capfd.readouterr().err.splitlines()
+  assert err == ["jaxlab: warning: seed0/eval/control: judge x could not score 3 of 10 answers",
+                 "jaxlab: warning: seed0/eval/control: another thing"]
+
+
+def test_a_judge_that_misses_some_answers_warns_once_and_one_that_misses_many_fails(capfd):
+  from jaxlab.evals import judging
+  answers = [{"question_id": "q", "paraphrase_index": 0, "sample_index": i} for i in range(10)]
+  scores = [{"question_id": "q", "paraphrase_index": 0, "sample_index": i, "metric": "aligned",
+             "score": None if i < 2 else 50.0, "status": "low_mass" if i < 2 else "ok"}
+            for i in range(10)]
+  for model in ("m1", "m2"):  # tolerated (80% >= 0.5): one warning for the judge, not per model
+    judging.check_scored_share(answers, scores, 0.5, judge="local-test", model=model, path="p")
+  warned = [l for l in capfd.readouterr().err.splitlines() if "warning" in l]
+  assert len(warned) == 1 and "could not score 2 of 10 answers of model 'm1'" in warned[0]
+  with pytest.raises(judging.ScoredShareError, match="below config key judge.min_scored_share"):
+    judging.check_scored_share(answers, scores, 0.9, judge="local-test", model="m3", path="p")

@@ -149,6 +149,14 @@ def check_scored_share(answers: Sequence[dict], scores: Sequence[dict], min_shar
   for metric, d in scored_shares(answers, scores, metrics).items():
     judgeable = d["judged"] - sum(d["statuses"].get(v, 0) for v in ANSWER_VERDICTS)
     share = d["scored"] / judgeable if judgeable else 1.0
+    if min_share <= share < 1.0:  # tolerated, but the user should know, once per judge
+      from jaxlab import console  # pylint: disable=g-import-not-at-top
+      console.warn_once(
+          f"judge:{judge}:{metric}",
+          f"judge {judge} could not score {judgeable - d['scored']} of {judgeable} answers of "
+          f"model {model!r} for {metric!r} (statuses {d['statuses']}); unscored answers are "
+          f"left out of the metric (config key judge.min_scored_share={min_share} allows it; "
+          "each evaluation's scored shares are in its metrics)")
     if share < min_share:
       raws = [str(r)[:200] for r in d["unscored_raw"][:3]]
       raise ScoredShareError(

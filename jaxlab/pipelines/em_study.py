@@ -525,6 +525,12 @@ def plan(config, workdir) -> stages.Plan:
   return p
 
 
+def describe_plan(config, workdir) -> str:
+  """What `--plan` prints: the stage graph, each complete stage's recorded settings compared
+  with this config's (a stage the run would refuse is marked); runs and writes nothing."""
+  return plan(config, workdir).check(lambda: _run(config, workdir, lambda _: None)).describe()
+
+
 def _run(config, workdir: str, log) -> dict:
   """The stages of `run`, in the order `plan` lists them."""
   import jax
@@ -580,7 +586,7 @@ def main(argv=None) -> int:
   try:
     config, workdir = parse_argv(argv)
     if plan_only:  # the stage graph; nothing runs, nothing is written
-      print(plan(config, workdir).describe())
+      print(describe_plan(config, workdir))
       return 0
     out = run(config, workdir, log=stages.stderr_log)
   except (ConfigError, ValueError, FileNotFoundError) as e:

@@ -162,6 +162,8 @@ def run_stage(workdir, name: str, settings: dict, fn: Callable[[epath.Path], Any
   import jax
   folder = epath.Path(workdir) / name
   settings = _jsonable(settings)
+  if _CHECK[0] is not None:  # `Plan.check`: compare, never run
+    return _CHECK[0].checked(name, folder, settings)
   marker = folder / MARKER
   plan = _ACTIVE[0]
   tag = plan.tag(name) if plan else ""
@@ -207,6 +209,17 @@ def recorded_seconds(folder) -> float | None:
 # ------------------------------------------------------------------ the plan of a run
 
 _ACTIVE: list = [None]  # the Plan whose stages this process runs (`Plan.start`)
+_CHECK: list = [None]  # the Plan whose settings check is under way (`Plan.check`)
+
+
+class _CheckStop(Exception):
+  """A settings check reached a stage that must run first."""
+
+
+def checking() -> bool:
+  """Whether a settings check (`Plan.check`, for `--plan`) is under way: a pipeline walks its
+  stages without running any, and writes nothing (no report) after them."""
+  return _CHECK[0] is not None
 
 
 def _kind(name: str) -> str:
@@ -231,6 +244,8 @@ class Plan:
     self._t0 = time.time()
     self._owner = False
     self._at_start: set[str] | None = None  # stages complete when the run started
+    self.verdicts: dict[str, str] = {}  # `check`: complete stages' settings compared
+    self.unchecked_after = ""  # `check`: the first stage to run (later ones not compared)
 
   def add(self, name: str, root=None, inputs=()) -> None:
     """Stage `name` (a folder of `root`, default the workdir) reading `inputs`: names of
@@ -317,6 +332,41 @@ class Plan:
     self._ran[name] = seconds
     return f"; {self.progress()}" if self._owner else ""
 
+  def check(self, walk: Callable[[], Any]) -> "Plan":
+    """Compares each complete stage's recorded settings with the ones this config gives it,
+    by `walk()`ing the pipeline's stage sequence with `run_stage` running nothing (and the
+    pipeline writing nothing: `checking()`), up to the first stage that must run, since later
+    stages' settings may depend on its outputs. A complete stage with other settings (or
+    damaged outputs) is one the run would refuse: `describe` says so and why."""
+    self.verdicts, self.unchecked_after = {}, ""
+    _CHECK[0] = self
+    try:
+      walk()
+    except _CheckStop:
+      pass
+    finally:
+      _CHECK[0] = None
+    return self
+
+  def checked(self, name: str, folder: epath.Path, settings: dict) -> epath.Path:
+    """run_stage during `check`: the stage's verdict; stops the walk at a stage to run."""
+    marker = folder / MARKER
+    if not marker.exists():
+      self.unchecked_after = name
+      raise _CheckStop
+    changed = _diff(json.loads(marker.read_text())["settings"], settings)
+    if changed:
+      more = f"; {len(changed) - 2} more" if len(changed) > 2 else ""
+      self.verdicts[name] = ("REFUSED: complete with other settings (" + "; ".join(changed[:2])
+                             + more + "): delete the folder or use a new workdir")
+      return folder
+    try:
+      verify_outputs(folder, name)
+      self.verdicts[name] = "ok"
+    except StageOutputsChanged as e:
+      self.verdicts[name] = f"REFUSED: {str(e).split(': ', 1)[1].split(';')[0]}"
+    return folder
+
   def summary(self) -> list[str]:
     """The few lines a run prints first: counts, the estimate and the stages to run."""
     from jaxlab import console  # pylint: disable=g-import-not-at-top
@@ -338,10 +388,19 @@ class Plan:
     width = max([len(n) for n in self.names()] + [10])
     tag = 2 * len(str(len(self.stages))) + 3
     lines = self.summary()
+    refused = [n for n, v in self.verdicts.items() if v != "ok"]
+    if refused:
+      lines.append(f"jaxlab: plan: {len(refused)} complete stage(s) would be REFUSED (settings "
+                   f"or outputs changed): {', '.join(refused[:8])}")
+    if self.unchecked_after:
+      lines.append(f"jaxlab: plan: settings compared up to stage {self.unchecked_after}, the "
+                   "first to run (later stages' settings depend on its outputs)")
     for k, s in enumerate(self.stages, 1):
       status = self.status(s["name"])
       what = (f"complete, skipped ({console.duration(rec[s['name']])})" if s["name"] in rec
               else "complete, skipped") if status == "complete" else "will run"
+      if self.verdicts.get(s["name"], "ok") != "ok":
+        what = self.verdicts[s["name"]]
       ins = ", ".join(f"{i} [{self._input_status(i)}]" for i in s["inputs"])
       lines.append(f"  {f'[{k}/{len(self.stages)}]':>{tag}} {s['name']:<{width}}  {what}"
                    + (f"  <- {ins}" if ins else ""))

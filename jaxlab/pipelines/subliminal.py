@@ -304,7 +304,8 @@ def run_parallel(config, workdir: epath.Path, chains, log) -> None:
   """
   todo = [ch for ch in chains
           if not all(completed_with(workdir / name, settings) for name, settings, _, _ in ch)]
-  workers = min(int(config.get("workers", 1)), len(todo))
+  # A settings check (--plan) walks every chain here, in order, running nothing.
+  workers = 1 if stages.checking() else min(int(config.get("workers", 1)), len(todo))
   for chain in chains:  # all of them here with one worker; else the finished ones log a skip
     if workers <= 1 or chain not in todo:
       _run_stages(config, workdir, chain, log)
@@ -869,6 +870,10 @@ def base_identity(config) -> dict:
                    "train": {k: v for k, v in d["train"].items() if k not in _BASE_TRAIN_OWN}}}
 
 
+# The student config groups in a student stage's settings.
+STUDENT_KEYS = ("model", "optim", "train", "data", "distill", "init", "tokenizer", "mesh")
+
+
 def run(config: ml_collections.ConfigDict, workdir: str, log=stderr_log) -> dict:
   """Runs (or resumes) every stage, then writes report.md; returns the report."""
   validate(config)
@@ -878,11 +883,10 @@ def run(config: ml_collections.ConfigDict, workdir: str, log=stderr_log) -> dict
   # keyed by the world, pretraining, model and seed settings only.
   bases = epath.Path(config.get("bases_dir") or workdir)
   t0, cpu0 = time.time(), console.cpu_seconds()
-  student_keys = ("model", "optim", "train", "data", "distill", "init", "tokenizer", "mesh")
   paths = model_paths(config, workdir)
   plan(config, workdir).start(log)
   try:
-    report = _run(config, workdir, bases, paths, student_keys, log)
+    report = _run(config, workdir, bases, paths, STUDENT_KEYS, log)
   finally:
     stages.end_plan()
   report["wall_seconds"] = round(time.time() - t0, 1)
@@ -890,6 +894,21 @@ def run(config: ml_collections.ConfigDict, workdir: str, log=stderr_log) -> dict
   log(f"jaxlab: subliminal pipeline done in {console.duration(report['wall_seconds'])} wall, "
       f"{report['cpu_seconds']:.0f} s CPU (this process and its workers)")
   return report
+
+
+def checked_plan(config, workdir) -> stages.Plan:
+  """`plan`, with every complete stage's recorded settings compared with this config's
+  (`--plan`: a stage the run would refuse is marked so); runs and writes nothing."""
+  p = plan(config, workdir)
+  workdir = epath.Path(workdir)
+  bases = epath.Path(config.get("bases_dir") or workdir)
+  return p.check(lambda: _run(config, workdir, bases, model_paths(config, workdir),
+                              STUDENT_KEYS, lambda _: None))
+
+
+def describe_plan(config, workdir) -> str:
+  """What `--plan` prints: the checked stage graph."""
+  return checked_plan(config, workdir).describe()
 
 
 def model_paths(config, workdir) -> dict:
@@ -1048,6 +1067,8 @@ def _run(config, workdir: epath.Path, bases: epath.Path, paths: dict, student_ke
                                      teacher=teacher_source(config, teacher, paths)[0])},
                 lambda f, n=name, k=teacher, d=data, st=students: _absorbed(
                     config, models, str(st[n]), k, paths, d, f), log=log)
+  if stages.checking():  # --plan: every stage compared; the report is not written
+    return {}
   return build_report(config, workdir, paths)
 
 
@@ -1062,7 +1083,7 @@ def main(argv: list[str]) -> int:
       raise ConfigError(f"config key job={config.get('job')!r}: this pipeline runs "
                         "configs with job='subliminal' (configs/subliminal.py)")
     if plan_only:  # the stage graph; nothing runs, nothing is written
-      print(plan(config, workdir).describe())
+      print(describe_plan(config, workdir))
       return 0
     report = run(config, workdir)
   except (ConfigError, ValueError, FileNotFoundError) as e:

@@ -1,7 +1,7 @@
 """A sweep of the subliminal world's knobs: one subliminal pipeline per setting group.
 
   python -m jaxlab.pipelines.subliminal_sweep --config=configs/subliminal_sweep.py \\
-      --workdir=runs/subliminal_sweep [--config.sweep.only=teachers,student_lr]
+      --workdir=runs/subliminal_sweep [--config.sweep.only=teachers,student_lr] [--plan]
 
 Each group of `config.sweep.groups` (name -> nested overrides of the subliminal config, e.g.
 {"optim": {"lr": 3e-4}} or {"pretrain": {"whole_numbers": True}}) is one subliminal run in
@@ -161,15 +161,27 @@ def run(config, workdir: str, log=stderr_log) -> dict:
   return out
 
 
+def describe_plan(config, workdir) -> str:
+  """What `--plan` prints: each group's checked stage graph (jaxlab.pipelines.subliminal);
+  shared bases appear in every group that reads them."""
+  root = epath.Path(workdir)
+  return "\n\n".join(f"# group {name} ({root / name})\n" + subliminal.describe_plan(
+      group_config(config, name, root), str(root / name)) for name in groups(config))
+
+
 def main(argv: list[str]) -> int:
   from jaxlab import runtime
   runtime.setup()
-  from jaxlab.config import ConfigError, parse_argv
+  from jaxlab.config import ConfigError, parse_argv, pop_flag
+  plan_only, argv = pop_flag(argv, "--plan")
   try:
     config, workdir = parse_argv(argv)
     if config.get("job") != "subliminal_sweep":
       raise ConfigError(f"config key job={config.get('job')!r}: this runs job="
                         "'subliminal_sweep' configs (configs/subliminal_sweep.py)")
+    if plan_only:  # every group's stage graph; nothing runs, nothing is written
+      print(describe_plan(config, workdir))
+      return 0
     out = run(config, workdir)
   except (ConfigError, ValueError, FileNotFoundError) as e:
     print(f"jaxlab.pipelines.subliminal_sweep: {e}", file=sys.stderr)

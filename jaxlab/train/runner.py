@@ -337,6 +337,16 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
       held_batch = batches.batch_for(np.asarray(held_ids))
     data_metrics = {"data_truncated": stats["truncated"],
                     "data_dropped": stats["examples_total"] - stats["examples_kept"]}
+  if data_metrics["data_truncated"]:  # a setting the user may want to change: said once
+    from jaxlab import console  # pylint: disable=g-import-not-at-top
+    limit = (f"data.seq_len={config.data.seq_len} and were truncated (data.overlong="
+             f"{config.data.get('overlong', 'truncate')!r}; 'drop' leaves them out)")
+    if fmt != "packed":
+      limit = (f"data.completion_len={config.data.completion_len} in their completions and "
+               "were truncated")
+    console.warn_once(f"data_truncated:{fmt}",  # once per process: not once per student
+                      f"{data_metrics['data_truncated']} training example(s) of "
+                      f"{config.data.train_path} were longer than config key {limit}")
   # Written once the data is known to train: a refused run leaves no config behind.
   paths.write_text(paths.path(workdir, "config.json"), config_json)
 
