@@ -20,6 +20,8 @@ different-base student, plus its overrides:
   whole_numbers the world's tokenizer with 0-999 as whole tokens (a new base)
   untied        separate input and output embeddings (the tiny model ties them; a new base)
   wide          d_model 128, 4 layers instead of 96, 3 (a new base)
+  student_steps students trained 3x longer (300 steps) at student_lr's lr 3e-4: does longer
+                training of a low-noise student absorb more of the teacher and transfer?
 
 The main job's teacher is chosen by a rule stated here before any channel result was seen:
 among the `teachers` group's teachers whose own trait rate is >= 60%, the one with the
@@ -42,7 +44,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   two = ("prompted", "finetuned")
   # Groups run in this order (the teachers group first: the main job's rule reads it).
   c.sweep = ml_collections.ConfigDict(dict(only=arg or "", order=(
-      "teachers", "student_lr", "whole_numbers", "untied", "wide"), groups=dict(
+      "teachers", "student_lr", "whole_numbers", "untied", "wide", "student_steps"),
+      groups=dict(
       teachers=dict(
           teachers=("prompted", "finetuned", "ft_short", "ft_trait", "steer_a05", "steer_a1",
                     "steer_a15"),
@@ -56,5 +59,6 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
       whole_numbers=dict(teachers=two, pretrain=dict(whole_numbers=True)),
       untied=dict(teachers=two, model=dict(tie_embeddings=False)),
       wide=dict(teachers=two, model=dict(d_model=128, n_layers=4)),
+      student_steps=dict(teachers=two, optim=dict(lr=3e-4), train=dict(steps=300)),
   )))
   return c

@@ -244,6 +244,7 @@ class Plan:
     self._t0 = time.time()
     self._owner = False
     self._at_start: set[str] | None = None  # stages complete when the run started
+    self.untimed = 0  # stages left of kinds without a recorded time (`eta_seconds`)
     self.verdicts: dict[str, str] = {}  # `check`: complete stages' settings compared
     self.unchecked_after = ""  # `check`: the first stage to run (later ones not compared)
 
@@ -290,40 +291,48 @@ class Plan:
     return out
 
   def eta_seconds(self) -> float | None:
-    """Seconds left: each stage to run takes the mean recorded time of its kind (the same
-    stage of another seed), else of its group (eval/*, drift/*), else of every stage done;
-    scaled by this run's wall time over the summed times of the stages it finished (parallel
-    workers). None: no stage time known yet."""
+    """Seconds left for the stages to run whose kind has a recorded time: each takes the mean
+    recorded time of its kind (the same stage of another seed), else of its group (eval/*,
+    drift/*); scaled by this run's wall time over the summed times of the stages it finished
+    (parallel workers). Stages of kinds not timed yet are left out (`untimed` counts them:
+    a guess from unrelated stages, e.g. a base's minutes for each of 180 small stages, would
+    mislead more than it tells). None: no stage left has a timed kind."""
     done = self._recorded()
     left = [s["name"] for s in self.stages if not is_complete(s["folder"])]
+    self.untimed = 0
     if not left:
       return 0.0
-    if not done:
-      return None
     groups: dict[str, list[float]] = {}
     for n, sec in done.items():
       for key in {_kind(n), _kind(n).split("/")[0] + "/*"}:
         groups.setdefault(key, []).append(sec)
-    mean = sum(done.values()) / len(done)
 
     def estimate(n):
       for key in (_kind(n), _kind(n).split("/")[0] + "/*"):
         if key in groups:
           return sum(groups[key]) / len(groups[key])
-      return mean
-    total = sum(estimate(n) for n in left)
+      return None
+    known = [e for e in map(estimate, left) if e is not None]
+    self.untimed = len(left) - len(known)
+    if not known:
+      return None
     ran = sum(v for n, v in done.items() if self._at_start is not None
               and n not in self._at_start)
     scale = min(max((time.time() - self._t0) / ran, 0.25), 2.0) if ran > 1 else 1.0
-    return total * scale
+    return sum(known) * scale
+
+  def _eta_text(self, eta: float) -> str:
+    from jaxlab import console  # pylint: disable=g-import-not-at-top
+    more = (f" + {self.untimed} stage{'s' if self.untimed > 1 else ''} of kinds not timed yet"
+            if self.untimed else "")
+    return f"about {console.duration(eta)}{more}"
 
   def progress(self) -> str:
     """'5/12 stages complete, about 3 min 10 s left'."""
-    from jaxlab import console  # pylint: disable=g-import-not-at-top
     n_done = sum(is_complete(s["folder"]) for s in self.stages)
     eta = self.eta_seconds()
     left = "" if eta is None or n_done == len(self.stages) else \
-        f", about {console.duration(eta)} left"
+        f", {self._eta_text(eta)} left"
     return f"{n_done}/{len(self.stages)} stages complete{left}"
 
   def finished(self, name: str, seconds: float) -> str:
@@ -369,11 +378,10 @@ class Plan:
 
   def summary(self) -> list[str]:
     """The few lines a run prints first: counts, the estimate and the stages to run."""
-    from jaxlab import console  # pylint: disable=g-import-not-at-top
     todo = [s["name"] for s in self.stages if not is_complete(s["folder"])]
     eta = self.eta_seconds()
     est = "" if not todo or eta is None else \
-        f"; about {console.duration(eta)} from the recorded stage times"
+        f"; {self._eta_text(eta)} (from the recorded stage times)"
     out = [f"jaxlab: plan: {len(self.stages)} stages in {self.workdir}: "
            f"{len(self.stages) - len(todo)} complete (skipped), {len(todo)} to run{est}"]
     if todo:
