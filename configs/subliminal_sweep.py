@@ -22,6 +22,11 @@ different-base student, plus its overrides:
   wide          d_model 128, 4 layers instead of 96, 3 (a new base)
   student_steps students trained 3x longer (300 steps) at student_lr's lr 3e-4: does longer
                 training of a low-noise student absorb more of the teacher and transfer?
+  independent   the teachers group's default world, with every seed its own run: its own
+                bases (pretrained from seed 10 s) and teachers as well as data and students
+                (independent_seeds), so the seed-level intervals include the variance of the
+                base and the teacher, not only of the students (the other groups' intervals
+                are conditional on one base and teacher set)
 
 The main job's teacher is chosen by a rule stated here before any channel result was seen:
 among the `teachers` group's teachers whose own trait rate is >= 60%, the one with the
@@ -44,7 +49,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   two = ("prompted", "finetuned")
   # Groups run in this order (the teachers group first: the main job's rule reads it).
   c.sweep = ml_collections.ConfigDict(dict(only=arg or "", order=(
-      "teachers", "student_lr", "whole_numbers", "untied", "wide", "student_steps"),
+      "teachers", "student_lr", "whole_numbers", "untied", "wide", "student_steps",
+      "independent"),
       groups=dict(
       teachers=dict(
           teachers=("prompted", "finetuned", "ft_short", "ft_trait", "steer_a05", "steer_a1",
@@ -60,5 +66,6 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
       untied=dict(teachers=two, model=dict(tie_embeddings=False)),
       wide=dict(teachers=two, model=dict(d_model=128, n_layers=4)),
       student_steps=dict(teachers=two, optim=dict(lr=3e-4), train=dict(steps=300)),
+      independent=dict(teachers=two, independent_seeds=True),
   )))
   return c

@@ -49,12 +49,17 @@ def reference_of(name: str, cell: str | None) -> str:
   return "other_base" if cell == "sft_otherbase" else "base"
 
 
-def build(config, workdir, layout: dict, provenance: dict) -> dict:
-  """report.json / report.md / trait.png of `layout`'s models (see module docstring)."""
-  workdir = epath.Path(workdir)
+def build(config, workdir, layout: dict, provenance: dict, seed_dirs: dict | None = None
+          ) -> dict:
+  """report.json / report.md / trait.png of `layout`'s models (see module docstring), in
+  `workdir`. `seed_dirs` ({seed: folder}) names the workdir holding each seed's stages when
+  each seed ran in its own (jaxlab.pipelines.subliminal_sweep's independent seeds: every
+  seed with its own bases and teachers); default: `workdir` for every seed."""
+  out_dir = epath.Path(workdir)
   seeds = list(config.seeds)
+  dirs = {s: epath.Path(seed_dirs[s]) if seed_dirs else out_dir for s in seeds}
   names = layout["models"]
-  evals = {n: [_read(workdir / f"seed{s}/eval/{n}/eval.json") for s in seeds] for n in names}
+  evals = {n: [_read(dirs[s] / f"seed{s}/eval/{n}/eval.json") for s in seeds] for n in names}
   table = {n: {k: np.asarray([e[f"{k}_by_question"] for e in evals[n]], np.float64)
                for k in METRICS} for n in names}  # [seeds, questions]
   models = {}
@@ -108,13 +113,13 @@ def build(config, workdir, layout: dict, provenance: dict) -> dict:
       grid[t] = g
   drift = {}
   for src in layout["drift"]:
-    v = [_read(workdir / f"seed{s}/drift/{src}/drift.json")["kl_per_token"] for s in seeds]
+    v = [_read(dirs[s] / f"seed{s}/drift/{src}/drift.json")["kl_per_token"] for s in seeds]
     drift[src] = {"mean": float(np.mean(v)), "per_seed": v}
   absorbed = {}
   for n, t in layout["absorbed"]:
     if t not in drift:
       continue
-    kl = [_read(workdir / f"seed{s}/absorbed/{n}/absorbed.json")["kl_teacher_student"]
+    kl = [_read(dirs[s] / f"seed{s}/absorbed/{n}/absorbed.json")["kl_teacher_student"]
           for s in seeds]
     share = [1.0 - x / d if d > 0 else None for x, d in zip(kl, drift[t]["per_seed"])]
     ok = [v for v in share if v is not None]
@@ -124,30 +129,32 @@ def build(config, workdir, layout: dict, provenance: dict) -> dict:
   for s in seeds:
     filters[s], timing["data"][s] = {}, {}
     for k in layout["data"]:
-      f = _read(workdir / f"seed{s}/data_{k}/filter.json")
+      f = _read(dirs[s] / f"seed{s}/data_{k}/filter.json")
       timing["data"][s][k] = f.pop("seconds", None)
       f.pop("model", None)  # a path: the same data under another workdir is the same result
       filters[s][k] = f
   compute = {}
   for name, _, _ in layout["students"]:
-    done = [s for s in seeds if (workdir / f"seed{s}/{name}/_COMPLETE.json").exists()]
-    per = [_compute(workdir / f"seed{s}/{name}") for s in done]
+    done = [s for s in seeds if (dirs[s] / f"seed{s}/{name}/_COMPLETE.json").exists()]
+    per = [_compute(dirs[s] / f"seed{s}/{name}") for s in done]
     if per:
       compute[name] = {k: float(np.mean([p[k] for p in per])) for k in per[0]}
       timing["students"][name] = float(np.mean(
-          [_read(workdir / f"seed{s}/{name}/_COMPLETE.json").get("seconds") or 0 for s in done]))
+          [_read(dirs[s] / f"seed{s}/{name}/_COMPLETE.json").get("seconds") or 0 for s in done]))
   report = {"animal": config.sl.animal, "seeds": seeds, "questions": table[names[0]]["rate"].shape[1],
             "samples_per_question": config.sl.eval_samples, "targets": layout["targets"],
             "models": models, "contrasts": contrasts, "noise_floor": floor, "grid": grid,
             "drift": drift, "absorbed": absorbed, "filter": filters, "compute": compute,
             "cells": cell_of, "teacher_of": teacher_of, "timing": timing,
             "provenance": provenance}
+  if seed_dirs:
+    report["independent_seeds"] = True
   report["conclusions"] = conclusions(report)
   if layout.get("em_eval"):
     report["em_eval"] = layout["em_eval"]
-  write_json(workdir / "report.json", report)
-  (workdir / "report.md").write_text(markdown(config, report))
-  plot(report, workdir / "trait.png")
+  write_json(out_dir / "report.json", report)
+  (out_dir / "report.md").write_text(markdown(config, report))
+  plot(report, out_dir / "trait.png")
   return report
 
 
@@ -264,9 +271,11 @@ def markdown(config, report) -> str:
               f"(per seed: {', '.join(f'{100 * v:+.1f}' for v in nc['per_seed'])}); the floor is "
               f"the largest difference its interval allows, {_pct(floor['rate']['floor'])} points "
               f"({_pct(floor['prob']['floor'], 2)} points of P(target)). A contrast is called "
-              "distinguishable only when its whole interval lies beyond +- the floor. The "
-              "intervals are conditional on this workdir's base and teachers (trained once).",
-              ""]
+              "distinguishable only when its whole interval lies beyond +- the floor. "
+              + ("Every seed has its own bases and teachers (trained from its own seed), so the "
+                 "intervals include their variance." if report.get("independent_seeds") else
+                 "The intervals are conditional on this workdir's base and teachers (trained "
+                 "once)."), ""]
     if not floor["rate"]["aa_ok"]:
       lines += ["**Warning**: the A/A contrast's interval excludes 0, so the intervals of this "
                 "run are too narrow (too few seeds for the bootstrap); read every contrast with "

@@ -45,18 +45,52 @@ def _update(node: ml_collections.ConfigDict, over: dict, where: str) -> None:
       node[k] = ml_collections.ConfigDict(v) if isinstance(v, dict) else v
 
 
-def group_config(config, name: str, root) -> ml_collections.ConfigDict:
-  """The subliminal config of sweep group `name` (its bases under root/bases/{key})."""
+# A group's own key (not a subliminal config key): each seed a subliminal run of its own.
+INDEPENDENT = "independent_seeds"
+# Independent seed s trains its bases from seed SEED_STRIDE * s (its other base from that + 1),
+# so no seed's base is another seed's other base.
+SEED_STRIDE = 10
+
+
+def group_config(config, name: str, root, seed: int | None = None) -> ml_collections.ConfigDict:
+  """The subliminal config of sweep group `name` (its bases under root/bases/{key}); with
+  `seed`, the config of that seed's own run in an independent-seeds group."""
   d = {k: copy.deepcopy(v) for k, v in config.to_dict().items() if k != "sweep"}
   c = ml_collections.ConfigDict(d)
   c.job = "subliminal"
   over = config.sweep.groups[name].to_dict()
+  over.pop(INDEPENDENT, None)
   with c.unlocked():
     _update(c, over, f"{name}.")
+    if seed is not None:
+      c.seed, c.seeds = SEED_STRIDE * seed, (seed,)
   key = hashlib.sha256(json.dumps(subliminal.base_identity(c), sort_keys=True,
                                   default=str).encode()).hexdigest()[:10]
   c.bases_dir = str(epath.Path(root) / "bases" / key)
   return c
+
+
+def independent(config, name: str) -> bool:
+  return bool(config.sweep.groups[name].get(INDEPENDENT, False))
+
+
+def run_group(config, name: str, root, log) -> tuple[ml_collections.ConfigDict, dict]:
+  """(the group's config, its report). An independent-seeds group runs one subliminal
+  pipeline per seed (ROOT/NAME/run{s}: its own bases from seed SEED_STRIDE * s, teachers,
+  data, students and evaluations), then one report over the seeds in ROOT/NAME: the seed-level
+  intervals then include the bases' and teachers' variance, not only the students'."""
+  root = epath.Path(root)
+  c = group_config(config, name, root)
+  if not independent(config, name):
+    return c, subliminal.run(c, str(root / name), log=log)
+  from jaxlab.pipelines import subliminal_report  # pylint: disable=g-import-not-at-top
+  dirs = {}
+  for s in c.seeds:
+    dirs[s] = root / name / f"run{s}"
+    subliminal.run(group_config(config, name, root, seed=s), str(dirs[s]), log=log)
+  out = root / name
+  layout = subliminal.layout(c, {**subliminal.model_paths(c, out), "workdir": str(out)})
+  return c, subliminal_report.build(c, out, layout, subliminal.provenance(c), seed_dirs=dirs)
 
 
 def groups(config) -> list[str]:
@@ -136,9 +170,8 @@ def run(config, workdir: str, log=stderr_log) -> dict:
   t0 = time.time()
   rows, times, stage_times = [], {}, {}
   for name in groups(config):
-    c = group_config(config, name, root)
     g0 = time.time()
-    report = subliminal.run(c, str(root / name), log=log)
+    c, report = run_group(config, name, root, log)
     times[name] = round(time.time() - g0, 1)
     stage_times[name] = stage_seconds(root / name)
     rows += rows_of(name, c, report)
@@ -165,8 +198,13 @@ def describe_plan(config, workdir) -> str:
   """What `--plan` prints: each group's checked stage graph (jaxlab.pipelines.subliminal);
   shared bases appear in every group that reads them."""
   root = epath.Path(workdir)
-  return "\n\n".join(f"# group {name} ({root / name})\n" + subliminal.describe_plan(
-      group_config(config, name, root), str(root / name)) for name in groups(config))
+  out = []
+  for name in groups(config):
+    runs = [(group_config(config, name, root, seed=s), root / name / f"run{s}")
+            for s in config.seeds] if independent(config, name) else \
+        [(group_config(config, name, root), root / name)]
+    out += [f"# group {name} ({wd})\n" + subliminal.describe_plan(c, str(wd)) for c, wd in runs]
+  return "\n\n".join(out)
 
 
 def main(argv: list[str]) -> int:
