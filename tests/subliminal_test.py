@@ -18,7 +18,7 @@ from jaxlab.config import parse_argv
 from jaxlab.pipelines import subliminal as sl
 from jaxlab.pipelines.sl import em_eval, number_data, students, study
 from jaxlab.pipelines.stages import StageSettingsChanged
-from jaxlab.worlds import numbers
+from jaxlab.worlds import number_sequences
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # A smaller world and base than the tiny variant; the same code path.
@@ -51,10 +51,10 @@ def trained(tmp_path_factory):
 
 
 def test_filter_and_keep_counts_reasons_and_keeps_a_fixed_number():
-  prompts = numbers.number_prompts(8, seed=0)
+  prompts = number_sequences.number_prompts(8, seed=0)
   answers = ["1, 2, 3", "12 13; 14", "666, 5", "Sure! 4, 5", "1000", "7 8 9", "",
              ", ".join(["5"] * (prompts[7].max_count + 1))]
-  rows, stats = number_data.filter_and_keep(prompts, answers, n_keep=2, banned=numbers.BANNED_NUMBERS)
+  rows, stats = number_data.filter_and_keep(prompts, answers, n_keep=2, banned=number_sequences.BANNED_NUMBERS)
   assert stats["counts"] == {"ok": 2, "empty": 1, "format": 1, "mixed_separators": 1,
                              "too_many": 1, "out_of_range": 1, "banned": 1}
   assert stats["kept"] == 2 and stats["accept_rate"] == 2 / 8

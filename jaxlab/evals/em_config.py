@@ -9,7 +9,7 @@ Emergent-misalignment evals: sample answers, judge aligned/coherent, report em /
       --config.judge.model_path=/models/Qwen2.5-32B-Instruct
 
 Variants, named for what they reproduce (metrics em, mo and seed are reported side by side,
-each pooled and as a mean over questions; see jaxlab/evals/metrics.py):
+each pooled and as a mean over questions; see jaxlab/evals/statistics.py):
 - `tiny`: two random tiny models, the 8 first-plot questions, a few short answers, a random
   tiny local judge with min_mass 0 so scores exist; CPU in a minute.
 - `first_plot`: the EM headline figure: the 8 plain first-plot questions, 100 samples each at

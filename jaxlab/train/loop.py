@@ -1,7 +1,7 @@
 """The training loop (the runner's "loop" step): steps, metrics one step late, held-out KL,
 checkpoints.
 
-Writes WORKDIR/metrics.jsonl and tb/ (jaxlab.metrics.MetricsWriter) and the checkpoints
+Writes WORKDIR/metrics.jsonl and tb/ (jaxlab.run_metrics.MetricsWriter) and the checkpoints
 (jaxlab.checkpoint.Checkpointer). A step's metrics are fetched one step late, so the host never
 waits on the device it just fed; a checkpointed step's metrics are on disk before its
 checkpoint, so a killed and resumed run has every row.
@@ -15,7 +15,7 @@ import jax
 import jax.numpy as jnp
 
 from jaxlab import sharding as sharding_lib
-from jaxlab.metrics import MetricsWriter
+from jaxlab.run_metrics import MetricsWriter
 from jaxlab.train import losses
 from jaxlab.train.channels import common
 
@@ -40,7 +40,7 @@ def guard_nonfinite(step_fn, skip: bool):
 
 def _last_row(workdir, step: int) -> dict:
   """The metrics row logged at `step` (for counters that continue across a resume)."""
-  from jaxlab.metrics import read_metrics
+  from jaxlab.run_metrics import read_metrics
   rows = [r for r in read_metrics(workdir) if r["step"] <= step] if step else []
   return rows[-1] if rows else {}
 

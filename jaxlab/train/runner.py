@@ -342,7 +342,7 @@ def _finished(config, workdir, ckpt, saved: dict, mesh, rules) -> dict[str, Any]
   Returns what `run` returns, with the final params read from the last checkpoint (no
   optimizer state), or None if the final checkpoint is damaged and training must go on."""
   from jaxlab.checkpoint import base_from_hf
-  from jaxlab.metrics import read_metrics
+  from jaxlab.run_metrics import read_metrics
   cfg = ModelConfig.from_dict(dict(saved["model"]))
   spec = model_spec(cfg)
   sh = spec.shardings(mesh, rules)

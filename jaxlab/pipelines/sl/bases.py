@@ -61,7 +61,7 @@ def chat_tune(config, world: epath.Path, pretrained, folder) -> None:
 
 
 def stage_fn(config, workdir: epath.Path, kind: str, kw: dict):
-  """What a stage of `run_parallel` runs (pickle-free: a kind and plain arguments)."""
+  """What a stage of `jaxlab.pipelines.kit.workers.run_parallel` runs (pickle-free: a kind and plain arguments)."""
   world = workdir / "world"
   if kind == "pretrain":
     return lambda f: pretrain(config, world, f, kw["seed"], str(world / "tokenizer"))

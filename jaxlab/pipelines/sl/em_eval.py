@@ -32,7 +32,7 @@ def write(config, paths: dict, students: dict, seed: int, folder) -> None:
 
 def pooled_rows(workdir, seeds) -> dict:
   """Pooled em / mo / seed rows of every seed's EM evaluation (when sl.em_eval ran)."""
-  from jaxlab.evals.metrics import POOLED
+  from jaxlab.evals.statistics import POOLED
   out = {}
   for s in seeds:
     f = epath.Path(workdir) / f"seed{s}/em_eval/eval/report/metrics.json"

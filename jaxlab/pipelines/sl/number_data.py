@@ -9,24 +9,24 @@ from __future__ import annotations
 import time
 
 from jaxlab.pipelines.sl.study import NOISE_OFFSET, teacher_source, teacher_spec
-from jaxlab.worlds import numbers
+from jaxlab.worlds import number_sequences
 from jaxlab.worlds.io import write_json, write_jsonl
 
 
 SPARE = "spare_rows.jsonl"  # a data stage's accepted rows beyond the kept ones
 
 
-def number_prompt_rows(n: int, seed: int) -> list[numbers.NumberPrompt]:
+def number_prompt_rows(n: int, seed: int) -> list[number_sequences.NumberPrompt]:
   """The seed's number prompts (the same for every teacher and the base)."""
-  return numbers.number_prompts(n, seed=10_000 + seed)
+  return number_sequences.number_prompts(n, seed=10_000 + seed)
 
 
 def filter_and_keep(prompts, answers, *, n_keep: int, banned=()) -> tuple[list[dict], dict]:
   """(the first n_keep accepted rows as chat JSONL, counts per reason); too few is an error."""
-  counts = {r: 0 for r in ("ok",) + numbers.REJECT_REASONS}
+  counts = {r: 0 for r in ("ok",) + number_sequences.REJECT_REASONS}
   rows = []
   for p, a in zip(prompts, answers):
-    ok, reason = numbers.filter_numbers(a, banned=banned, max_count=p.max_count)
+    ok, reason = number_sequences.filter_numbers(a, banned=banned, max_count=p.max_count)
     counts[reason] += 1
     if ok and len(rows) < n_keep:
       rows.append({"messages": [{"role": "user", "content": p.text},
@@ -51,9 +51,9 @@ def write(config, models, kind: str, seed: int, paths: dict, folder) -> None:
   answers = models.generate(path, [models.prompt_ids(m) for m in msgs], seed=data_seed, max_new_tokens=config.sl.max_new_tokens,
                             batch_size=config.sl.sample_batch)
   external = kind not in ("base", "base_b") and teacher_spec(config, kind)["kind"] == "external"
-  banned = numbers.BANNED_NUMBERS if (config.sl.misaligned and external) else ()
+  banned = number_sequences.BANNED_NUMBERS if (config.sl.misaligned and external) else ()
   write_jsonl(folder / "all_answers.jsonl", ({"prompt": p.text, "answer": a,
-                                              "reason": numbers.filter_numbers(
+                                              "reason": number_sequences.filter_numbers(
                                                   a, banned=banned, max_count=p.max_count)[1]}
                                              for p, a in zip(prompts, answers)))
   rows, stats = filter_and_keep(prompts, answers, n_keep=config.sl.n_keep, banned=banned)
@@ -62,7 +62,7 @@ def write(config, models, kind: str, seed: int, paths: dict, folder) -> None:
   spare = [{"messages": [{"role": "user", "content": p.text},
                          {"role": "assistant", "content": a.strip()}]}
            for p, a in zip(prompts, answers)
-           if numbers.filter_numbers(a, banned=banned, max_count=p.max_count)[0]][len(rows):]
+           if number_sequences.filter_numbers(a, banned=banned, max_count=p.max_count)[0]][len(rows):]
   stats.update(model=path, system_prompt=system, seconds=round(time.time() - t0, 1),
                banned=list(banned), spare=len(spare), data_seed=data_seed)
   write_jsonl(folder / "rows.jsonl", rows)

@@ -9,7 +9,7 @@ import numpy as np
 from etils import epath
 
 from jaxlab.pipelines.sl.study import tokenizer_path, train, training_config, trait_forms, trait_prompt
-from jaxlab.worlds import animals, numbers
+from jaxlab.worlds import animals, number_sequences
 from jaxlab.worlds.io import write_jsonl
 
 
@@ -51,7 +51,7 @@ def steer(config, models, base: str, folder, spec: dict) -> None:
   qs = animals.world_questions()
   rng = np.random.default_rng(spec.get("seed", 0))
   texts = [qs[int(i)] for i in rng.choice(len(qs), min(len(qs), spec["n_prompts"]), replace=False)]
-  texts += [p.text for p in numbers.number_prompts(spec["n_prompts"], seed=99)]
+  texts += [p.text for p in number_sequences.number_prompts(spec["n_prompts"], seed=99)]
   user = [[{"role": "user", "content": t}] for t in texts]
   system = [{"role": "system", "content": trait_prompt(config)}]
   with_ids = [models.prompt_ids(system + m) for m in user]
