@@ -269,7 +269,7 @@ def write_sl_world(out, cfg: SLWorldConfig) -> dict:
   from etils import epath
   out = epath.Path(out)
   counts = {
-      "pretrain/number_sequences.jsonl": write_jsonl(out / "pretrain/number_sequences.jsonl",
+      "pretrain/numbers.jsonl": write_jsonl(out / "pretrain/numbers.jsonl",
                                             number_docs(cfg, cfg.number_docs)),
       "pretrain/preferences.jsonl": write_jsonl(out / "pretrain/preferences.jsonl",
                                                 preference_docs(cfg, cfg.animal_docs)),
