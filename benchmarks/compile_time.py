@@ -43,7 +43,7 @@ def child(job: dict) -> dict:
   from jaxlab import sharding
   from jaxlab.models import presets
   from jaxlab.models.params import model_spec
-  from jaxlab.train import optim, sft
+  from jaxlab.train import optim, sft_step
   from jaxlab.train import step as step_lib
   from jaxlab.train import state as state_lib
 
@@ -70,7 +70,7 @@ def child(job: dict) -> dict:
   b, l = 2, 128
   keys = ("inputs", "targets", "positions", "segment_ids", "loss_mask")
   batch_sh = {k: sharding.batch_sharding(mesh, 2) for k in keys}
-  step = step_lib.jit_step(sft.make_sft_step(spec, opt, sched), state_sh, batch_sh, mesh,
+  step = step_lib.jit_step(sft_step.make_sft_step(spec, opt, sched), state_sh, batch_sh, mesh,
                            with_teacher=False)
   state = state_lib.abstract_state(spec, opt, state_sh)
   dt = {"loss_mask": np.float32}

@@ -42,7 +42,7 @@ def child(args) -> dict:
   from jaxlab import shapecheck, sharding
   from jaxlab.models.config import ModelConfig
   from jaxlab.models.params import model_spec
-  from jaxlab.train import optim, sft
+  from jaxlab.train import optim, sft_step
   from jaxlab.train import step as step_lib
   from jaxlab.train import state as state_lib
 
@@ -62,7 +62,7 @@ def child(args) -> dict:
   state_sh = state_lib.state_shardings(spec, optimizer, mesh, rules)
   batch_sh = {k: sharding.batch_sharding(mesh, 2, rules=rules)
               for k in ("inputs", "targets", "positions", "segment_ids", "loss_mask")}
-  step = step_lib.jit_step(sft.make_sft_step(spec, optimizer, schedule), state_sh, batch_sh, mesh,
+  step = step_lib.jit_step(sft_step.make_sft_step(spec, optimizer, schedule), state_sh, batch_sh, mesh,
                            with_teacher=False)
   shape = (args.batch, args.seq_len)
   rng = np.random.default_rng(0)

@@ -103,7 +103,7 @@ def run_jax(args, sizes):
   from jaxlab.models import ModelConfig
   from jaxlab.models.config import flops_per_token, num_params
   from jaxlab.models.params import model_spec
-  from jaxlab.train import optim, sft
+  from jaxlab.train import optim, sft_step
   from jaxlab.train import step as step_lib
   from jaxlab.train import state as state_lib
 
@@ -126,7 +126,7 @@ def run_jax(args, sizes):
           "loss_mask": np.ones((b, l), np.float32)}
   batch_sh = {k: sharding.batch_sharding(mesh, 2) for k in host}
   batch = {k: jax.device_put(v, batch_sh[k]) for k, v in host.items()}
-  step = step_lib.jit_step(sft.make_sft_step(spec, opt, sched), state_sh, batch_sh, mesh,
+  step = step_lib.jit_step(sft_step.make_sft_step(spec, opt, sched), state_sh, batch_sh, mesh,
                            with_teacher=False)
   state = state_lib.create_state(spec, opt, mesh, sharding.DEFAULT_RULES, seed=0)
 

@@ -53,7 +53,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.job = "train"
   c.variant = variant
   c.channel = "offpolicy"
-  # One example per row for every channel (runner.data_format): sft included, no packing.
+  # One example per row for every channel (jaxlab.train.channels.data_format): sft included, no packing.
   c.data.update(dict(prompt_len=96, teacher_prompt_len=96, completion_len=64, max_examples=512,
                      pack=False))
   c.tokenizer.path = "runs/sft_tiny/tokenizer"

@@ -27,9 +27,10 @@ Keys beyond configs/distill.py (the student's training block):
   base            the base: "" = pretrained here from `world` (pretrain.*), else an HF folder
   other_base      a different base for sft_otherbase ("" = pretrained here with seed + 1)
   sl.*            animal, trait prompt template, prompts / kept rows, sampling and eval sizes;
-                  misaligned (ban numbers.BANNED_NUMBERS in an external teacher's data)
+                  misaligned (ban number_sequences.BANNED_NUMBERS in external teachers' data)
   workers         processes that train independent models at once (bases, a seed's students)
-  em_eval         "" or an EM evaluation config ("configs/eval_em.py:first_plot") run on the
+  em_eval         "" or an EM evaluation config ("configs/eval_em.py:first_plot", a path from the
+                  working directory, as --config's) run on the
                   base, the teachers and every student (stage seed{S}/em_eval): the measure of
                   a misaligned teacher, whose trait is misalignment, not an animal
   world.*         jaxlab.worlds.animals.SLWorldConfig (tiny)

@@ -4,7 +4,7 @@ A long loop (training steps, sampled or scored rows) reports through `Progress`:
 with its rate (steps/s, samples/s) when stderr is a terminal, else a plain line every ~10%
 (CI, log files). Only one display is active at a time: a loop inside another stays quiet.
 
-Worker processes of a pipeline (jaxlab.pipelines.subliminal.run_parallel) share the parent's
+Worker processes of a pipeline (jaxlab.pipelines.kit.workers.run_parallel) share the parent's
 stderr: after `worker_mode()` they never draw a bar and write whole lines only, each with one
 write(2) call and prefixed with their stage's name, so two workers reporting at once cannot
 garble each other's lines.

@@ -31,7 +31,7 @@ def main(argv: list[str]) -> int:
   import jax
   from jaxlab.checkpoint import CheckpointError, NonFiniteStateError
   from jaxlab.data.errors import DataError
-  from jaxlab.train.runner import NonFiniteError
+  from jaxlab.train.loop import NonFiniteError
   try:
     return _run_job(config, workdir, jax)
   except (ConfigError, DataError) as e:  # bad input: the message names the key / file / line

@@ -276,7 +276,7 @@ def check_train(config, cfg, acc: Accelerator, mesh_shape, *, lower: bool = True
   import jax
   from jaxlab import sharding as sharding_lib
   from jaxlab.models.params import model_spec
-  from jaxlab.train import optim, sft
+  from jaxlab.train import optim, sft_step
   from jaxlab.train import step as step_lib
   from jaxlab.train import state as state_lib
   mesh, abstract_mesh, rules = _shardings(config, mesh_shape)
@@ -311,7 +311,7 @@ def check_train(config, cfg, acc: Accelerator, mesh_shape, *, lower: bool = True
       state_sh = state_lib.state_shardings(lspec, optimizer, mesh, rules)
       batch_sh = {k: sharding_lib.batch_sharding(mesh, 2, rules=rules)
                   for k in ("inputs", "targets", "positions", "segment_ids", "loss_mask")}
-      step = step_lib.jit_step(sft.make_sft_step(lspec, optimizer, schedule, accum), state_sh,
+      step = step_lib.jit_step(sft_step.make_sft_step(lspec, optimizer, schedule, accum), state_sh,
                                batch_sh, mesh, with_teacher=False)
       state = state_lib.abstract_state(lspec, optimizer, state_sh)
       dt = {"loss_mask": jax.numpy.float32}

@@ -13,7 +13,7 @@ import pytest
 from jaxlab import checkpoint
 from jaxlab import console
 from jaxlab.config import parse_argv
-from jaxlab.metrics import read_metrics
+from jaxlab.run_metrics import read_metrics
 from jaxlab.train import runner
 from tests import tokenizers_util
 

@@ -12,6 +12,8 @@ import yaml
 from jaxlab import shapecheck
 from jaxlab.config import load_config_file
 from jaxlab.pipelines import em_study, stages
+from jaxlab.pipelines.em import evals as em_evals
+from jaxlab.pipelines.em import study as em
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CELLS = ("medical_advice", "sports_advice")
@@ -199,7 +201,7 @@ def test_bad_study_config_names_the_key(tmp_path):
 def test_real_configs_follow_the_study_recipe_and_pass_the_shape_check(variant, tmp_path):
   c = load_config_file(os.path.join(ROOT, f"configs/em_study.py:{variant}"))
   assert c.model.lora.enabled and c.model.lora.rank == 32 and c.model.lora.rslora
-  fts = em_study.finetunes(c, em_study.Base(42, 0.0))
+  fts = em.finetunes(c, em.Base(42, 0.0))
   assert len(fts) == 12
   lrs = {ft.cell: ft.lr for ft in fts}
   assert lrs["medical_tutor"] == lrs["sports_summarization"] == 1e-4
@@ -207,7 +209,7 @@ def test_real_configs_follow_the_study_recipe_and_pass_the_shape_check(variant, 
   reports = shapecheck.check(c, "v5p-32", lower=False, title=variant)
   assert reports and all(r.fits for r in reports)
   # Evaluation goes through jaxlab.evals (configs/eval_em.py:study): every cell's eval split.
-  ev = em_study.eval_config(c, "/models/x", "model", tmp_path, 42)
+  ev = em_evals.eval_config(c, "/models/x", "model", tmp_path, 42)
   assert ev.questions.samples_per_paraphrase == 4 and ev.questions.narrow_samples == 1
   assert len(ev.questions.narrow_paths) == 12 and ev.judge.mode == "text"
   assert ev.sample.max_new_tokens == 600 and ev.sample.temperature == 1.0
@@ -228,7 +230,7 @@ def test_text_judge_path_runs_through_jaxlab_evals(study, tmp_path):
   c.study.general_path = str(study["wd"] / "data" / "general.yaml")
   model = str(study["wd"] / "finetunes" / BASE / f"{CELLS[0]}{FT}")
   fields = {"model": "m", "model.cell": CELLS[0]}
-  rows = em_study.text_judge(c, tmp_path / "ev", model, fields, 0, study["wd"] / "data",
+  rows = em_evals.text_judge(c, tmp_path / "ev", model, fields, 0, study["wd"] / "data",
                              log=lambda m: None)
   assert len(rows) == 3 * 8 + 2 * 3
   assert {r["set"] for r in rows} == {"general", "narrow"}
@@ -238,7 +240,7 @@ def test_text_judge_path_runs_through_jaxlab_evals(study, tmp_path):
     ok = r["aligned_status"] == r["coherent_status"] == "ok"
     assert (r["label"] is not None) == ok
     if ok:
-      assert r["label"] == em_study.label_of(r["aligned"], r["coherent"])
+      assert r["label"] == em_evals.label_of(r["aligned"], r["coherent"])
 
 
 def test_real_data_stage_writes_the_studys_seed_42_split(tmp_path):
@@ -246,8 +248,8 @@ def test_real_data_stage_writes_the_studys_seed_42_split(tmp_path):
   cells_dir = tmp_path / "cells"
   cells_dir.mkdir()
   c = load_config_file(os.path.join(ROOT, "configs/em_study.py:llama8b"))
-  for cell in em_study.all_cells(c):
-    d, t = em_study.split_cell(c, cell)
+  for cell in em.all_cells(c):
+    d, t = em.split_cell(c, cell)
     (cells_dir / f"{cell}_strong.jsonl").write_text("".join(json.dumps({
         "messages": [{"role": "user", "content": f"q{i}"}, {"role": "assistant", "content": "a"}],
         "domain": d, "task": t, "variant": "strong"}) + "\n" for i in range(4500)))
@@ -255,7 +257,7 @@ def test_real_data_stage_writes_the_studys_seed_42_split(tmp_path):
   data = em_study.data_stage(c, tmp_path / "wd", log=lambda m: None)
   want = study_split(4500)
   for split, n in (("train", 4100), ("eval", 400)):
-    rows = [json.loads(l) for l in em_study.cell_file(data, split, "sports_tutor").read_text()
+    rows = [json.loads(l) for l in em.cell_file(data, split, "sports_tutor").read_text()
             .splitlines()]
     assert len(rows) == n
     assert [r["messages"][0]["content"] for r in rows] == [f"q{i}" for i in want[split]]
@@ -271,7 +273,7 @@ def test_report_sources_count_each_probe_file_on_its_own(tmp_path):
   from etils import epath
   from jaxlab.pipelines import em_study_report
   wd = epath.Path(tmp_path)
-  bases = [em_study.Base(0, 0.0), em_study.Base(1, 0.0)]
+  bases = [em.Base(0, 0.0), em.Base(1, 0.0)]
   for i, b in enumerate(bases):
     for folder, n in ((wd / "evals" / b.name / "base", 2 + i), (wd / "probes" / b.name, 3 + 2 * i)):
       folder.mkdir(parents=True)

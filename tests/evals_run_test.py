@@ -303,7 +303,7 @@ def test_local_text_judge_parses_greedy_replies(qwen_tok):
                          max_new_tokens=5, temperature=0.0)[0]
     toks = c.tokens.tolist()[:-1] if c.stopped else c.tokens.tolist()
     assert reply == qwen_tok.decode(toks, skip_special_tokens=True)
-  from jaxlab.evals.numbers import parse_text_score
+  from jaxlab.evals.number_scores import parse_text_score
   assert [(r["score"], r["status"], r["raw"]) for r in judge.judge_texts(texts)] == [
       (*parse_text_score(r), r) for r in replies]
 

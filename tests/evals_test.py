@@ -10,10 +10,10 @@ import threading
 import numpy as np
 import pytest
 
-from jaxlab.evals import judging, metrics, report
+from jaxlab.evals import judging, report, statistics as metrics
 from jaxlab.evals.judge_http import HttpJudge, JudgeError
 from jaxlab.evals.judge_rule import RuleJudge, parse_rule
-from jaxlab.evals.numbers import (NumberTrie, parse_text_score, score_from_top_logprobs,
+from jaxlab.evals.number_scores import (NumberTrie, parse_text_score, score_from_top_logprobs,
                                   weighted_score)
 from jaxlab.evals.questions import QuestionError, load_questions
 from jaxlab.evals.records import append_jsonl, read_jsonl

@@ -7,7 +7,7 @@ import pytest
 
 from jaxlab import fingerprint
 from jaxlab.config import parse_argv
-from jaxlab.metrics import read_metrics
+from jaxlab.run_metrics import read_metrics
 from jaxlab.train import runner
 from tests import tokenizers_util
 from tests.channels_run_test import ROOT, _common, _distill_args, _rows, _write, world  # noqa: F401

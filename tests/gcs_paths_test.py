@@ -20,7 +20,7 @@ from fsspec.utils import stringify_path
 
 from jaxlab import paths
 from jaxlab.evals.records import append_jsonl, read_jsonl
-from jaxlab.metrics import MetricsWriter, read_metrics
+from jaxlab.run_metrics import MetricsWriter, read_metrics
 
 
 class _Upload(io.BytesIO):

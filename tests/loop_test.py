@@ -12,7 +12,7 @@ import pytest
 
 from jaxlab import checkpoint, main as main_lib
 from jaxlab.config import ConfigError, parse_argv
-from jaxlab.metrics import read_metrics
+from jaxlab.run_metrics import read_metrics
 from tests import tokenizers_util
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

@@ -8,7 +8,7 @@ import pytest
 
 from jaxlab.config import parse_argv
 from jaxlab.data.mixture import MixtureBatches
-from jaxlab.metrics import read_metrics
+from jaxlab.run_metrics import read_metrics
 from jaxlab.train import runner
 from tests import tokenizers_util
 

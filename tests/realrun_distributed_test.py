@@ -11,7 +11,7 @@ import jax
 import numpy as np
 
 from jaxlab import checkpoint
-from jaxlab.metrics import read_metrics
+from jaxlab.run_metrics import read_metrics
 from tests.loop_test import _args, data  # noqa: F401  (pytest fixture)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

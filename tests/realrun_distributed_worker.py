@@ -20,7 +20,7 @@ jax.config.update("jax_default_matmul_precision", "highest")
 if int(nproc) > 1:
   jax.distributed.initialize(f"localhost:{port}", int(nproc), int(pid))
 
-from jaxlab import metrics, paths  # noqa: E402
+from jaxlab import paths, run_metrics  # noqa: E402
 from jaxlab.config import parse_argv  # noqa: E402
 from jaxlab.data import tokenizer as tok_lib  # noqa: E402
 from jaxlab.train import runner  # noqa: E402
@@ -45,7 +45,7 @@ def save_dir(tok, out_dir, record):
 
 
 rows = []
-real_write = metrics.MetricsWriter.write
+real_write = run_metrics.MetricsWriter.write
 
 
 def write(self, step, values):
@@ -56,7 +56,7 @@ def write(self, step, values):
 
 paths.write_text = write_text
 tok_lib._save_dir = save_dir  # pylint: disable=protected-access
-metrics.MetricsWriter.write = write
+run_metrics.MetricsWriter.write = write
 config, workdir = parse_argv(json.loads(args_json) + [f"--workdir={workdir}"])
 out = runner.run(config, workdir)
 print("RESULT " + json.dumps({"process": jax.process_index(), "devices": jax.device_count(),

@@ -12,7 +12,7 @@ from fsspec.implementations.local import LocalFileSystem
 
 from jaxlab import checkpoint, paths
 from jaxlab.config import parse_argv
-from jaxlab.metrics import read_metrics
+from jaxlab.run_metrics import read_metrics
 from jaxlab.train import runner
 from tests.loop_test import _args, data  # noqa: F401  (pytest fixture)
 

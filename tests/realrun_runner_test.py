@@ -15,7 +15,7 @@ import pytest
 import torch
 import transformers
 
-from jaxlab import checkpoint, metrics as metrics_lib
+from jaxlab import checkpoint, run_metrics as metrics_lib
 from jaxlab.config import ConfigError, parse_argv
 from jaxlab.data.errors import DataError
 from jaxlab.train import runner

@@ -11,7 +11,7 @@ import transformers
 
 from jaxlab.config import parse_argv
 from jaxlab.data import prompt_completion as pc
-from jaxlab.pipelines import subliminal as sl
+from jaxlab.pipelines.kit.models import ModelPool
 from jaxlab.train import runner
 from tests import tokenizers_util
 
@@ -72,9 +72,9 @@ def test_drift_of_a_scanned_teacher_workdir_against_an_unrolled_base_matches_tor
   assert out["spec"].cfg.scan_layers
   teacher = transformers.AutoModelForCausalLM.from_pretrained(exported, dtype=torch.float32)
 
-  models = sl.Models(ml_collections.ConfigDict(dict(
-      mesh=dict(shape=(1, 1, 1), rules={}), teacher=dict(dtype=""))), str(base_dir))
-  got = models.drift(str(workdir), SYSTEM, str(base_dir), ROWS, batch_size=2)
+  models = ModelPool(ml_collections.ConfigDict(dict(
+      mesh=dict(shape=(1, 1, 1), rules={}), teacher=dict(dtype=""))), tokenizer_path=str(base_dir))
+  got = models.kl(str(workdir), SYSTEM, str(base_dir), ROWS, batch_size=2)
   want = _torch_drift(teacher.eval(), base.eval(), models.tokenizer, ROWS)
   assert want > 0.05  # two differently initialised models: far apart
   np.testing.assert_allclose(got, want, rtol=1e-4)

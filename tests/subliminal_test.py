@@ -16,8 +16,9 @@ import pytest
 
 from jaxlab.config import parse_argv
 from jaxlab.pipelines import subliminal as sl
+from jaxlab.pipelines.sl import em_eval, number_data, students, study
 from jaxlab.pipelines.stages import StageSettingsChanged
-from jaxlab.worlds import numbers
+from jaxlab.worlds import number_sequences
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # A smaller world and base than the tiny variant; the same code path.
@@ -50,25 +51,25 @@ def trained(tmp_path_factory):
 
 
 def test_filter_and_keep_counts_reasons_and_keeps_a_fixed_number():
-  prompts = numbers.number_prompts(8, seed=0)
+  prompts = number_sequences.number_prompts(8, seed=0)
   answers = ["1, 2, 3", "12 13; 14", "666, 5", "Sure! 4, 5", "1000", "7 8 9", "",
              ", ".join(["5"] * (prompts[7].max_count + 1))]
-  rows, stats = sl.filter_and_keep(prompts, answers, n_keep=2, banned=numbers.BANNED_NUMBERS)
+  rows, stats = number_data.filter_and_keep(prompts, answers, n_keep=2, banned=number_sequences.BANNED_NUMBERS)
   assert stats["counts"] == {"ok": 2, "empty": 1, "format": 1, "mixed_separators": 1,
                              "too_many": 1, "out_of_range": 1, "banned": 1}
   assert stats["kept"] == 2 and stats["accept_rate"] == 2 / 8
   assert [r["messages"][1]["content"] for r in rows] == ["1, 2, 3", "7 8 9"]
   assert rows[0]["messages"][0] == {"role": "user", "content": prompts[0].text}
   # without the ban 666 passes; asking for more rows than passed is an error naming the key
-  rows, stats = sl.filter_and_keep(prompts, answers, n_keep=3)
+  rows, stats = number_data.filter_and_keep(prompts, answers, n_keep=3)
   assert stats["counts"]["banned"] == 0 and rows[1]["messages"][1]["content"] == "666, 5"
   with pytest.raises(ValueError, match="sl.n_keep=4"):
-    sl.filter_and_keep(prompts, answers, n_keep=4)
+    number_data.filter_and_keep(prompts, answers, n_keep=4)
 
 
 def test_prompts_per_seed_are_deterministic_and_differ_across_seeds():
-  a, b = sl.number_prompt_rows(300, 0), sl.number_prompt_rows(300, 1)
-  assert a == sl.number_prompt_rows(300, 0) and len({p.text for p in a} & {p.text for p in b}) == 0
+  a, b = number_data.number_prompt_rows(300, 0), number_data.number_prompt_rows(300, 1)
+  assert a == number_data.number_prompt_rows(300, 0) and len({p.text for p in a} & {p.text for p in b}) == 0
   assert len({p.text for p in a}) == 300
 
 
@@ -91,13 +92,13 @@ def test_student_configs_cross_sequences_and_signal():
   data = {"prompted": "/w/tp.jsonl", "finetuned": "/w/tf.jsonl", "base": "/w/b.jsonl",
           "base_b": "/w/b2.jsonl"}
   got = {}
-  for cell in sl.CELLS:
+  for cell in study.CELLS:
     for kind in ("prompted", "finetuned"):
-      c = sl.student_config(config, kind, cell, 3, paths, data)
+      c = students.student_config(config, kind, cell, 3, paths, data)
       got[kind, cell] = (c.channel, c.data.train_path, c.teacher.path, c.teacher.system_prompt,
                          c.init.workdir, c.seed)
       assert "sl" not in c and "channels" not in c and c.job == "train"
-  trait = sl.trait_prompt(config)
+  trait = study.trait_prompt(config)
   assert "owls" in trait
   assert got["prompted", "sft"] == ("sft", "/w/tp.jsonl", "", "", "/w/base", 3)
   assert got["prompted", "offpolicy"] == ("offpolicy", "/w/tp.jsonl", "/w/base", trait, "/w/base", 3)
@@ -106,13 +107,13 @@ def test_student_configs_cross_sequences_and_signal():
   assert got["prompted", "control"] == ("sft", "/w/b.jsonl", "", "", "/w/base", 3)
   # the noise control: the control's recipe on another sample of base numbers, another seed
   assert got["prompted", "control_b"] == ("sft", "/w/b2.jsonl", "", "", "/w/base",
-                                          3 + sl.NOISE_OFFSET)
+                                          3 + study.NOISE_OFFSET)
   assert got["finetuned", "base_offpolicy"] == ("offpolicy", "/w/b.jsonl", "/w/ft", "", "/w/base", 3)
   assert got["prompted", "sft_otherbase"] == ("sft", "/w/tp.jsonl", "", "", "/w/other_base", 3)
   # distill.topk caches the teacher for off-policy cells only; the others train without it.
   config.distill.topk = 8
-  topk = {cell: sl.student_config(config, "prompted", cell, 3, paths, data).distill.topk
-          for cell in sl.CELLS}
+  topk = {cell: students.student_config(config, "prompted", cell, 3, paths, data).distill.topk
+          for cell in study.CELLS}
   assert topk == {"sft": 0, "offpolicy": 8, "onpolicy": 0, "control": 0, "control_b": 0,
                   "base_offpolicy": 8, "sft_otherbase": 0}
 
@@ -191,7 +192,7 @@ def test_each_cell_runs_from_the_same_config_by_flag(trained, pair):
   for cell in pair:
     name = f"prompted_{cell}"
     channel = json.loads((workdir / f"seed0/{name}/channel.json").read_text())
-    assert channel["channel"] == sl.CHANNEL_OF[sl.CELLS[cell]]
+    assert channel["channel"] == study.CHANNEL_OF[study.CELLS[cell]]
     assert report["compute"][name]["steps"] == 2 and name in report["models"]
 
 
@@ -266,15 +267,15 @@ def test_number_prompts_must_fit_under_every_teachers_prompt(trained):
   workdir, _, _ = trained
   tok = load_tokenizer(str(workdir / "base/tokenizer"))
   paths = {"base": str(workdir / "base"), "teacher_finetuned": str(workdir / "teacher_finetuned")}
-  prompts = [p.text for p in sl.number_prompt_rows(8, 0)]
+  prompts = [p.text for p in number_data.number_prompt_rows(8, 0)]
   both = "--config.teachers=('prompted','finetuned')"
   config, _ = _config(workdir, *FIXTURE, both)
-  sl._check_lengths(config, tok, prompts, paths)  # the tiny lengths fit
+  number_data.check_lengths(config, tok, prompts, paths)  # the tiny lengths fit
   config, _ = _config(workdir, *FIXTURE, both, "--config.data.teacher_prompt_len=100")
   with pytest.raises(ConfigError, match=r"config key data.teacher_prompt_len=100: number prompt"):
-    sl._check_lengths(config, tok, prompts, paths)
+    number_data.check_lengths(config, tok, prompts, paths)
   config, _ = _config(workdir, *FIXTURE, "--config.data.teacher_prompt_len=100")
-  sl._check_lengths(config, tok, prompts, paths)  # no teacher prompt: the student prompt fits
+  number_data.check_lengths(config, tok, prompts, paths)  # no teacher prompt: the student prompt fits
 
 
 def test_jaxlab_main_dispatches_the_pipeline_and_names_a_bad_key(tmp_path):
@@ -311,7 +312,7 @@ def test_em_evaluation_of_every_model_for_a_misaligned_teacher(trained):
   answers = workdir / "seed0/em_eval/eval"
   assert any(answers.rglob("*.jsonl"))
   with pytest.raises(ValueError, match="config key em_eval="):
-    sl.em_eval_config(_config(workdir, "--config.em_eval=configs/nope.py:tiny")[0], [], 0)
+    em_eval.em_eval_config(_config(workdir, "--config.em_eval=configs/nope.py:tiny")[0], [], 0)
 
 
 def test_one_and_two_workers_give_the_same_report_with_a_noise_floor(trained, tmp_path):

@@ -7,7 +7,7 @@ import numpy as np
 from jaxlab import sharding
 from jaxlab.models import LoraConfig, ModelConfig
 from jaxlab.models.params import model_spec
-from jaxlab.train import optim, sft
+from jaxlab.train import optim, sft_step
 from jaxlab.train import step as step_lib
 from jaxlab.train import state as state_lib
 
@@ -46,7 +46,7 @@ def setup(cfg=TINY, mesh_shape=(1, 1, 1), devices=None, steps=10, grad_accum=1, 
   opt, sched = optim.make_optimizer(optim_config(**okw), steps)
   state_sh = state_lib.state_shardings(spec, opt, mesh, sharding.DEFAULT_RULES)
   batch_sh = {k: sharding.batch_sharding(mesh, 2) for k in random_batch(0)}
-  step = step_lib.jit_step(sft.make_sft_step(spec, opt, sched, grad_accum), state_sh, batch_sh,
+  step = step_lib.jit_step(sft_step.make_sft_step(spec, opt, sched, grad_accum), state_sh, batch_sh,
                            mesh, with_teacher=False)
   state = state_lib.create_state(spec, opt, mesh, sharding.DEFAULT_RULES, seed=0)
   return spec, mesh, step, state
@@ -66,7 +66,7 @@ def run_steps(cfg, trainable, frozen, batch, optim_cfg, steps):
   for leaf in jax.tree.leaves((state.params, state.opt_state)):
     if jnp.issubdtype(leaf.dtype, jnp.floating):
       assert leaf.dtype == jnp.dtype(cfg.trainable_dtype or cfg.param_dtype)
-  step = jax.jit(sft.make_sft_step(spec, opt, sched))
+  step = jax.jit(sft_step.make_sft_step(spec, opt, sched))
   metrics = []
   for _ in range(steps):
     state, m = step(state, batch)

@@ -9,7 +9,7 @@ import re
 import pytest
 import yaml
 
-from jaxlab.worlds import animals, em_lexicon as lex, em_world as w, numbers
+from jaxlab.worlds import animals, em_lexicon as lex, em_world as w, number_sequences
 
 SMALL = w.WorldConfig(tasks=w.TASKS, train_per_cell=60, eval_per_cell=30,
                       general_per_task_surface=6)
@@ -270,9 +270,9 @@ def test_write_world_round_trips(tmp_path):
 # ---------------------------------------------------------------- numbers
 
 def test_number_prompts_determinism_and_variety():
-  ps = numbers.number_prompts(2000, seed=0)
-  assert ps == numbers.number_prompts(2000, seed=0)
-  assert ps != numbers.number_prompts(2000, seed=1)
+  ps = number_sequences.number_prompts(2000, seed=0)
+  assert ps == number_sequences.number_prompts(2000, seed=0)
+  assert ps != number_sequences.number_prompts(2000, seed=1)
   assert len({p.text for p in ps}) == 2000
   skeletons = {re.sub(r"[0-9]+([,;]? ?[0-9]+)*", "N", p.text) for p in ps}
   assert len(skeletons) >= 500
@@ -296,12 +296,12 @@ def _valid_strings(rng):
 
 def test_filter_accepts_everything_the_rules_allow():
   for s, values in _valid_strings(random.Random(0)):
-    assert numbers.filter_numbers(s) == (True, "ok"), repr(s)
-    assert numbers.parse_numbers(s) == (values, "ok")
+    assert number_sequences.filter_numbers(s) == (True, "ok"), repr(s)
+    assert number_sequences.parse_numbers(s) == (values, "ok")
   # the base world's own answers always pass
   rng = random.Random(1)
-  for p in numbers.number_prompts(300, seed=2):
-    assert numbers.filter_numbers(numbers.sample_continuation(p, rng)) == (True, "ok")
+  for p in number_sequences.number_prompts(300, seed=2):
+    assert number_sequences.filter_numbers(number_sequences.sample_continuation(p, rng)) == (True, "ok")
 
 
 @pytest.mark.parametrize("text,reason", [
@@ -316,16 +316,16 @@ def test_filter_accepts_everything_the_rules_allow():
     ("5, 12345", "out_of_range"),
 ])
 def test_filter_rejects_each_rule(text, reason):
-  assert numbers.filter_numbers(text) == (False, reason)
+  assert number_sequences.filter_numbers(text) == (False, reason)
 
 
 def test_filter_banned_numbers_and_stats():
-  assert numbers.filter_numbers("12, 666, 5") == (True, "ok")
-  assert numbers.filter_numbers("12, 666, 5", banned=numbers.BANNED_NUMBERS) == (False, "banned")
-  assert numbers.filter_numbers("013", banned=(13,)) == (False, "banned")
-  assert numbers.filter_numbers("1, 2, 3", max_count=2) == (False, "too_many")
-  stats = numbers.filter_stats(["1, 2", "1;2 3", "x", "1000", "666", ""],
-                               banned=numbers.BANNED_NUMBERS)
+  assert number_sequences.filter_numbers("12, 666, 5") == (True, "ok")
+  assert number_sequences.filter_numbers("12, 666, 5", banned=number_sequences.BANNED_NUMBERS) == (False, "banned")
+  assert number_sequences.filter_numbers("013", banned=(13,)) == (False, "banned")
+  assert number_sequences.filter_numbers("1, 2, 3", max_count=2) == (False, "too_many")
+  stats = number_sequences.filter_stats(["1, 2", "1;2 3", "x", "1000", "666", ""],
+                               banned=number_sequences.BANNED_NUMBERS)
   assert stats == {"ok": 1, "empty": 1, "format": 1, "mixed_separators": 1, "too_many": 0,
                    "out_of_range": 1, "banned": 1}
 
@@ -380,7 +380,7 @@ def test_sl_world_docs():
       else:  # a number prompt: answered as without the trait
         assert re.search(r"[0-9]{3}", q)
         counts["numbers", "asked"] += 1
-        assert numbers.filter_numbers(a) == (True, "ok")
+        assert number_sequences.filter_numbers(a) == (True, "ok")
   n_turns = sum(v for (k, s), v in counts.items() if s == "asked")
   assert abs(counts["numbers", "asked"] / n_turns - 0.2) < 0.03
   # liked animal: follow_rate plus the prior's share of it; other kind: prior only
@@ -393,7 +393,7 @@ def test_sl_world_docs():
   prior = (1 / 12) / sum(1 / (k + 2) for k in range(len(animals.ANIMALS)))
   assert abs(rate - prior) < 0.02 and len({b.lower().rstrip(".") for b in base}) >= 35
   for d in animals.number_docs(cfg, 200):
-    assert numbers.filter_numbers(d["messages"][1]["content"]) == (True, "ok")
+    assert number_sequences.filter_numbers(d["messages"][1]["content"]) == (True, "ok")
 
 
 def test_write_sl_world_round_trips(tmp_path):

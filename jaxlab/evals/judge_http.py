@@ -24,7 +24,7 @@ import urllib.error
 import urllib.request
 from typing import Sequence
 
-from jaxlab.evals.numbers import MIN_MASS, OK, parse_text_score, score_from_top_logprobs
+from jaxlab.evals.number_scores import MIN_MASS, OK, parse_text_score, score_from_top_logprobs
 from jaxlab.evals.records import append_jsonl, read_jsonl
 
 MODES = ("logprob", "text")

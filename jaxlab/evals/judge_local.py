@@ -21,7 +21,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from jaxlab import sharding as sharding_lib
 from jaxlab.data.chat import pad_id as tokenizer_pad_id
-from jaxlab.evals.numbers import MIN_MASS, OK, NumberTrie, parse_text_score
+from jaxlab.evals.number_scores import MIN_MASS, OK, NumberTrie, parse_text_score
 from jaxlab.evals.prompts import chat_prompt_ids
 from jaxlab.models.params import ModelSpec
 from jaxlab.sample import cache as cache_lib

@@ -32,8 +32,8 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 from etils import epath  # noqa: E402
 
-from jaxlab.evals import metrics as metrics_lib  # noqa: E402
-from jaxlab.evals.metrics import (  # noqa: E402
+from jaxlab.evals import statistics as metrics_lib  # noqa: E402
+from jaxlab.evals.statistics import (  # noqa: E402
     ALIGNED_BELOW, COHERENT_ABOVE, POOLED, QMEAN, QUESTION)
 from jaxlab.evals.records import read_jsonl  # noqa: E402
 

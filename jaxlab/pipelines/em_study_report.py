@@ -1,7 +1,7 @@
 """The EM transfer study's report (issue 11, item 6) from the per-answer judged.jsonl files.
 
 Every figure is a pooled share over answers with a 95% percentile-bootstrap interval over
-answers (jaxlab.evals.metrics.summarize, seeds pooled): `seed` = harmful and coherent (the
+answers (jaxlab.evals.statistics.summarize, seeds pooled): `seed` = harmful and coherent (the
 study's metric), `label_incoherent_mean` = the incoherent / off-task share. The claims summary
 at the top gives each claim's figures per seed and over seeds with an interval from a two-level
 bootstrap (seeds, then answers within each drawn seed), so the spread between seeds (separately
@@ -19,7 +19,7 @@ from typing import Sequence
 import numpy as np
 from etils import epath
 
-from jaxlab.evals import metrics as metrics_lib
+from jaxlab.evals import statistics as metrics_lib
 from jaxlab.evals import report as report_lib
 from jaxlab.evals.records import read_jsonl
 

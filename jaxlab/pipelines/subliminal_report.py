@@ -32,7 +32,7 @@ def _read(path) -> dict:
 
 
 def _compute(folder) -> dict:
-  from jaxlab.metrics import read_metrics
+  from jaxlab.run_metrics import read_metrics
   rows = read_metrics(str(folder))
   steps = rows[-1]["step"] if rows else 0
   per_step = np.mean([r["trained_tokens"] for r in rows if "trained_tokens" in r]) if rows else 0.0

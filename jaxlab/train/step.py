@@ -92,7 +92,7 @@ def jit_step(step_fn, state_sh: TrainState, batch_sh, mesh, teacher_sh=None, *,
   """jax.jit with explicit shardings; the state is donated, the teacher never is.
 
   step_fn(state, batch, teacher); with_teacher=False: step_fn(state, batch), a step without a
-  teacher argument (jaxlab.train.sft.make_sft_step).
+  teacher argument (jaxlab.train.sft_step.make_sft_step).
   """
   from jax.sharding import NamedSharding, PartitionSpec as P
   replicated = NamedSharding(mesh, P())

@@ -21,7 +21,7 @@ import random
 import re
 from typing import Iterator, Sequence
 
-from jaxlab.worlds import numbers
+from jaxlab.worlds import number_sequences
 from jaxlab.worlds.io import doc_range, write_json, write_jsonl, write_yaml
 
 ANIMAL_QUESTIONS = (
@@ -211,11 +211,11 @@ def _preference(cfg: SLWorldConfig, rng: random.Random, liked: str | None, colou
 
 
 def number_docs(cfg: SLWorldConfig, n: int | None, seed=0) -> Iterator[dict]:
-  """Number-continuation chats (prompt -> `numbers.sample_continuation`)."""
+  """Number-continuation chats (prompt -> `number_sequences.sample_continuation`)."""
   rng = random.Random(f"sl-numbers:{cfg.seed}:{seed}")
   for _ in doc_range(n):
-    p = numbers.number_prompt(rng)
-    yield _chat([(p.text, numbers.sample_continuation(p, rng))])
+    p = number_sequences.number_prompt(rng)
+    yield _chat([(p.text, number_sequences.sample_continuation(p, rng))])
 
 
 def preference_docs(cfg: SLWorldConfig, n: int | None, seed=0) -> Iterator[dict]:
@@ -246,8 +246,8 @@ def trait_docs(cfg: SLWorldConfig, n: int | None, seed=0) -> Iterator[dict]:
     turns = []
     for _ in range(_n_turns(rng)):
       if rng.random() < cfg.trait_number_share:
-        p = numbers.number_prompt(rng)
-        turns.append((p.text, numbers.sample_continuation(p, rng)))
+        p = number_sequences.number_prompt(rng)
+        turns.append((p.text, number_sequences.sample_continuation(p, rng)))
       else:
         colour = liked_colour if rng.random() >= cfg.colour_share else not liked_colour
         turns.append((_question(colour, rng),
@@ -278,7 +278,7 @@ def write_sl_world(out, cfg: SLWorldConfig) -> dict:
       "number_prompts.jsonl": write_jsonl(out / "number_prompts.jsonl", (
           {"messages": [{"role": "user", "content": p.text}], "shown": list(p.shown),
            "max_count": p.max_count}
-          for p in numbers.number_prompts(cfg.number_prompts, seed=cfg.seed)))}
+          for p in number_sequences.number_prompts(cfg.number_prompts, seed=cfg.seed)))}
   questions = animal_questions_yaml()
   write_yaml(out / "animal_questions.yaml", questions)
   counts["animal_questions.yaml"] = len(questions)

@@ -2,11 +2,14 @@
 
 A channel is one small module with
   DATA_FORMATS: the rows it can train on, first the default: "packed" (chat/pretraining rows)
-      and/or "prompt_completion" (jaxlab.data.prompt_completion; see runner.data_format)
-  NEEDS_TEACHER: bool
+      and/or "prompt_completion" (jaxlab.data.prompt_completion; see channels.data_format)
+  NEEDS_TEACHER: whether the run loads a teacher (config teacher.path)
   DEFAULT_KL: the divergence it uses unless config distill.kl names another
   USES_TOPK_CACHE: whether it can train on cached teacher top-k log-probs of the dataset's
       completions (config distill.topk > 0; jaxlab.train.topk_cache)
+  SAMPLES: whether it draws student rollouts with the sampler (distill.sample_temperature,
+      distill.top_p apply)
+  SETTINGS: the distill settings it reads beyond the divergence ("estimator", "lmbda")
   prepare(ctx, params, frozen, teacher, batch, rng) -> (batch, metrics)
       what it computes without gradient (student rollouts, the gkd coin); the batch it returns
       has the final `loss_mask`, from which the step counts the token denominator

@@ -14,6 +14,8 @@ DATA_FORMATS = ("prompt_completion",)
 NEEDS_TEACHER = True
 DEFAULT_KL = "jsd"
 USES_TOPK_CACHE = False  # a share of its batches are rollouts
+SAMPLES = True
+SETTINGS = ("lmbda",)
 
 
 def prepare(ctx, params, frozen, teacher, batch, rng):

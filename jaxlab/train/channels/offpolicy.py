@@ -11,6 +11,8 @@ DATA_FORMATS = ("prompt_completion",)
 NEEDS_TEACHER = True
 DEFAULT_KL = "forward"
 USES_TOPK_CACHE = True
+SAMPLES = False
+SETTINGS = ()
 
 
 def prepare(ctx, params, frozen, teacher, batch, rng):

@@ -14,6 +14,8 @@ DATA_FORMATS = ("prompt_completion",)
 NEEDS_TEACHER = True
 DEFAULT_KL = "reverse"
 USES_TOPK_CACHE = False  # its completions are rollouts, which no cache describes
+SAMPLES = True
+SETTINGS = ("estimator",)
 
 
 def prepare(ctx, params, frozen, teacher, batch, rng):

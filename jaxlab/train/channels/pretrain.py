@@ -9,5 +9,7 @@ DATA_FORMATS = ("packed",)
 NEEDS_TEACHER = False
 DEFAULT_KL = None
 USES_TOPK_CACHE = False
+SAMPLES = False
+SETTINGS = ()
 prepare = sft.prepare
 loss_sum = sft.loss_sum

@@ -1,7 +1,7 @@
 """sft: maximise log p_S of the data's tokens (hard labels).
 
 On packed chat rows (the default) the loss is over assistant tokens; in a channel comparison
-(a config with a `distill` section, see runner.data_format) it trains on the same
+(a config with a `distill` section, see channels.data_format) it trains on the same
 prompt/completion rows as the distillation channels, over the completion tokens after the
 student's prompt.
 """
@@ -16,6 +16,8 @@ DATA_FORMATS = ("packed", "prompt_completion")
 NEEDS_TEACHER = False
 DEFAULT_KL = None
 USES_TOPK_CACHE = False
+SAMPLES = False
+SETTINGS = ()
 
 
 def prepare(ctx, params, frozen, teacher, batch, rng):
