@@ -208,24 +208,11 @@ def describe_plan(config, workdir) -> str:
 
 
 def main(argv: list[str]) -> int:
-  from jaxlab import runtime
-  runtime.setup()
-  from jaxlab.config import ConfigError, parse_argv, pop_flag
-  plan_only, argv = pop_flag(argv, "--plan")
-  try:
-    config, workdir = parse_argv(argv)
-    if config.get("job") != "subliminal_sweep":
-      raise ConfigError(f"config key job={config.get('job')!r}: this runs job="
-                        "'subliminal_sweep' configs (configs/subliminal_sweep.py)")
-    if plan_only:  # every group's stage graph; nothing runs, nothing is written
-      print(describe_plan(config, workdir))
-      return 0
-    out = run(config, workdir)
-  except (ConfigError, ValueError, FileNotFoundError) as e:
-    print(f"jaxlab.pipelines.subliminal_sweep: {e}", file=sys.stderr)
-    return 2
-  print(table_markdown(out["rows"]))
-  return 0
+  from jaxlab.pipelines.kit import main as kit_main  # pylint: disable=g-import-not-at-top
+  return kit_main.main(argv, prog="jaxlab.pipelines.subliminal_sweep",
+                       describe_plan=describe_plan, run=run,
+                       summary=lambda workdir, out: table_markdown(out["rows"]),
+                       job=("subliminal_sweep", "configs/subliminal_sweep.py"))
 
 
 if __name__ == "__main__":
