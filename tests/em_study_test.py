@@ -244,7 +244,7 @@ def test_text_judge_path_runs_through_jaxlab_evals(study, tmp_path):
 
 
 def test_real_data_stage_writes_the_studys_seed_42_split(tmp_path):
-  from jaxlab.datasets.builders import study_split
+  from jaxlab.tfds_data.builders import study_split
   cells_dir = tmp_path / "cells"
   cells_dir.mkdir()
   c = load_config_file(os.path.join(ROOT, "configs/em_study.py:llama8b"))

@@ -1,6 +1,6 @@
 """Where a packed-batch channel's rows come from (config.data): the one place a new source plugs in.
 
-Here in train/, above both jaxlab.data (chat JSONL, mixtures) and jaxlab.datasets (TFDS + grain,
+Here in train/, above both jaxlab.data (chat JSONL, mixtures) and jaxlab.tfds_data (TFDS + grain,
 built on jaxlab.data), so neither package imports the other back.
 
 `make_batches(config, tokenizer)` returns (batches, stats): an iterator of this host's batch
@@ -26,8 +26,8 @@ def make_batches(config, tokenizer):
                              process_count=jax.process_count(),
                              document_masking=config.data.get("document_masking", True))
     return batches, batches.stats
-  if config.data.get("source", "jsonl") == "tfds":  # streamed TFDS + grain (jaxlab.datasets)
-    from jaxlab.datasets.loader import batches_from_config
+  if config.data.get("source", "jsonl") == "tfds":  # streamed TFDS + grain (jaxlab.tfds_data)
+    from jaxlab.tfds_data.loader import batches_from_config
     return batches_from_config(config, tokenizer)
   examples, stats = load_sft_examples(config.data.train_path, tokenizer,
                                       seq_len=config.data.seq_len, overlong=config.data.overlong,

@@ -18,7 +18,7 @@ def data_stage(config, workdir, log) -> epath.Path:
     return stages.run_stage(workdir, "data", settings, lambda f: write_world(
         f, world_config(config), world_docs_n=w.world_docs, persona_docs_n=w.persona_docs),
                             log=log)
-  from jaxlab.datasets.builders import read_rows, study_split
+  from jaxlab.tfds_data.builders import read_rows, study_split
 
   def split(folder):
     for cell in all_cells(config):

@@ -5,7 +5,7 @@ public file only when asked (`download=True`), checks its SHA-256 when one is kn
 chat examples: `messages` (role/content lists), `line` (1-based line of the source file), `file`,
 plus the config's metadata fields as text. A bad line raises `DataError("file:line: ...")`.
 
-  from jaxlab.datasets import builders
+  from jaxlab.tfds_data import builders
   b = builders.prepare("emergent_misalignment/insecure", data_dir="~/tfds",
                        path="../shared/data/emergent-misalignment/data/insecure.jsonl")
   source = b.as_data_source("train")      # random access, read from disk on demand

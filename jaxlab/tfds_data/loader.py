@@ -138,14 +138,14 @@ def batches_from_config(config, tokenizer) -> tuple[GrainBatches, dict]:
   """
   import jax
   from jax.experimental import multihost_utils
-  from jaxlab.datasets import builders
+  from jaxlab.tfds_data import builders
   t = config.data.tfds
   data_dir = os.path.expanduser(t.data_dir)
   if jax.process_index() == 0:
     builders.prepare(t.name, data_dir=data_dir, path=config.data.train_path or None,
                      download=t.get("download", False))
   if jax.process_count() > 1:
-    multihost_utils.sync_global_devices("jaxlab.datasets prepared")
+    multihost_utils.sync_global_devices("jaxlab.tfds_data prepared")
   batches = GrainBatches(
       tfds_source(t.name, t.split, data_dir), tokenizer,
       global_batch_size=config.train.global_batch_size, seq_len=config.data.seq_len,
@@ -158,7 +158,7 @@ def batches_from_config(config, tokenizer) -> tuple[GrainBatches, dict]:
 def tfds_source(name: str, split: str, data_dir: str):
   """The random-access array_record source of a prepared TFDS split ("builder/config")."""
   import tensorflow_datasets as tfds
-  from jaxlab.datasets import builders  # registers jaxlab's builders
+  from jaxlab.tfds_data import builders  # registers jaxlab's builders
   del builders
   return tfds.data_source(name, split=split, data_dir=data_dir)
 

@@ -1,4 +1,4 @@
-"""Tests for jaxlab.datasets: TFDS builders (array_record, no TensorFlow) and the grain loader."""
+"""Tests for jaxlab.tfds_data: TFDS builders (array_record, no TensorFlow) and the grain loader."""
 
 import json
 import random
@@ -9,7 +9,7 @@ import tensorflow_datasets as tfds
 
 from jaxlab.data import chat
 from jaxlab.data.errors import DataError
-from jaxlab.datasets import builders, loader
+from jaxlab.tfds_data import builders, loader
 from tests import tokenizers_util as tu
 
 tfds.disable_progress_bar()
