@@ -17,6 +17,25 @@ fastest of those settings is the baseline (on a loaded machine, torch with sever
 be 10-100x slower than with one). --profile splits a decode step into its pieces (see
 profile_decode); --trace records one generate with the XLA:CPU profiler and sums its thunks'
 CPU time by what they compute (see trace_sampler).
+
+Real model (`--hf_path DIR`, an HF folder such as `python -m jaxlab.models.fetch
+smollm2-135m-instruct DIR` writes): jaxlab loads DIR with `load_hf(..., scan_layers=True)`
+(one scanned stack of layers) and transformers with `AutoModelForCausalLM.from_pretrained(DIR,
+dtype=float32)`; the prompts are short questions in the model's chat template (QUESTIONS,
+cycled to --batch rows), left-padded to the longest on both sides. The model's own sizes
+replace --vocab/--d_model/..., no packed-prefill sampler and no judge are timed. The sampler's
+compile time (lower + compile of its one program) is printed apart from its first call, and
+/proc/loadavg at the start and the end. Quiet-machine commands for SmolLM2-135M-Instruct
+(each about 3 minutes on 2 quiet cores, estimated from smoke runs under load):
+
+  .venv/bin/python -m jaxlab.models.fetch smollm2-135m-instruct runs/smollm2-135m-instruct
+  .venv/bin/python benchmarks/sample.py --hf_path runs/smollm2-135m-instruct --batch 16 \
+      --new_tokens 128 --repeats 3 --torch_threads 1,2 --torch_cache dynamic
+  .venv/bin/python benchmarks/sample.py --hf_path runs/smollm2-135m-instruct --batch 32 \
+      --new_tokens 64 --repeats 3 --torch_threads 1,2 --torch_cache dynamic
+
+With `--batch 32 --new_tokens 128 --torch_cache dynamic,static` (torch's static cache too) a
+run takes about twice as long.
 """
 from __future__ import annotations
 
@@ -53,6 +72,41 @@ def prompts_of_mixed_length(args):
   rng = np.random.default_rng(0)
   lengths = rng.integers(args.min_prompt, args.max_prompt + 1, args.batch)
   return [rng.integers(1, args.vocab, n).tolist() for n in lengths]
+
+
+QUESTIONS = [
+    "What is the capital of France?",
+    "Name three colours of the rainbow.",
+    "How many legs does a spider have?",
+    "Write a haiku about the sea.",
+    "What is 12 times 7?",
+    "Give me a tip for sleeping better.",
+    "Why is the sky blue?",
+    "Name your favourite animal in one word.",
+]
+
+
+def load_real_model(path, mesh, batch):
+  """(torch model, cfg, trainable, frozen, chat prompts) of the HF folder `path`: jaxlab's
+  scanned load and transformers' float32 load of the same weights, and --batch chat prompts."""
+  import torch
+  import transformers
+  from jaxlab.evals.prompts import chat_prompt_ids
+  from jaxlab.models.hf import load_hf
+  from jaxlab.models.hf_tokenizer import load_tokenizer
+  tok = load_tokenizer(path)
+  cfg, trainable, frozen = load_hf(path, mesh, dtype="float32", param_dtype="float32",
+                                   scan_layers=True)
+  tmodel = transformers.AutoModelForCausalLM.from_pretrained(
+      path, dtype=torch.float32, local_files_only=True).eval()
+  prompts = [chat_prompt_ids(tok, [{"role": "user", "content": QUESTIONS[i % len(QUESTIONS)]}])
+             for i in range(batch)]
+  return tmodel, cfg, trainable, frozen, prompts
+
+
+def loadavg() -> str:
+  with open("/proc/loadavg", encoding="ascii") as f:
+    return f.read().strip()
 
 
 def bench_torch(model, prompts, args, threads: int, cache: str) -> tuple[float, float]:
@@ -282,7 +336,12 @@ def main():
                   help="thread counts to time torch with; the fastest is the baseline")
   ap.add_argument("--torch_cache", type=str, default="dynamic,static",
                   help="transformers cache_implementation values to time (eager)")
+  ap.add_argument("--hf_path", default="",
+                  help="an HF folder (e.g. from jaxlab.models.fetch) to time on chat prompts "
+                       "instead of a random tiny model; see the module docstring")
   args = ap.parse_args()
+  if args.hf_path and args.profile:
+    ap.error("--profile times an unrolled model's layers; --hf_path loads it scanned")
   if args.trace:  # thunk-level trace events; must be set before jax starts its backend
     os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
                                " --xla_cpu_enable_xprof_traceme=true")
@@ -296,12 +355,20 @@ def main():
   from jaxlab.models.params import model_spec
   from jaxlab.sample import Sampler
 
-  tmp = tempfile.mkdtemp(prefix="jaxlab_bench_")
-  tmodel = build_torch_model(args, tmp)
+  load_start = loadavg()
   mesh = sharding.make_mesh((1, -1, 1))
-  cfg, trainable, frozen = load_hf(tmp, mesh)
+  if args.hf_path:
+    tmodel, cfg, trainable, frozen, prompts = load_real_model(args.hf_path, mesh, args.batch)
+    args.max_prompt = max(map(len, prompts))  # the bucket: padded as wide as torch's batch
+    args.vocab, args.d_model, args.d_ff, args.layers = (cfg.vocab_size, cfg.d_model, cfg.d_ff,
+                                                        cfg.n_layers)
+    args.heads, args.kv_heads, args.judge_answers = cfg.n_heads, cfg.n_kv_heads, 0
+  else:
+    tmp = tempfile.mkdtemp(prefix="jaxlab_bench_")
+    tmodel = build_torch_model(args, tmp)
+    cfg, trainable, frozen = load_hf(tmp, mesh)
+    prompts = prompts_of_mixed_length(args)
   spec = model_spec(cfg)
-  prompts = prompts_of_mixed_length(args)
 
   # Same weights: next-token logits of one prompt agree.
   x = prompts[0]
@@ -310,26 +377,35 @@ def main():
   j_logits = np.asarray(jax.jit(lambda tr, fr, t: spec.merge(tr, fr)(t))(trainable, frozen,
                                                                        jnp.asarray([x]))[0])
   diff = float(np.abs(t_logits - j_logits).max())
-  print(f"model: vocab {args.vocab}, d_model {args.d_model}, {args.layers} layers, "
+  layout = "scanned" if cfg.scan_layers else "unrolled"
+  where = f"{args.hf_path} ({layout}), " if args.hf_path else ""
+  print(f"model: {where}"
+        f"vocab {args.vocab}, d_model {args.d_model}, {args.layers} layers, "
         f"{args.heads} heads / {args.kv_heads} kv heads, d_ff {args.d_ff}; "
         f"max |logit diff| torch vs jaxlab = {diff:.2e}")
   print(f"devices: jax {jax.devices()[0].platform} x{jax.device_count()}, "
-        f"load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores")
+        f"{os.cpu_count()} cores; /proc/loadavg at the start: {load_start}")
   print(f"batch {args.batch}, prompts {min(map(len, prompts))}-{max(map(len, prompts))} tokens, "
         f"{args.new_tokens} new tokens, temperature 1")
 
   sampler = Sampler(spec, trainable, frozen, mesh=mesh, batch_size=args.batch, stop_ids=(),
                     pad_id=0, buckets=(args.max_prompt,))
-  packed = Sampler(spec, trainable, frozen, mesh=mesh, batch_size=args.batch, stop_ids=(),
-                   pad_id=0, buckets=(args.max_prompt,), pack_prefill=True)
+  packed = None if args.hf_path else Sampler(
+      spec, trainable, frozen, mesh=mesh, batch_size=args.batch, stop_ids=(), pad_id=0,
+      buckets=(args.max_prompt,), pack_prefill=True)
   t0 = time.perf_counter()
-  first = sampler.generate(prompts, seed=0, max_new_tokens=args.new_tokens)  # compiles
+  sampler._fn(args.max_prompt, args.new_tokens, 1.0, 1.0, 0)  # lower + compile, as generate would
   compile_s = time.perf_counter() - t0
-  same = all(np.array_equal(a.tokens, b.tokens) for a, b in
-             zip(first, packed.generate(prompts, seed=0, max_new_tokens=args.new_tokens)))
-  rows = packed._pack(np.asarray([len(x) for x in prompts]), args.max_prompt)
-  print(f"packed prefill: {args.batch} prompts in {args.batch if rows is None else rows[2]} rows "
-        f"of {args.max_prompt}; same tokens as the padded prefill: {same}")
+  t0 = time.perf_counter()
+  first = sampler.generate(prompts, seed=0, max_new_tokens=args.new_tokens)
+  first_s = compile_s + time.perf_counter() - t0
+  assert sampler.compile_count == 1, "the first generate compiled again"
+  if packed is not None:
+    same = all(np.array_equal(a.tokens, b.tokens) for a, b in
+               zip(first, packed.generate(prompts, seed=0, max_new_tokens=args.new_tokens)))
+    rows = packed._pack(np.asarray([len(x) for x in prompts]), args.max_prompt)
+    print(f"packed prefill: {args.batch} prompts in {args.batch if rows is None else rows[2]} "
+          f"rows of {args.max_prompt}; same tokens as the padded prefill: {same}")
   n_tok = args.batch * args.new_tokens
   settings = [(int(t), c) for t in sorted({int(t) for t in args.torch_threads.split(",")})
               for c in args.torch_cache.split(",")]
@@ -337,7 +413,9 @@ def main():
   jax_s, cpu_s, packed_s = [], [], []
   torch_s, torch_cpu = {st: [] for st in settings}, {st: [] for st in settings}
   for r in range(args.repeats):
-    for which in ((sampler, packed) if r % 2 == 0 else (packed, sampler)):
+    samplers = (sampler,) if packed is None else (sampler, packed) if r % 2 == 0 else (packed,
+                                                                                     sampler)
+    for which in samplers:
       t0, c0 = time.perf_counter(), time.process_time()
       comps = which.generate(prompts, seed=1 + r, max_new_tokens=args.new_tokens)
       (jax_s if which is sampler else packed_s).append(time.perf_counter() - t0)
@@ -348,17 +426,20 @@ def main():
       wall, cpu = bench_torch(tmodel, prompts, args, *st)
       torch_s[st].append(wall)
       torch_cpu[st].append(cpu)
-    print(f"round {r}: jaxlab {jax_s[-1]:.3f} s ({cpu_s[-1]:.3f} s CPU), packed prefill "
-          f"{packed_s[-1]:.3f} s, transformers "
+    print(f"round {r}: jaxlab {jax_s[-1]:.3f} s ({cpu_s[-1]:.3f} s CPU), "
+          + (f"packed prefill {packed_s[-1]:.3f} s, " if packed is not None else "")
+          + "transformers "
           + ", ".join(f"{torch_s[st][-1]:.3f} s ({torch_cpu[st][-1]:.3f} s CPU, {name(st)})"
                       for st in settings)
           + f", load average {os.getloadavg()[0]:.1f}", flush=True)
   med = lambda xs: float(np.median(xs))
   print(f"jaxlab sampler:        {n_tok / med(jax_s):10.0f} tokens/s  (median {med(jax_s):.3f} s, "
-        f"{med(cpu_s):.3f} s process CPU; first call incl. compile {compile_s:.1f} s, "
-        f"{sampler.compile_count} compilation)")
-  print(f"  packed prefill:      {n_tok / med(packed_s):10.0f} tokens/s  (median "
-        f"{med(packed_s):.3f} s; Sampler(pack_prefill=True))")
+        f"{med(cpu_s):.3f} s process CPU)")
+  print(f"  compile (lower + compile, once): {compile_s:.1f} s; first call incl. compile "
+        f"{first_s:.1f} s; {sampler.compile_count} compilation")
+  if packed is not None:
+    print(f"  packed prefill:      {n_tok / med(packed_s):10.0f} tokens/s  (median "
+          f"{med(packed_s):.3f} s; Sampler(pack_prefill=True))")
   for st in settings:
     print(f"transformers generate: {n_tok / med(torch_s[st]):10.0f} tokens/s  "
           f"(median {med(torch_s[st]):.3f} s, {med(torch_cpu[st]):.3f} s process CPU, "
@@ -368,9 +449,12 @@ def main():
   print(f"speedup over the fastest torch setting: {med(ratios):.2f}x median of {args.repeats} "
         f"rounds (min {min(ratios):.2f}x, max {max(ratios):.2f}x); process CPU seconds, least "
         f"torch over jaxlab: {med(cpu_ratios):.2f}x median")
-  pratios = [min(torch_s[st][r] for st in settings) / packed_s[r] for r in range(args.repeats)]
-  print(f"  with packed prefill: {med(pratios):.2f}x median (min {min(pratios):.2f}x, max "
-        f"{max(pratios):.2f}x)")
+  if packed is not None:
+    pratios = [min(torch_s[st][r] for st in settings) / packed_s[r]
+               for r in range(args.repeats)]
+    print(f"  with packed prefill: {med(pratios):.2f}x median (min {min(pratios):.2f}x, max "
+          f"{max(pratios):.2f}x)")
+  print(f"/proc/loadavg at the end: {loadavg()} (start: {load_start})")
   if args.profile:
     lengths = [len(x) for x in prompts]
     prof = profile_decode(spec, trainable, frozen, args.batch, args.max_prompt, args.new_tokens)
