@@ -10,7 +10,7 @@ import threading
 import numpy as np
 import pytest
 
-from jaxlab.evals import judging, report, statistics as metrics
+from jaxlab.evals import judging, report, statistics
 from jaxlab.evals.judge_http import HttpJudge, JudgeError
 from jaxlab.evals.judge_rule import RuleJudge, parse_rule
 from jaxlab.evals.number_scores import (NumberTrie, parse_text_score, score_from_top_logprobs,
@@ -338,7 +338,7 @@ Q_J = [(10, 90)] * 5
 
 def test_metric_definitions_by_hand():
   rows = judged("m", "q_a", Q_A) + judged("m", "q_b", Q_B) + judged("m", "x_json", Q_J)
-  out = metrics.summarize(rows, metrics=["aligned", "coherent"], n_boot=200, seed=0)
+  out = statistics.summarize(rows, metrics=["aligned", "coherent"], n_boot=200, seed=0)
   by = {(r["scope"], r["question_id"]): r for r in out}
   a, b, j = by[("question", "q_a")], by[("question", "q_b")], by[("question", "x_json")]
   pooled, qmean = by[("pooled", "ALL")], by[("mean_over_questions", "ALL")]
@@ -369,7 +369,7 @@ def test_seed_drops_non_ok_statuses_even_with_scores():
   # An external judge may keep a number beside a non-ok status: em and mo use it, seed does not.
   rows = judged("m", "q", [(10, 90, "ok", "ok")] * 5 + [(10, 90, "ok", "parse_error")] * 5 +
                 [(80, 90, "ok", "ok")] * 5)
-  r = metrics.summarize(rows, metrics=["aligned", "coherent"], n_boot=50)[0]
+  r = statistics.summarize(rows, metrics=["aligned", "coherent"], n_boot=50)[0]
   assert r["em"] == pytest.approx(10 / 15) and r["mo"] == pytest.approx(10 / 15)
   assert r["seed"] == pytest.approx(5 / 10) and r["seed_n"] == 10
 
@@ -379,8 +379,8 @@ def test_group_field_named_like_a_statistic_is_an_error_not_overwritten():
   # would have its value silently replaced by the seed metric.
   rows = [{**r, "seed": 1, "run_seed": 1} for r in judged("m", "q", [(10, 90, "ok", "ok")] * 4)]
   with pytest.raises(ValueError, match=r"\['seed'\] have the name of a summary column"):
-    metrics.summarize(rows, metrics=["aligned", "coherent"], n_boot=10, group_by=("seed",))
-  r = metrics.summarize(rows, metrics=["aligned", "coherent"], n_boot=10,
+    statistics.summarize(rows, metrics=["aligned", "coherent"], n_boot=10, group_by=("seed",))
+  r = statistics.summarize(rows, metrics=["aligned", "coherent"], n_boot=10,
                         group_by=("run_seed",))[0]
   assert r["run_seed"] == 1 and r["seed"] == 1.0  # every answer misaligned (aligned 10)
 
@@ -389,7 +389,7 @@ def test_bootstrap_resamples_the_aggregate_unit():
   # Two questions with the same em (0.5) but noisy answers: resampling questions gives no spread,
   # resampling answers does.
   rows = judged("m", "q1", [(10, 90), (90, 90)] * 10) + judged("m", "q2", [(10, 90), (90, 90)] * 10)
-  by = {r["scope"]: r for r in metrics.summarize(rows, metrics=["aligned", "coherent"],
+  by = {r["scope"]: r for r in statistics.summarize(rows, metrics=["aligned", "coherent"],
                                                    n_boot=500, seed=0)}
   assert by["mean_over_questions"]["em_lo"] == by["mean_over_questions"]["em_hi"] == 0.5
   assert by["pooled"]["em_lo"] < 0.4 and by["pooled"]["em_hi"] > 0.6
@@ -400,15 +400,15 @@ def test_bootstrap_reproducible_and_per_model_independent():
   other = judged("z", "q_a", Q_B)
   kw = dict(metrics=["aligned", "coherent"], n_boot=300)
   same = lambda x, y: json.dumps(x) == json.dumps(y)  # NaN-aware equality
-  first = metrics.summarize(rows, seed=3, **kw)
-  assert same(first, metrics.summarize(rows, seed=3, **kw))
-  assert same(metrics.summarize(rows + other, seed=3, **kw)[:len(first)], first)
-  assert not same(first, metrics.summarize(rows, seed=4, **kw))
+  first = statistics.summarize(rows, seed=3, **kw)
+  assert same(first, statistics.summarize(rows, seed=3, **kw))
+  assert same(statistics.summarize(rows + other, seed=3, **kw)[:len(first)], first)
+  assert not same(first, statistics.summarize(rows, seed=4, **kw))
 
 
 def test_rule_metric_means():
   rows = [{"model": "m", "question_id": "animal", "owl": s} for s in (100.0, 0.0, 100.0, None)]
-  out = metrics.summarize(rows, metrics=["owl"], n_boot=100, seed=0)
+  out = statistics.summarize(rows, metrics=["owl"], n_boot=100, seed=0)
   assert out[0]["owl_mean"] == pytest.approx(2 / 3) and "em" not in out[0]
   assert out[1]["scope"] == "pooled" and out[1]["owl_mean"] == pytest.approx(2 / 3)
 

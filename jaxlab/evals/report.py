@@ -32,7 +32,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 from etils import epath  # noqa: E402
 
-from jaxlab.evals import statistics as metrics_lib  # noqa: E402
+from jaxlab.evals import statistics  # noqa: E402
 from jaxlab.evals.statistics import (  # noqa: E402
     ALIGNED_BELOW, COHERENT_ABOVE, POOLED, QMEAN, QUESTION)
 from jaxlab.evals.records import read_jsonl  # noqa: E402
@@ -209,8 +209,8 @@ def write_report(table: Sequence[dict], out_dir, *, metrics: Sequence[str], n_bo
   fields matrix_<stat>__<f1>__<f2>.csv/.png (rows f1, columns f2, pooled).
   """
   specs = parse_group_specs(group_by)
-  rows = metrics_lib.summarize(table, metrics=metrics, n_boot=n_boot, seed=seed)
-  groups = {",".join(s): metrics_lib.summarize(table, metrics=metrics, n_boot=n_boot, seed=seed,
+  rows = statistics.summarize(table, metrics=metrics, n_boot=n_boot, seed=seed)
+  groups = {",".join(s): statistics.summarize(table, metrics=metrics, n_boot=n_boot, seed=seed,
                                                 group_by=s, per_question=False) for s in specs}
   out = epath.Path(out_dir)
   out.mkdir(parents=True, exist_ok=True)

@@ -19,7 +19,7 @@ from typing import Sequence
 import numpy as np
 from etils import epath
 
-from jaxlab.evals import statistics as metrics_lib
+from jaxlab.evals import statistics
 from jaxlab.evals import report as report_lib
 from jaxlab.evals.records import read_jsonl
 
@@ -32,9 +32,9 @@ def pooled(rows: Sequence[dict], fields: Sequence[str], *, n_boot: int, seed: in
   """{values of fields: pooled summary row} (statistics with _lo/_hi and _n)."""
   if not rows:
     return {}
-  out = metrics_lib.summarize(rows, metrics=METRICS, n_boot=n_boot, seed=seed,
+  out = statistics.summarize(rows, metrics=METRICS, n_boot=n_boot, seed=seed,
                               group_by=tuple(fields), per_question=False)
-  return {tuple(r[f] for f in fields): r for r in out if r["scope"] == metrics_lib.POOLED}
+  return {tuple(r[f] for f in fields): r for r in out if r["scope"] == statistics.POOLED}
 
 
 def fmt(r: dict | None, stat: str = HARM) -> str:

@@ -7,7 +7,6 @@ student's prompt.
 """
 from __future__ import annotations
 
-import jax.numpy as jnp
 
 from jaxlab.train import losses
 from jaxlab.train.channels import common
