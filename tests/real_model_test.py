@@ -80,6 +80,11 @@ def test_fetch_folder_is_complete_and_refetch_skips(smol, tmp_path, monkeypatch)
     assert f in record["files"] and os.path.isfile(os.path.join(smol, f))
   config = json.loads(open(os.path.join(smol, "config.json"), encoding="utf-8").read())
   assert "quantization_config" not in config and config["dtype"] == "float32"
+  # The preset (shape checks and configs without weights) is the fetched model's config.
+  from jaxlab.models import presets  # pylint: disable=g-import-not-at-top
+  assert hf_config.config_from_hf(smol) == presets.get_preset("smollm2-135m")
+  assert presets.get_preset("HuggingFaceTB/SmolLM2-135M-Instruct") == \
+      presets.get_preset("smollm2-135m")
   assert fetch.fetch(NAME, smol) is False  # complete: left as it is
   (tmp_path / "other").mkdir()
   (tmp_path / "other" / "x").write_text("x")

@@ -130,6 +130,18 @@ def test_nonsense_sizes_fail_before_any_work(data, tmp_path, override, message):
   assert not os.path.exists(tmp_path / "w")
 
 
+def test_missing_model_folders_name_the_key_and_the_fetch_command(data, tmp_path):
+  smol = tmp_path / "models" / "smollm2-135m-instruct"  # a fetchable model's name: the hint
+  with pytest.raises(ConfigError, match=rf"config key init.hf_path='{smol}' is not a folder; "
+                     rf"write it with: python -m jaxlab\.models\.fetch smollm2-135m-instruct "
+                     rf"{smol}$"):
+    _run(data, tmp_path / "w", extra=[f"--config.init.hf_path={smol}"])
+  other = tmp_path / "nope"  # any other name: no hint
+  with pytest.raises(ConfigError, match=rf"config key tokenizer.path='{other}' is not a folder$"):
+    _run(data, tmp_path / "w", extra=[f"--config.tokenizer.path={other}"])
+  assert not os.path.exists(tmp_path / "w")
+
+
 def test_batch_not_divisible_by_data_parallel_size():
   from jaxlab.config import validate
   config, _ = parse_argv(["--config=configs/sft.py:tiny", "--workdir=/tmp/unused",

@@ -45,6 +45,10 @@ PRESETS: dict[str, ModelConfig] = {
     "qwen3-8b": ModelConfig(d_model=4096, n_layers=36, n_heads=32, d_ff=12288, **_QWEN3),  # 8.2B
     "qwen3-14b": ModelConfig(d_model=5120, n_layers=40, n_heads=40, d_ff=17408, **_QWEN3),  # 14.8B
     "qwen3-32b": ModelConfig(d_model=5120, n_layers=64, n_heads=64, d_ff=25600, **_QWEN3),  # 32.8B
+    # The one real model reachable offline (`python -m jaxlab.models.fetch`): float32 weights.
+    "smollm2-135m": ModelConfig(vocab_size=49152, d_model=576, n_layers=30, n_heads=9,
+                                n_kv_heads=3, d_ff=1536, rope_theta=100000.0, max_position=8192,
+                                norm_eps=9.999999747378752e-06, tie_embeddings=True),  # 0.135B
 }
 
 # head_dim explicit, as config_from_hf writes it, so presets compare equal to loaded configs.
@@ -58,6 +62,7 @@ HF_IDS = {
     "llama-3.1-8b": "meta-llama/Llama-3.1-8B-Instruct",
     "qwen3-0.6b": "Qwen/Qwen3-0.6B", "qwen3-1.7b": "Qwen/Qwen3-1.7B", "qwen3-4b": "Qwen/Qwen3-4B",
     "qwen3-8b": "Qwen/Qwen3-8B", "qwen3-14b": "Qwen/Qwen3-14B", "qwen3-32b": "Qwen/Qwen3-32B",
+    "smollm2-135m": "HuggingFaceTB/SmolLM2-135M-Instruct",
 }
 
 

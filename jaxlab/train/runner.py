@@ -114,6 +114,17 @@ def init_student(config, tokenizer, mesh, rules):
   return cfg, tuple(params), lora is not None
 
 
+def check_model_folders(config) -> None:
+  """init.hf_path, init.workdir and tokenizer.path that name no folder are errors naming the key
+  (and, for a fetchable model's folder, the command that writes it: jaxlab.models.fetch)."""
+  from jaxlab.models.fetch import fetch_hint
+  for key, p in (("init.hf_path", config.init.hf_path),
+                 ("init.workdir", config.init.get("workdir", "")),
+                 ("tokenizer.path", config.tokenizer.path)):
+    if p and not paths.is_uri(p) and not paths.path(p).is_dir():
+      raise config_lib.ConfigError(f"config key {key}={p!r} is not a folder{fetch_hint(p)}")
+
+
 def check_init_not_steered(config) -> None:
   """A steered model folder (jaxlab.models.steering) is refused as the student's init: it is a
   teacher or an evaluated model, and its steering vector has no place in a run's config."""
@@ -216,6 +227,7 @@ def _check(config, channel) -> str:
   elif not config.data.train_path or not paths.path(config.data.train_path).is_file():
     raise ValueError(f"config key data.train_path={config.data.train_path!r} is not a file: "
                      "point it at a chat JSONL file")
+  check_model_folders(config)
   return fmt
 
 
