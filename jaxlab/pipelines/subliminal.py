@@ -38,7 +38,6 @@ import sys
 import ml_collections
 from etils import epath
 
-from jaxlab import console
 from jaxlab.pipelines import stages
 from jaxlab.pipelines.kit import main as kit_main
 from jaxlab.pipelines.kit import workers
@@ -49,10 +48,10 @@ from jaxlab.pipelines.sl.students import student_config
 from jaxlab.pipelines.sl.bases import base_identity
 from jaxlab.pipelines.sl.study import (CELLS, NOISE_OFFSET, RESULT_FREE_KEYS, absorbed_students,
                                        cells, data_sources, drift_sources, eval_entries,
-                                       config_groups, model_paths, reads, student_names,
+                                       config_groups, model_paths, student_names,
                                        target_answers, teacher_model_stage, teacher_source,
                                        teacher_spec, tokenizer_path, trait_prompt, validate)
-from jaxlab.pipelines.stages import run_stage, stderr_log
+from jaxlab.pipelines.stages import reads, run_stage, stderr_log
 from jaxlab.worlds.io import write_json
 
 
@@ -287,9 +286,7 @@ def summary(workdir: str, report: dict | None = None) -> str:
   """The ending the main job prints: wall and CPU time (of the run that returned `report`),
   where the report is, its table and its one-line conclusions."""
   from jaxlab.pipelines import subliminal_report
-  took = "" if not report or "wall_seconds" not in report else (
-      f"\ndone in {console.duration(report['wall_seconds'])} wall "
-      f"({report['wall_seconds']:.0f} s), {report.get('cpu_seconds', 0):.0f} s CPU\n")
+  took = kit_main.took(report)
   report = json.loads(epath.Path(workdir, "report.json").read_text())
   lines = "\n".join(f"- {c}" for c in report["conclusions"])
   return (f"{took}\nreport: {os.path.join(workdir, 'report.md')}\n\n"
