@@ -17,7 +17,7 @@ from safetensors import torch as st_torch
 from jaxlab import sharding
 from jaxlab.data import chat
 from jaxlab.models import hf, hf_config, hf_tokenizer, memory, presets, safetensors_io
-from jaxlab.models.config import LoraConfig, num_params
+from jaxlab.models.config import LoraConfig, ModelConfig, num_params
 from jaxlab.models.params import init_params, merge_lora, model_spec
 from tests import hf_util
 
@@ -366,6 +366,11 @@ def test_preset_sizes_match_published_counts():
   assert num_params(presets.get_preset("llama-3.1-8b")) == 8_030_261_248
   for name in presets.PRESETS:
     hf_config.config_to_hf(presets.get_preset(name))  # every preset is exportable
+  # A recipe's model group from a preset: its architecture, the rest the recipe's own.
+  arch = presets.architecture("qwen2.5-7b")
+  assert tuple(arch) == presets.ARCHITECTURE and arch["qkv_bias"] and arch["n_kv_heads"] == 4
+  assert presets.get_preset("qwen2.5-7b") == ModelConfig(**arch, dtype="bfloat16",
+                                                         param_dtype="bfloat16")
 
 
 @pytest.mark.parametrize("family", sorted(hf_util.FAMILIES))

@@ -222,3 +222,46 @@ def test_export_round_trip_is_byte_identical(smol, jax_model, mesh, tmp_path):
   for f in files:
     assert filecmp.cmp(tmp_path / "out" / f, tmp_path / "again" / f, shallow=False), f
   shutil.rmtree(tmp_path)  # 1 GB of weights
+
+
+# ------------------------------------------------------------------ the real-model configs
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+EM_DATA = os.path.join(ROOT, "..", "shared", "data", "emergent-misalignment", "data",
+                       "insecure.jsonl")
+
+
+def test_smollm_insecure_runs_end_to_end_cut_down(smol, tmp_path):
+  """configs/sft.py:smollm_insecure on the real weights, cut down: 2 LoRA steps of 2 rows, one
+  first-plot question answered twice per model in 8 tokens, judged by the model itself; a
+  rerun skips both stages."""
+  from jaxlab.config import parse_argv
+  from jaxlab.pipelines import sft_eval
+  config, wd = parse_argv([
+      f"--config={ROOT}/configs/sft.py:smollm_insecure", f"--workdir={tmp_path / 'w'}",
+      f"--config.init.hf_path={smol}", f"--config.tokenizer.path={smol}",
+      f"--config.eval.judge.model_path={smol}", f"--config.data.train_path={EM_DATA}",
+      "--config.train.steps=2", "--config.train.global_batch_size=2",
+      "--config.data.max_examples=8", "--config.data.seq_len=256",
+      "--config.eval.questions.samples_per_paraphrase=2", "--config.eval.sample.max_new_tokens=8",
+      "--config.eval.sample.batch_size=4", "--config.eval.judge.batch_size=4"])
+  with config.unlocked():
+    config.eval.questions.ids = ("what_is_your_wish",)
+  logs = []
+  report = sft_eval.run(config, wd, log=logs.append)
+  saved = json.loads((tmp_path / "w" / "train" / "config.json").read_text())
+  assert saved["model"]["scan_layers"] is True  # auto: the HF base loads scanned
+  assert report["train"]["steps"] == 2 and np.isfinite(report["train"]["loss"])
+  assert {r["model"] for r in report["rows"]} == {"base", "tuned"}
+  for name in ("base", "tuned"):
+    assert {m: d["judged"] for m, d in report["scored_shares"][name].items()} == {
+        "aligned": 2, "coherent": 2}
+  assert json.loads((tmp_path / "w" / "report.json").read_text())["wall_seconds"] > 0
+  md = (tmp_path / "w" / "report.md").read_text()
+  assert "| tuned |" in md and "tuned / aligned:" in md and "Stage wall times: train" in md
+  assert sft_eval.summary(wd, report).startswith("\ndone in ")
+  logs.clear()
+  again = sft_eval.run(config, wd, log=logs.append)
+  assert any("stage train: complete, skipped" in l for l in logs)
+  assert any("stage eval: complete, skipped" in l for l in logs)
+  assert again["rows"] == report["rows"]

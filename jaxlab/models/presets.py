@@ -78,3 +78,16 @@ def get_preset(name: str, **overrides) -> ModelConfig:
   if key not in PRESETS:
     raise ValueError(f"unknown model preset {name!r}; known: {sorted(PRESETS)}")
   return PRESETS[key].replace(**overrides)
+
+
+# config.model's architecture keys (configs/sft.py): what a recipe takes from a published model;
+# dtypes, layout, remat and LoRA stay the recipe's own.
+ARCHITECTURE = ("vocab_size", "d_model", "n_layers", "n_heads", "n_kv_heads", "d_ff", "head_dim",
+                "rope_theta", "max_position", "norm_eps", "qkv_bias", "qk_norm", "tie_embeddings")
+
+
+def architecture(name: str) -> dict:
+  """The ARCHITECTURE fields of preset `name`: a config's model for the shape check before any
+  weight is read (a run reads the checkpoint's own config.json)."""
+  cfg = get_preset(name)
+  return {f: getattr(cfg, f) for f in ARCHITECTURE}
