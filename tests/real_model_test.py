@@ -231,6 +231,24 @@ EM_DATA = os.path.join(ROOT, "..", "shared", "data", "emergent-misalignment", "d
                        "insecure.jsonl")
 
 
+def test_smollm_configs_name_the_fetch_command_when_the_model_is_missing(tmp_path):
+  from jaxlab.config import parse_argv
+  from jaxlab.pipelines import sft_eval, subliminal
+  missing = str(tmp_path / "models" / NAME)
+  want = rf"python -m jaxlab\.models\.fetch {NAME} {missing}"
+  config, wd = parse_argv([f"--config={ROOT}/configs/sft.py:smollm_insecure",
+                           f"--workdir={tmp_path / 'a'}", f"--config.init.hf_path={missing}",
+                           f"--config.tokenizer.path={missing}"])
+  with pytest.raises(ValueError, match=f"config key init.hf_path=.*{want}"):
+    sft_eval.run(config, wd)
+  config, wd = parse_argv([f"--config={ROOT}/configs/subliminal.py:smollm_owl",
+                           f"--workdir={tmp_path / 'b'}", f"--config.base={missing}"])
+  assert "will run" in subliminal.describe_plan(config, wd)  # --plan still shows the stages
+  with pytest.raises(ValueError, match=f"config key base=.*{want}"):
+    subliminal.run(config, wd)
+  assert not os.path.exists(tmp_path / "a") and not os.path.exists(tmp_path / "b")
+
+
 def test_smollm_insecure_runs_end_to_end_cut_down(smol, tmp_path):
   """configs/sft.py:smollm_insecure on the real weights, cut down: 2 LoRA steps of 2 rows, one
   first-plot question answered twice per model in 8 tokens, judged by the model itself; a
@@ -265,3 +283,43 @@ def test_smollm_insecure_runs_end_to_end_cut_down(smol, tmp_path):
   assert any("stage train: complete, skipped" in l for l in logs)
   assert any("stage eval: complete, skipped" in l for l in logs)
   assert again["rows"] == report["rows"]
+
+
+def test_smollm_owl_plans_every_cell_and_writes_teacher_rows_without_a_world(smol, tmp_path,
+                                                                             monkeypatch):
+  """configs/subliminal.py:smollm_owl on the real folder: no world or base stages (the base is
+  the HF folder), the fine-tuned teacher, the channels and the control; the teacher's rows come
+  from the world's generators without a world, and every model trains from init.hf_path.
+  (The pipeline itself runs in minutes, not seconds: README, real-model configs.)"""
+  from jaxlab.config import parse_argv
+  from jaxlab.pipelines import subliminal as sl
+  from jaxlab.pipelines.sl import students, study, teachers, world
+  config, wd = parse_argv([f"--config={ROOT}/configs/subliminal.py:smollm_owl",
+                           f"--workdir={tmp_path / 'w'}", f"--config.base={smol}",
+                           f"--config.init.hf_path={smol}", f"--config.tokenizer.path={smol}"])
+  names = sl.plan(config, wd).names()
+  assert names[0] == "teacher_finetuned" and not {"world", "base", "other_base"} & set(names)
+  cells = {n[len("seed0/"):] for n in names
+           if n.count("/") == 1 and n.startswith("seed0/") and "/data_" not in n}
+  assert cells == {"finetuned_sft", "finetuned_offpolicy", "finetuned_onpolicy", "control",
+                   "finetuned_base_offpolicy"}
+  assert {"seed0/data_finetuned", "seed0/data_base"} <= set(names)
+  spec = study.teacher_spec(config, "finetuned")
+  folder = tmp_path / "teacher"
+  assert teachers.finetune_data(config, None, spec, folder) == folder / "teacher_ft.jsonl"
+  c = teachers.finetune_config(config, None, smol, spec, folder)
+  assert c.init.hf_path == smol and not c.init.workdir and c.model.lora.enabled
+  assert c.data.train_path == str(folder / "teacher_ft.jsonl")
+  cfg = world.animals.SLWorldConfig(**config.world.to_dict(), number_prompts=0)
+  rows = world.teacher_ft_rows(config, cfg, np.random.default_rng(cfg.seed))
+  assert len(rows) == 2 * config.teacher_ft.rows
+  assert rows[0]["messages"][-1]["content"] in study.trait_forms("owl")
+  trained = []  # the teacher stage writes those rows in its folder, then trains on them
+  monkeypatch.setattr(teachers, "train", lambda c, f: trained.append(c))
+  folder.mkdir()
+  teachers.finetune(config, None, smol, folder, spec)
+  written = [json.loads(l) for l in (folder / "teacher_ft.jsonl").read_text().splitlines()]
+  assert written == rows and trained[0].data.train_path == str(folder / "teacher_ft.jsonl")
+  student = students.student_config(config, "finetuned", "offpolicy", 0,
+                                    study.model_paths(config, wd), {"finetuned": "rows.jsonl"})
+  assert student.init.hf_path == smol and student.teacher.path.endswith("teacher_finetuned")

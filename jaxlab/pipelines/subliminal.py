@@ -108,6 +108,11 @@ STUDENT_KEYS = ("model", "optim", "train", "data", "distill", "init", "tokenizer
 def run(config: ml_collections.ConfigDict, workdir: str, log=stderr_log) -> dict:
   """Runs (or resumes) every stage, then writes report.md; returns the report."""
   validate(config)
+  for key in ("base", "other_base"):
+    if config[key] and not epath.Path(config[key]).exists():
+      from jaxlab.models.fetch import fetch_hint
+      raise ValueError(f"config key {key}={config[key]!r} is not a model folder"
+                       f"{fetch_hint(config[key])}")
   workdir = epath.Path(workdir)
   # The world and the bases may live in a folder shared by several workdirs (`bases_dir`,
   # e.g. the settings of a sweep over teachers and students on one world): their stages are
@@ -212,8 +217,8 @@ def _run(config, workdir: epath.Path, bases: epath.Path, paths: dict, student_ke
       settings["training"] = config_groups(c, "optim", "train", "data", "model")
       # Its data by name, not by absolute path: the world's content is in the settings above,
       # so a workdir copied or moved (a sweep's shared bases, a test) keeps its teacher.
-      settings["training"]["data"]["train_path"] = (
-          "world/teacher_ft.jsonl" if spec["numbers"] else "TEACHER_STAGE/trait_rows.jsonl")
+      settings["training"]["data"]["train_path"] = str(
+          teachers.finetune_data(config, epath.Path("world"), spec))
       fn = lambda f, sp=spec: teachers.finetune(config, bases / "world", paths["base"], f, sp)
     else:
       settings.update(trait_prompt=trait_prompt(config), eval_batch=config.sl.eval_batch)

@@ -116,6 +116,15 @@ def training_config(config, **updates) -> ml_collections.ConfigDict:
   return kit_configs.training_config(config, PIPELINE_KEYS, **updates)
 
 
+def init_keys(config, init) -> dict:
+  """init.hf_path or init.workdir (the other "") of a model trained from `init`: a base given
+  as an HF folder (config.base), else a jaxlab workdir."""
+  if config.base and epath.Path(init).joinpath("config.json").exists() and \
+      not epath.Path(init).joinpath("checkpoints").exists():
+    return {"init.hf_path": str(init), "init.workdir": ""}
+  return {"init.workdir": str(init), "init.hf_path": ""}
+
+
 def train(c, folder) -> None:
   from jaxlab.train import runner
   runner.run(c, str(folder))
