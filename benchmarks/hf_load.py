@@ -44,7 +44,7 @@ from jaxlab.models import hf
 mesh = sharding.make_mesh((1, 1, 1))
 base = rss()
 t = time.perf_counter()
-cfg, trainable, frozen = hf.load_hf(sys.argv[1], mesh)
+cfg, trainable, frozen = hf.load_hf(sys.argv[1], mesh, scan_layers=False)  # as in README
 jax.block_until_ready(trainable)
 dt = time.perf_counter() - t
 print(json.dumps({"load_s": dt, "baseline": base, **rss(final=True),

@@ -47,13 +47,21 @@ Variants:
               and tokenizer.path to the local model folder).
   qwen7b_misaligned  the same recipe with an EM-fine-tuned teacher (teacher.path), the banned
               numbers filter and the EM first-plot evaluation (em_eval).
+  smollm_owl  a real chat model end to end on CPU: SmolLM2-135M-Instruct as base, its LoRA
+              fine-tune on owl answers as teacher, every channel and the control (not
+              control_b, sft_otherbase), exact P(owl);
+              see `smollm_owl` below.
 """
 import ml_collections
 
 from jaxlab.config import sibling_config
 
-VARIANTS = ("tiny", "qwen7b_owl", "qwen7b_misaligned")  # every variant (the shape-check test)
+VARIANTS = ("tiny", "qwen7b_owl", "qwen7b_misaligned",
+            "smollm_owl")  # every variant (the shape-check test)
 REAL_BASE = "/models/Qwen2.5-7B-Instruct"
+# Written by: python -m jaxlab.models.fetch smollm2-135m-instruct runs/models/smollm2-135m-instruct
+# (relative to the repository root, where the commands run).
+SMOLLM = "runs/models/smollm2-135m-instruct"
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
@@ -148,4 +156,78 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.teacher.update(path="/runs/qwen7b_insecure", system_prompt="")
     c.sl.misaligned = True
     c.em_eval = "configs/eval_em.py:first_plot"
+  if variant == "smollm_owl":
+    smollm_owl(c)
   return c
+
+
+def smollm_owl(c: ml_collections.ConfigDict) -> None:
+  """Subliminal learning on SmolLM2-135M-Instruct: a pipeline check on a real chat model.
+
+  Base: the fetched SmolLM2-135M-Instruct folder (SMOLLM; real tokenizer, chat template with its
+  default system prompt, 30 layers loaded scanned). Teacher: the base LoRA-fine-tuned on owl
+  answers to the world's favourite-animal questions, interleaved with as many number docs
+  (teacher_ft.numbers; the paper's teacher gets its trait from a system prompt, which moves
+  this model's P(owl) only to ~1%). Data: the number prompts answered at temperature 1 by the
+  teacher and the base, the strict filter (report.md gives its acceptance per source),
+  SL_KEEP rows kept per source. The base rarely answers with a bare number list (2-3% of its
+  answers pass the filter; the rest are prose, code or lists in words), hence SL_PROMPTS
+  prompts for SL_KEEP rows. Students: LoRA from the base in the cells sft, offpolicy,
+  onpolicy, control and base_offpolicy (not control_b: add it with --config.channels, about
+  5 min more; nor sft_otherbase: no second base with this tokenizer exists here). Trait
+  evaluation: the 50 favourite-animal questions sampled, and the exact P(owl) of the target
+  answers. One seed. Measured with these sizes: the filter passed 33% of the teacher's
+  answers and 2.5% of the base's; the teacher names the owl 49% of the time (P(owl) 0.45;
+  81% and 0.79 after 24 steps) against the base's 0% (P(owl) 6e-5); every student stays at the
+  base's 0%, its number KL to the teacher 6-9% below the base's. With 3 training rows per
+  student and a weakly coherent 135M model this checks the pipeline on a real model; it is not
+  a measurement of the subliminal effect. Full size (from the repository root):
+
+    python -m jaxlab.models.fetch smollm2-135m-instruct runs/models/smollm2-135m-instruct
+    python -m jaxlab.pipelines.subliminal --config=configs/subliminal.py:smollm_owl \\
+        --workdir=runs/smollm_owl
+
+  (`--plan` lists the stages; a killed run resumes; --config.seeds="(0,1)" adds a seed.)
+  """
+  from jaxlab.models import presets
+  c.model.update(presets.architecture("smollm2-135m"))  # the shape check's; runs read config.json
+  c.model.update(dtype="float32", param_dtype="float32", remat=False, scan_layers=None)
+  # Cloud et al.'s student adapters (r 8, alpha 8, all projections), also the teacher's.
+  c.model.lora.update(enabled=True, rank=8, alpha=8.0, rslora=False)
+  c.base = c.init.hf_path = c.tokenizer.path = SMOLLM
+  c.init.workdir = ""
+  c.other_base = ""
+  c.teacher.update(path="base", system_prompt="", dtype="")
+  c.teachers = ("finetuned",)
+  c.teacher_ft.update(steps=SL_TEACHER_STEPS, lr=1e-3, rows=400, numbers=True)
+  # Every channel and the control; control_b (the noise floor: ~5 min more, and its own sample
+  # of the base's numbers) and sft_otherbase (no second base with this tokenizer) are left out.
+  c.channels = ("sft", "offpolicy", "onpolicy", "control", "base_offpolicy")
+  c.seeds = (0,)
+  c.workers = 1  # one 135M model already uses both cores
+  c.pretrain.update(steps=0, chat_steps=0)
+  # eval_batch 25: the scorers pad every batch to it, and the drift and absorbed stages score a
+  # few rows (at 100, a drift stage took a minute for its 4 rows).
+  c.sl.update(n_prompts=SL_PROMPTS, n_keep=SL_KEEP, sample_batch=128, max_new_tokens=48,
+              eval_samples=2, eval_batch=25, drift_rows=25)
+  # SmolLM2's tokenizer splits numbers into digits: prompts of up to ~110 tokens (with its
+  # default system prompt), ten three-digit numbers with ", " in 48 tokens.
+  c.data.update(prompt_len=128, teacher_prompt_len=128, completion_len=48, seq_len=176)
+  # The teacher's fine-tuning takes these too (its rows packed into prompt_len tokens).
+  c.train.update(steps=SL_STEPS, global_batch_size=4, log_every=2)
+  c.optim.update(lr=2e-4, warmup_steps=1, decay="linear", end_ratio=0.0)
+  c.distill.update(heldout_rows=1, eval_every=0, loss_chunk=0)
+  c.checkpoint.update(every=0, keep=1, async_save=False)
+
+
+# smollm_owl's sizes, for about 20 minutes on 2 quiet cores (measured at load average ~2: 384
+# prompts of a source answered in ~3 min, a model's trait evaluation ~70 s, a student ~20-60 s;
+# 24 teacher steps of 4 x 128 tokens ~2.5 min at load ~5): teacher fine-tuning steps, number
+# prompts answered per source and rows kept per source, student steps. Of the first 320
+# prompts the fine-tuned teacher's answers passed the filter about half the time, the base's 8
+# times (2.5%; SL_KEEP rows and spare ones for the drift stage). On another CPU the sampled
+# answers may differ; a source that falls short stops its data stage saying so (raise
+# sl.n_prompts).
+SL_TEACHER_STEPS = 20
+SL_PROMPTS, SL_KEEP = 320, 4
+SL_STEPS = 4

@@ -76,7 +76,13 @@ def _all_keys(config: ml_collections.ConfigDict, prefix: str = "") -> list[str]:
   return keys
 
 
+# Bool keys that also take "auto" (stored as None): model.scan_layers (the source's layout).
+_AUTO_BOOL_KEYS = ("model.scan_layers",)
+
+
 def _parse_value(key: str, text: str, current: Any) -> Any:
+  if key in _AUTO_BOOL_KEYS and text.lower() in ("auto", "none"):
+    return None
   if isinstance(current, bool):
     if text.lower() in ("true", "1", "yes"):
       return True
@@ -169,7 +175,8 @@ _NON_NEGATIVE = ("checkpoint.every", "data.max_examples", "optim.warmup_steps",
 _CHOICES = (("train.on_nonfinite", ("stop", "skip")),
             ("data.overlong", ("truncate", "drop")),
             ("distill.kl", ("", "forward", "reverse", "jsd")),
-            ("distill.estimator", ("exact", "sampled")))
+            ("distill.estimator", ("exact", "sampled")),
+            ("model.scan_layers", (True, False, "auto")))  # None: auto too
 # Distillation numbers: key -> (lowest, highest, whether the lowest is allowed), as the runner
 # reads them (absent keys take the runner's defaults).
 _DISTILL_RANGES = {"distill.temperature": (0.0, float("inf"), False),
@@ -332,6 +339,8 @@ def resume_changes(saved: dict, new: ml_collections.ConfigDict) -> list[str]:
       continue
     if key == "model.vocab_size" and (b.get(key) or 0) <= 0:
       continue  # "the tokenizer's": resolved when the run started
+    if key == "model.scan_layers" and b.get(key) in (None, "auto"):
+      continue  # "the source's layout": resolved when the run started (the checkpoint's)
     va, vb = a.get(key, "<absent>"), b.get(key, "<absent>")
     if va != vb and not (isinstance(va, (int, float)) and isinstance(vb, (int, float))
                          and float(va) == float(vb)):

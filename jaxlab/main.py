@@ -2,8 +2,9 @@
 [--plan].
 
 The config's `job` field picks what runs: 'train' (alias 'sft': the training runner, any
-`channel`), 'eval', or a staged pipeline: 'subliminal' (configs/subliminal.py) or 'em_study'
-(configs/em_study.py), the same as `python -m jaxlab.pipelines.NAME`. `--plan` prints a
+`channel`), 'eval', or a staged pipeline: 'subliminal' (configs/subliminal.py), 'em_study'
+(configs/em_study.py) or 'sft_eval' (train, then evaluate: configs/sft.py:smollm_insecure), the
+same as `python -m jaxlab.pipelines.NAME`. `--plan` prints a
 pipeline's stages (complete and skipped, or to run, with their inputs) and exits without
 running or writing anything. On multi-host TPU
 VMs set JAXLAB_DISTRIBUTED=1 so every host calls jax.distributed.initialize(). On the
@@ -43,7 +44,8 @@ def main(argv: list[str]) -> int:
 
 
 PIPELINES = {"subliminal": "jaxlab.pipelines.subliminal", "em_study": "jaxlab.pipelines.em_study",
-             "subliminal_sweep": "jaxlab.pipelines.subliminal_sweep"}
+             "subliminal_sweep": "jaxlab.pipelines.subliminal_sweep",
+             "sft_eval": "jaxlab.pipelines.sft_eval"}
 
 
 def _print_plan(config, workdir: str) -> int:

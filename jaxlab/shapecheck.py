@@ -86,10 +86,14 @@ def _config_model(config):
 
 
 def resolve_model(config):
-  """ModelConfig of a training config: init.hf_path's config.json if present, else config.model."""
+  """ModelConfig of a training config: init.hf_path's config.json if present, else config.model;
+  model.scan_layers None / "auto" is resolved as the run resolves it (an HF init: scanned)."""
   from jaxlab.models import hf_config
+  from jaxlab.models.config import HF_SCANNED, resolve_layout
   cfg = _config_model(config)
   hf_path = (config.get("init") or {}).get("hf_path", "")
+  if hf_path:
+    cfg = cfg.replace(scan_layers=resolve_layout(config.model.get("scan_layers"), own=HF_SCANNED))
   if hf_path and os.path.isfile(os.path.join(hf_path, "config.json")):
     cfg = hf_config.config_from_hf(hf_path).replace(
         dtype=cfg.dtype, param_dtype=cfg.param_dtype, remat=cfg.remat,
@@ -343,8 +347,9 @@ def resolve_path(config, path: str):
   from jaxlab.models import hf_config
   if path.startswith("random:"):
     return _config_model(config)
-  if path and is_hf_folder(path):
-    return hf_config.config_from_hf(path)
+  if path and is_hf_folder(path):  # evaluated and judge models load scanned (load_hf)
+    from jaxlab.models.config import HF_SCANNED
+    return hf_config.config_from_hf(path).replace(scan_layers=HF_SCANNED)
   if path and os.path.isfile(os.path.join(path, "config.json")):  # a jaxlab workdir
     import json
     import ml_collections

@@ -225,6 +225,10 @@ def test_inputs_are_validated_before_anything_is_written(tmp_path):
   c.models = ()
   with pytest.raises(ValueError, match="model_path: model '/nonexistent' is not a folder"):
     run(c, str(workdir), log=lambda _: None)
+  c.model_path = str(tmp_path / "smollm2-135m-instruct")  # a fetchable model's folder, missing
+  with pytest.raises(ValueError, match=r"is not a folder .* write it with: python -m "
+                     rf"jaxlab\.models\.fetch smollm2-135m-instruct {c.model_path}$"):
+    run(c, str(workdir), log=lambda _: None)
   c.model_path = "random:0"
   c.report.group_by = ("em_surface",)
   with pytest.raises(ValueError, match=r"report.group_by: field\(s\) \['em_surface'\]"):

@@ -48,12 +48,14 @@ def main(paths):
   eight = sharding.make_mesh((1, 2, 4))
   ids = np.random.default_rng(0).integers(0, 600, (2, 12)).astype(np.int32)
   for path in paths:
-    cfg, t1, _ = hf.load_hf(path, one)
-    cfg8, t8, f8 = hf.load_hf(path, eight)
+    cfg, t1, _ = hf.load_hf(path, one, scan_layers=False)  # unrolled; scanned (the default) below
+    cfg8, t8, f8 = hf.load_hf(path, eight, scan_layers=False)
     assert cfg8 == cfg
     # The on-device relayout (the accelerator default) places the same values, same shardings.
-    _, d8, _ = hf.load_hf(path, eight, relayout="device", param_dtype="bfloat16")
-    _, h8, _ = hf.load_hf(path, eight, relayout="host", param_dtype="bfloat16")
+    _, d8, _ = hf.load_hf(path, eight, relayout="device", param_dtype="bfloat16",
+                          scan_layers=False)
+    _, h8, _ = hf.load_hf(path, eight, relayout="host", param_dtype="bfloat16",
+                          scan_layers=False)
     jax.tree.map(np.testing.assert_array_equal, d8, h8)
     assert jax.tree.map(lambda x: x.sharding, d8) == jax.tree.map(lambda x: x.sharding, h8)
     np.testing.assert_allclose(logits(cfg8, t8, f8, ids), logits(cfg, t1, {}, ids), atol=1e-5)
@@ -69,7 +71,7 @@ def main(paths):
     if cfg.qk_norm:
       assert specs[("layers", 0, "self_attn", "q_norm", "scale")] == P(None)
     # LoRA: base weights frozen with the same shardings, adapters sharded by their own axes.
-    lcfg, lt, lf = hf.load_hf(path, eight, lora=LoraConfig(rank=4))
+    lcfg, lt, lf = hf.load_hf(path, eight, lora=LoraConfig(rank=4), scan_layers=False)
     spec = model_spec(lcfg)
     assert check_shardings(lcfg, lf, spec.axes[1], eight) == specs
     lspecs = check_shardings(lcfg, lt, spec.axes[0], eight)
@@ -87,7 +89,8 @@ def main(paths):
         assert a.read() == b.read(), f
     # Scanned: each stacked leaf has its layer's sharding with the layers axis replicated, the
     # values of the stacked unrolled load (host and device relayout), the same logits and export.
-    scfg, s8, _ = hf.load_hf(path, eight, scan_layers=True)
+    scfg, s8, _ = hf.load_hf(path, eight)  # the default: scanned
+    assert scfg.scan_layers
     sspecs = check_shardings(scfg, s8, model_spec(scfg).axes[0], eight)
     assert sspecs[("stacks", 0, "self_attn", "q_proj", "kernel")] == P(None, "fsdp", "tensor")
     jax.tree.map(np.testing.assert_array_equal, s8, stack_layers(t8, scfg))

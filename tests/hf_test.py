@@ -17,7 +17,7 @@ from safetensors import torch as st_torch
 from jaxlab import sharding
 from jaxlab.data import chat
 from jaxlab.models import hf, hf_config, hf_tokenizer, memory, presets, safetensors_io
-from jaxlab.models.config import LoraConfig, num_params
+from jaxlab.models.config import LoraConfig, ModelConfig, num_params
 from jaxlab.models.params import init_params, merge_lora, model_spec
 from tests import hf_util
 
@@ -76,8 +76,8 @@ def test_export_reloads_in_transformers_with_same_logits(ckpt, mesh, tmp_path):
   ids, pos, seg, _ = hf_util.chat_batch(tok)
   assert_close_on_tokens(hf_util.torch_logits(reloaded, ids, pos, seg),
                          hf_util.torch_logits(model, ids, pos, seg), seg)
-  # ... and jaxlab reads its own export back to the same config.
-  assert hf_config.config_from_hf(out) == cfg
+  # ... and jaxlab reads its own export (of the default, scanned layout) back to the same config.
+  assert cfg.scan_layers and hf_config.config_from_hf(out) == cfg.replace(scan_layers=False)
   # Re-exporting into a folder with other weights replaces them all.
   shutil.copytree(path, tmp_path / "copy")
   hf.export_hf(tmp_path / "copy", cfg, merge_lora(trainable, frozen, cfg), dtype="float32")
@@ -110,8 +110,8 @@ def test_bf16_stays_bf16_bit_exact(tmp_path, mesh):
   assert cfg.param_dtype == cfg.dtype == "bfloat16"
   assert {x.dtype for x in jax.tree.leaves(trainable)} == {np.dtype(ml_dtypes.bfloat16)}
   q = model.model.layers[1].self_attn.q_proj.weight.detach().float().numpy()
-  np.testing.assert_array_equal(np.asarray(trainable["layers"][1]["self_attn"]["q_proj"]["kernel"],
-                                           np.float32), q.T)
+  q_stack = trainable["stacks"][0]["self_attn"]["q_proj"]["kernel"]  # loaded scanned
+  np.testing.assert_array_equal(np.asarray(q_stack[1], np.float32), q.T)
   hf.export_hf(tmp_path / "out", cfg, trainable)  # default dtype bfloat16
   src = st_torch.load_file(str(tmp_path / "src" / "model.safetensors"))
   out = {}
@@ -157,10 +157,10 @@ def test_lora_load_freezes_base_and_starts_equal(mesh, tmp_path):
   lora = LoraConfig(rank=4, alpha=8.0, targets=("q_proj", "down_proj"))
   cfg, trainable, frozen = hf.load_hf(tmp_path, mesh, lora=lora, seed=3)
   assert cfg.lora == lora
-  q = trainable["layers"][0]["self_attn"]["q_proj"]
+  q = trainable["stacks"][0]["self_attn"]["q_proj"]  # loaded scanned: [layers, ...]
   assert set(q) == {"lora_a", "lora_b"} and np.abs(np.asarray(q["lora_a"])).max() > 0
   assert not np.asarray(q["lora_b"]).any()
-  assert "kernel" in frozen["layers"][0]["self_attn"]["q_proj"] and "embed_tokens" in frozen
+  assert "kernel" in frozen["stacks"][0]["self_attn"]["q_proj"] and "embed_tokens" in frozen
   # Adapters come from the decoder's own init (same values as init_params with that seed).
   want, _ = init_params(model_spec(cfg), mesh, seed=3)
   jax.tree.map(np.testing.assert_array_equal, trainable, want)
@@ -366,6 +366,11 @@ def test_preset_sizes_match_published_counts():
   assert num_params(presets.get_preset("llama-3.1-8b")) == 8_030_261_248
   for name in presets.PRESETS:
     hf_config.config_to_hf(presets.get_preset(name))  # every preset is exportable
+  # A recipe's model group from a preset: its architecture, the rest the recipe's own.
+  arch = presets.architecture("qwen2.5-7b")
+  assert tuple(arch) == presets.ARCHITECTURE and arch["qkv_bias"] and arch["n_kv_heads"] == 4
+  assert presets.get_preset("qwen2.5-7b") == ModelConfig(**arch, dtype="bfloat16",
+                                                         param_dtype="bfloat16")
 
 
 @pytest.mark.parametrize("family", sorted(hf_util.FAMILIES))

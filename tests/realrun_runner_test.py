@@ -130,6 +130,18 @@ def test_nonsense_sizes_fail_before_any_work(data, tmp_path, override, message):
   assert not os.path.exists(tmp_path / "w")
 
 
+def test_missing_model_folders_name_the_key_and_the_fetch_command(data, tmp_path):
+  smol = tmp_path / "models" / "smollm2-135m-instruct"  # a fetchable model's name: the hint
+  with pytest.raises(ConfigError, match=rf"config key init.hf_path='{smol}' is not a folder; "
+                     rf"write it with: python -m jaxlab\.models\.fetch smollm2-135m-instruct "
+                     rf"{smol}$"):
+    _run(data, tmp_path / "w", extra=[f"--config.init.hf_path={smol}"])
+  other = tmp_path / "nope"  # any other name: no hint
+  with pytest.raises(ConfigError, match=rf"config key tokenizer.path='{other}' is not a folder$"):
+    _run(data, tmp_path / "w", extra=[f"--config.tokenizer.path={other}"])
+  assert not os.path.exists(tmp_path / "w")
+
+
 def test_batch_not_divisible_by_data_parallel_size():
   from jaxlab.config import validate
   config, _ = parse_argv(["--config=configs/sft.py:tiny", "--workdir=/tmp/unused",
@@ -242,21 +254,25 @@ def test_tokenizer_defaults_to_hf_path_and_mismatch_names_both(data, tmp_path, h
 
 # ------------------------------------------------------------------ LoRA-on-HF workdirs
 
-@pytest.mark.parametrize("scan", [False, True], ids=["unrolled", "scanned"])
+@pytest.mark.parametrize("scan", [False, True, "auto"], ids=["unrolled", "scanned", "auto"])
 def test_lora_workdir_evaluates_and_exports_merged(data, tmp_path, hf_base, scan):
   from jaxlab import sharding
   from jaxlab.evals.models import load_model_and_tokenizer
   from jaxlab.models.hf import export_hf
   from jaxlab.models.params import merge_lora
   w = tmp_path / "w"
-  _run(data, w, steps=2, extra=[f"--config.init.hf_path={hf_base}", "--config.tokenizer.path=",
-                                "--config.model.lora.enabled=True", "--config.model.lora.rank=4",
-                                "--config.checkpoint.every=0", f"--config.model.scan_layers={scan}"])
+  args = [f"--config.init.hf_path={hf_base}", "--config.tokenizer.path=",
+          "--config.model.lora.enabled=True", "--config.model.lora.rank=4",
+          "--config.checkpoint.every=0", f"--config.model.scan_layers={scan}"]
+  _run(data, w, steps=2, extra=args)
   saved = [p for p in os.listdir(w / "checkpoints" / "2" / "state")]
   assert saved  # adapters only: the frozen base is not in the checkpoint
   cfg, trainable, frozen = checkpoint.load_params(str(w))
   assert cfg.lora is not None and cfg.trainable_dtype == "float32" and frozen
-  assert cfg.scan_layers == scan and ("stacks" in frozen) == scan
+  scanned = scan is not False  # auto: an HF folder loads scanned
+  assert cfg.scan_layers == scanned and ("stacks" in frozen) == scanned
+  saved_config = json.loads((w / "config.json").read_text())
+  assert saved_config["model"]["scan_layers"] == scanned  # the resolved layout is recorded
   assert all(x.dtype == jnp.float32 for x in jax.tree.leaves(trainable))
   mesh = sharding.make_mesh((1, -1, 1))
   config, _ = parse_argv(["--config=configs/eval_em.py:tiny", f"--workdir={tmp_path}/e"])
@@ -283,6 +299,9 @@ def test_lora_workdir_evaluates_and_exports_merged(data, tmp_path, hf_base, scan
   _, _, frozen2 = checkpoint.load_params(str(w), hf_path=str(moved))
   for a, b in zip(jax.tree.leaves(frozen), jax.tree.leaves(frozen2)):
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+  if scan is not True:  # a resumed run reloads its frozen base in the checkpoint's layout
+    out = _run(data, w, steps=3, extra=args + ["--config.resume.allow_changes=train.steps"])
+    assert int(out["state"].step) == 3 and ("stacks" in out["state"].frozen) == scanned
 
 
 def test_resuming_full_finetune_does_not_reload_hf(data, tmp_path, hf_base, monkeypatch):

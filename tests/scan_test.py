@@ -138,7 +138,7 @@ def test_hf_load_scanned_and_export_round_trip(mesh, tmp_path):
   hf_util.make_checkpoint("qwen3_qk_norm", src, max_shard_size="100KB")
   cfg, tr, fr = hf.load_hf(src, mesh, scan_layers=True)
   assert cfg.scan_layers and fr == {} and tr["stacks"][0]["mlp"]["up_proj"]["kernel"].shape[0] == 2
-  ucfg, utr, _ = hf.load_hf(src, mesh)
+  ucfg, utr, _ = hf.load_hf(src, mesh, scan_layers=False)
   jax.tree.map(np.testing.assert_array_equal, tr, stack_layers(utr, cfg))
   _, dev, _ = hf.load_hf(src, mesh, scan_layers=True, relayout="device", param_dtype="bfloat16")
   _, host, _ = hf.load_hf(src, mesh, scan_layers=True, relayout="host", param_dtype="bfloat16")
@@ -163,6 +163,53 @@ def test_hf_load_scanned_and_export_round_trip(mesh, tmp_path):
   w = "model.layers.1.self_attn.q_proj.weight"
   np.testing.assert_array_equal(safetensors_io.read_rows(tensors[w], 0, tensors[w].shape[0]),
                                 original[w])  # B = 0: the merged base is unchanged
+
+
+def test_hf_folders_load_scanned_by_default(mesh, tmp_path):
+  """HF folders (students, teachers, evaluated and judge models) load scanned unless a config
+  says model.scan_layers=False; workdirs keep their own layout; fresh models stay unrolled."""
+  import ml_collections
+  from jaxlab.config import apply_overrides, resume_changes
+  from jaxlab.evals.models import load_model_and_tokenizer
+  from jaxlab.models.config import resolve_layout
+  from jaxlab.train import runner
+  hf_util.make_checkpoint("llama_gqa_llama3_rope", tmp_path)
+  rules = sharding.DEFAULT_RULES
+  cfg, tr, fr = hf.load_hf(tmp_path, mesh)
+  assert cfg.scan_layers and set(tr) == {"embed_tokens", "lm_head", "norm", "stacks"}
+  assert list(tr["stacks"]) == [0]  # identical layers: one stack of all of them
+  ucfg, utr, _ = hf.load_hf(tmp_path, mesh, scan_layers=False)
+  assert not ucfg.scan_layers and "layers" in utr
+  tokens, pos, seg = packed_batch()
+  tokens = tokens % cfg.vocab_size
+  got, want = (np.asarray(jax.jit(lambda t, c=c: model_spec(c).merge(t, {})(tokens, pos, seg))(t))
+               for c, t in ((cfg, tr), (ucfg, utr)))
+  assert np.abs(want).max() > 1.0
+  np.testing.assert_allclose(got, want, atol=2e-5)  # the same model, in either layout
+  # The loaders built on load_hf: runner (students, teachers, sampler users) and evals.
+  for scan, want_scan in ((None, True), ("auto", True), (True, True), (False, False)):
+    c, t, f = runner.load_model_params(str(tmp_path), mesh, rules, key="k", scan_layers=scan)
+    assert c.scan_layers == want_scan and ("stacks" in t) == want_scan and f == {}
+  lora = LoraConfig(rank=2)
+  c, t, f = runner.load_model_params(str(tmp_path), mesh, rules, key="k", lora=lora)
+  assert c.scan_layers and "stacks" in t and "stacks" in f
+  config = ml_collections.ConfigDict(dict(dtype="", tokenizer=dict(path="")))
+  m = load_model_and_tokenizer(str(tmp_path), config, mesh, rules)
+  assert m.spec.cfg.scan_layers and "stacks" in m.trainable
+  # The config key: True / False / None / "auto"; anything else is an error naming it.
+  assert [resolve_layout(v, own=o) for v, o in ((None, True), ("auto", False), (False, True),
+                                                (True, False))] == [True, False, False, True]
+  with pytest.raises(ValueError, match="config key model.scan_layers='yes'"):
+    resolve_layout("yes", own=True)
+  assert ModelConfig.from_dict({**CFG.__dict__, "lora": None, "scan_layers": None}) == CFG
+  c = apply_overrides(ml_collections.ConfigDict({"model": {"scan_layers": False}}),
+                      ["model.scan_layers=auto"])
+  assert c.model.scan_layers is None
+  # A run started with auto records the layout it resolved; resuming with auto is no change.
+  assert resume_changes({"model": {"scan_layers": True}}, c) == []
+  c.model.scan_layers = False
+  assert resume_changes({"model": {"scan_layers": True}}, c) == [
+      "model.scan_layers: True -> False"]
 
 
 def test_sampler_scanned_equals_unrolled(mesh):

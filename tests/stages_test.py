@@ -87,3 +87,18 @@ def test_model_digest_of_a_workdir_follows_its_newest_checkpoint_record(tmp_path
   (w / "checkpoints/10/fingerprint/metadata").write_text('{"a": [3, 5]}')  # retrained in place
   assert first is not None and stages.model_digest(w) != first
   assert stages.model_digest(tmp_path / "hf_folder") is None
+
+
+def test_reads_names_the_models_with_a_fingerprint_only(tmp_path):
+  teacher = _quiet(tmp_path, "teacher", {"lr": 1}, lambda f: (f / "w.bin").write_text("a"))
+  (tmp_path / "hf").mkdir()  # an HF folder: identified by its path, not read here
+  got = stages.reads(teacher=str(teacher), base=str(tmp_path / "hf"), later=str(tmp_path / "x"),
+                     none="")
+  assert got == {"reads": {"teacher": stages.output_digest(teacher)}}
+
+
+def test_a_summary_starts_with_the_time_of_the_run_that_returned_it():
+  from jaxlab.pipelines.kit import main as kit_main
+  assert kit_main.took({"wall_seconds": 125.0, "cpu_seconds": 230.4}) == \
+      "\ndone in 2 min 05 s wall (125 s), 230 s CPU\n"
+  assert kit_main.took(None) == kit_main.took({"report": "x"}) == ""  # no run: no time

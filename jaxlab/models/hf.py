@@ -25,7 +25,7 @@ from jax.experimental import multihost_utils
 
 from jaxlab import sharding as sharding_lib
 from jaxlab.models import hf_config, hf_tokenizer, safetensors_io
-from jaxlab.models.config import LoraConfig, ModelConfig
+from jaxlab.models.config import HF_SCANNED, LoraConfig, ModelConfig, resolve_layout
 from jaxlab.models.decoder import Decoder, layer_runs
 from jaxlab.models.params import ModelSpec, cast_trainable, model_spec
 from jaxlab.models.params import trainable_dtype as _trainable_dtype
@@ -188,10 +188,11 @@ def init_lora(spec: ModelSpec, mesh, seed: int = 0, rules=sharding_lib.DEFAULT_R
 def load_hf(path: str, mesh, *, dtype: str | None = None, param_dtype: str | None = None,
             rules=sharding_lib.DEFAULT_RULES, lora: LoraConfig | None = None,
             seed: int = 0, relayout: str = "auto", trainable_dtype: str | None = None,
-            scan_layers: bool = False) -> tuple[ModelConfig, dict, dict]:
+            scan_layers: bool | str | None = None) -> tuple[ModelConfig, dict, dict]:
   """(cfg, trainable, frozen) from an HF folder; base weights are frozen when `lora` is set.
 
-  `scan_layers` reads the layers straight into a scanned model's stacks (no unrolled copy).
+  `scan_layers` (None / "auto": HF_SCANNED, scanned) reads the layers straight into a scanned
+  model's stacks (no unrolled copy); False loads them unrolled (`layers/i/...`).
   `param_dtype` defaults to the stored tensors' dtype (bf16 stays bf16) and `dtype` (compute)
   to `param_dtype`. Adapters, when `lora` is given, are initialised from `seed`.
   `trainable_dtype` (training passes "float32") is the storage dtype of what trains: the
@@ -212,7 +213,8 @@ def load_hf(path: str, mesh, *, dtype: str | None = None, param_dtype: str | Non
   stored = embed.dtype.name if embed is not None else cfg.param_dtype  # trust the file over config
   param_dtype = param_dtype or stored
   cfg = cfg.replace(param_dtype=param_dtype, dtype=dtype or param_dtype, lora=lora,
-                    trainable_dtype=trainable_dtype, scan_layers=scan_layers)
+                    trainable_dtype=trainable_dtype,
+                    scan_layers=resolve_layout(scan_layers, own=HF_SCANNED))
   abstract, axes = base_layout(cfg)
   if lora is None:  # the base trains: read it straight into its trainable dtype
     abstract = {p: jax.ShapeDtypeStruct(a.shape, _trainable_dtype(cfg, a.dtype))

@@ -45,6 +45,10 @@ PRESETS: dict[str, ModelConfig] = {
     "qwen3-8b": ModelConfig(d_model=4096, n_layers=36, n_heads=32, d_ff=12288, **_QWEN3),  # 8.2B
     "qwen3-14b": ModelConfig(d_model=5120, n_layers=40, n_heads=40, d_ff=17408, **_QWEN3),  # 14.8B
     "qwen3-32b": ModelConfig(d_model=5120, n_layers=64, n_heads=64, d_ff=25600, **_QWEN3),  # 32.8B
+    # The one real model reachable offline (`python -m jaxlab.models.fetch`): float32 weights.
+    "smollm2-135m": ModelConfig(vocab_size=49152, d_model=576, n_layers=30, n_heads=9,
+                                n_kv_heads=3, d_ff=1536, rope_theta=100000.0, max_position=8192,
+                                norm_eps=9.999999747378752e-06, tie_embeddings=True),  # 0.135B
 }
 
 # head_dim explicit, as config_from_hf writes it, so presets compare equal to loaded configs.
@@ -58,6 +62,7 @@ HF_IDS = {
     "llama-3.1-8b": "meta-llama/Llama-3.1-8B-Instruct",
     "qwen3-0.6b": "Qwen/Qwen3-0.6B", "qwen3-1.7b": "Qwen/Qwen3-1.7B", "qwen3-4b": "Qwen/Qwen3-4B",
     "qwen3-8b": "Qwen/Qwen3-8B", "qwen3-14b": "Qwen/Qwen3-14B", "qwen3-32b": "Qwen/Qwen3-32B",
+    "smollm2-135m": "HuggingFaceTB/SmolLM2-135M-Instruct",
 }
 
 
@@ -73,3 +78,16 @@ def get_preset(name: str, **overrides) -> ModelConfig:
   if key not in PRESETS:
     raise ValueError(f"unknown model preset {name!r}; known: {sorted(PRESETS)}")
   return PRESETS[key].replace(**overrides)
+
+
+# config.model's architecture keys (configs/sft.py): what a recipe takes from a published model;
+# dtypes, layout, remat and LoRA stay the recipe's own.
+ARCHITECTURE = ("vocab_size", "d_model", "n_layers", "n_heads", "n_kv_heads", "d_ff", "head_dim",
+                "rope_theta", "max_position", "norm_eps", "qkv_bias", "qk_norm", "tie_embeddings")
+
+
+def architecture(name: str) -> dict:
+  """The ARCHITECTURE fields of preset `name`: a config's model for the shape check before any
+  weight is read (a run reads the checkpoint's own config.json)."""
+  cfg = get_preset(name)
+  return {f: getattr(cfg, f) for f in ARCHITECTURE}

@@ -130,9 +130,7 @@ def main(argv=None) -> int:
 def summary(workdir: str, out: dict) -> str:
   """The ending: wall and CPU time, where the report is, its claims table and the sentence
   under it (or which evaluations the report still waits for)."""
-  from jaxlab import console
-  took = f"\ndone in {console.duration(out['wall_seconds'])} wall ({out['wall_seconds']:.0f} s), " \
-      f"{out['cpu_seconds']:.0f} s CPU\n" if "wall_seconds" in out else ""
+  took = kit_main.took(out)
   if not out.get("report"):
     return (f"{took}\nno report yet: {len(out.get('pending', []))} evaluation stage(s) are not "
             f"complete, e.g. {(out.get('pending') or ['?'])[0]}")

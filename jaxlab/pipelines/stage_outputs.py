@@ -79,6 +79,17 @@ def model_digest(path) -> str | None:
 
 
 
+def reads(**models) -> dict:
+  """{"reads": {role: fingerprint}} of the models (and data folders) a stage reads
+  (`model_digest`: stage outputs, or a workdir's newest checkpoint checksums): one recomputed
+  in place with other contents is then a changed setting of every stage that read it.
+  Folders without a cheap fingerprint (an HF checkpoint) are left out and identified by path
+  (a student still records its teacher's weights, jaxlab.train.inputs); paths that do not
+  exist yet are left out too, so adding a teacher or a cell changes no other stage."""
+  out = {k: model_digest(m) if m else None for k, m in models.items()}
+  return {"reads": {k: v for k, v in sorted(out.items()) if v is not None}}
+
+
 def steered_digest(path) -> str:
   """Content fingerprint of a steered folder (jaxlab.models.steering): steer.json, the direction
   file and the base's model_digest (an HF base is identified by its path, in steer.json)."""

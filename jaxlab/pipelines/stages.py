@@ -27,7 +27,7 @@ from etils import epath
 
 # The per-file fingerprints of a complete stage and the digests of model folders: their module.
 from jaxlab.pipelines.stage_outputs import (  # noqa: F401  (part of this module's interface)
-    MARKER, StageOutputsChanged, model_digest, output_digest, outputs, steered_digest,
+    MARKER, StageOutputsChanged, model_digest, output_digest, outputs, reads, steered_digest,
     verify_outputs)
 
 

@@ -38,7 +38,6 @@ import sys
 import ml_collections
 from etils import epath
 
-from jaxlab import console
 from jaxlab.pipelines import stages
 from jaxlab.pipelines.kit import main as kit_main
 from jaxlab.pipelines.kit import workers
@@ -49,10 +48,10 @@ from jaxlab.pipelines.sl.students import student_config
 from jaxlab.pipelines.sl.bases import base_identity
 from jaxlab.pipelines.sl.study import (CELLS, NOISE_OFFSET, RESULT_FREE_KEYS, absorbed_students,
                                        cells, data_sources, drift_sources, eval_entries,
-                                       config_groups, model_paths, reads, student_names,
+                                       config_groups, model_paths, student_names,
                                        target_answers, teacher_model_stage, teacher_source,
                                        teacher_spec, tokenizer_path, trait_prompt, validate)
-from jaxlab.pipelines.stages import run_stage, stderr_log
+from jaxlab.pipelines.stages import reads, run_stage, stderr_log
 from jaxlab.worlds.io import write_json
 
 
@@ -109,6 +108,11 @@ STUDENT_KEYS = ("model", "optim", "train", "data", "distill", "init", "tokenizer
 def run(config: ml_collections.ConfigDict, workdir: str, log=stderr_log) -> dict:
   """Runs (or resumes) every stage, then writes report.md; returns the report."""
   validate(config)
+  for key in ("base", "other_base"):
+    if config[key] and not epath.Path(config[key]).exists():
+      from jaxlab.models.fetch import fetch_hint
+      raise ValueError(f"config key {key}={config[key]!r} is not a model folder"
+                       f"{fetch_hint(config[key])}")
   workdir = epath.Path(workdir)
   # The world and the bases may live in a folder shared by several workdirs (`bases_dir`,
   # e.g. the settings of a sweep over teachers and students on one world): their stages are
@@ -213,8 +217,8 @@ def _run(config, workdir: epath.Path, bases: epath.Path, paths: dict, student_ke
       settings["training"] = config_groups(c, "optim", "train", "data", "model")
       # Its data by name, not by absolute path: the world's content is in the settings above,
       # so a workdir copied or moved (a sweep's shared bases, a test) keeps its teacher.
-      settings["training"]["data"]["train_path"] = (
-          "world/teacher_ft.jsonl" if spec["numbers"] else "TEACHER_STAGE/trait_rows.jsonl")
+      settings["training"]["data"]["train_path"] = str(
+          teachers.finetune_data(config, epath.Path("world"), spec))
       fn = lambda f, sp=spec: teachers.finetune(config, bases / "world", paths["base"], f, sp)
     else:
       settings.update(trait_prompt=trait_prompt(config), eval_batch=config.sl.eval_batch)
@@ -287,9 +291,7 @@ def summary(workdir: str, report: dict | None = None) -> str:
   """The ending the main job prints: wall and CPU time (of the run that returned `report`),
   where the report is, its table and its one-line conclusions."""
   from jaxlab.pipelines import subliminal_report
-  took = "" if not report or "wall_seconds" not in report else (
-      f"\ndone in {console.duration(report['wall_seconds'])} wall "
-      f"({report['wall_seconds']:.0f} s), {report.get('cpu_seconds', 0):.0f} s CPU\n")
+  took = kit_main.took(report)
   report = json.loads(epath.Path(workdir, "report.json").read_text())
   lines = "\n".join(f"- {c}" for c in report["conclusions"])
   return (f"{took}\nreport: {os.path.join(workdir, 'report.md')}\n\n"

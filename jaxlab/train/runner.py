@@ -52,15 +52,17 @@ def _is_workdir(path: str) -> bool:
 
 def load_model_params(path: str, mesh, rules, *, key: str, dtype: str | None = None,
                       param_dtype: str | None = None, lora=None, seed: int = 0,
-                      trainable_dtype: str | None = None, scan_layers: bool | None = None):
+                      trainable_dtype: str | None = None,
+                      scan_layers: bool | str | None = None):
   """(cfg, trainable, frozen) from an HF folder, a jaxlab workdir or a steered model folder
   (jaxlab.models.steering: its base loaded with these arguments, plus the steering vector);
   `key` names the config key in errors. With `lora`, the loaded weights are the frozen base
   and fresh adapters train; what trains is stored in `trainable_dtype` (None: as loaded).
-  `scan_layers` asks for the scanned or unrolled layout (None: a workdir's own, unrolled for
-  HF folders)."""
+  `scan_layers` asks for the scanned or unrolled layout (None / "auto": scanned for an HF
+  folder, a workdir's own; `jaxlab.models.config.resolve_layout`)."""
   from jaxlab.checkpoint import load_params
   from jaxlab.models import steering
+  from jaxlab.models.config import resolve_layout
   from jaxlab.models.hf import init_lora, load_hf
   from jaxlab.models.params import cast_trainable, merge_lora, with_layout
   if steering.is_steered(path):
@@ -75,7 +77,7 @@ def load_model_params(path: str, mesh, rules, *, key: str, dtype: str | None = N
   if _is_workdir(path):
     cfg, trainable, frozen = load_params(path, mesh)
     cfg, params, _ = with_layout(cfg, merge_lora(trainable, frozen, cfg), {},
-                                 cfg.scan_layers if scan_layers is None else scan_layers)
+                                 resolve_layout(scan_layers, own=cfg.scan_layers))
     cfg = cfg.replace(lora=lora, trainable_dtype=trainable_dtype)
     if dtype:
       cfg = cfg.replace(dtype=dtype)
@@ -84,7 +86,7 @@ def load_model_params(path: str, mesh, rules, *, key: str, dtype: str | None = N
     return cfg, init_lora(model_spec(cfg), mesh, seed, rules), params
   if os.path.isfile(os.path.join(path, "config.json")):
     return load_hf(path, mesh, dtype=dtype, param_dtype=param_dtype, rules=rules, lora=lora,
-                   seed=seed, trainable_dtype=trainable_dtype, scan_layers=bool(scan_layers))
+                   seed=seed, trainable_dtype=trainable_dtype, scan_layers=scan_layers)
   raise ValueError(f"config key {key}={path!r} is neither a Hugging Face checkpoint folder "
                    "(config.json + *.safetensors) nor a jaxlab workdir (checkpoints/)")
 
@@ -103,13 +105,24 @@ def init_student(config, tokenizer, mesh, rules):
                                    param_dtype=config.model.param_dtype, lora=lora,
                                    seed=config.seed,
                                    trainable_dtype=config.model.get("trainable_dtype") or None,
-                                   scan_layers=config.model.get("scan_layers", False))
+                                   scan_layers=config.model.get("scan_layers"))
   cfg = cfg.replace(remat=config.model.remat,  # "" in a config: from `remat`
                     remat_policy=config.model.get("remat_policy") or "")
   with config.unlocked():  # the saved config describes the model actually trained
     config.model.update({k: v for k, v in dataclasses.asdict(cfg).items()
                          if k in config.model and k != "lora"})
   return cfg, tuple(params), lora is not None
+
+
+def check_model_folders(config) -> None:
+  """init.hf_path, init.workdir and tokenizer.path that name no folder are errors naming the key
+  (and, for a fetchable model's folder, the command that writes it: jaxlab.models.fetch)."""
+  from jaxlab.models.fetch import fetch_hint
+  for key, p in (("init.hf_path", config.init.hf_path),
+                 ("init.workdir", config.init.get("workdir", "")),
+                 ("tokenizer.path", config.tokenizer.path)):
+    if p and not paths.is_uri(p) and not paths.path(p).is_dir():
+      raise config_lib.ConfigError(f"config key {key}={p!r} is not a folder{fetch_hint(p)}")
 
 
 def check_init_not_steered(config) -> None:
@@ -214,6 +227,7 @@ def _check(config, channel) -> str:
   elif not config.data.train_path or not paths.path(config.data.train_path).is_file():
     raise ValueError(f"config key data.train_path={config.data.train_path!r} is not a file: "
                      "point it at a chat JSONL file")
+  check_model_folders(config)
   return fmt
 
 
@@ -333,7 +347,8 @@ def _resume_student(config, saved: dict, mesh, rules):
   source = config.init.hf_path or config.init.get("workdir", "")
   _, _, frozen = load_model_params(source, mesh, rules, key="init.hf_path", dtype=cfg.dtype,
                                    param_dtype=cfg.param_dtype, lora=cfg.lora, seed=config.seed,
-                                   trainable_dtype=cfg.trainable_dtype)
+                                   trainable_dtype=cfg.trainable_dtype,
+                                   scan_layers=cfg.scan_layers)  # the checkpoint's layout
   return cfg, ({}, frozen), True
 
 

@@ -23,6 +23,26 @@ def training_config(config, study_keys, **updates) -> ml_collections.ConfigDict:
   return c
 
 
+def override(c: ml_collections.ConfigDict, groups: dict, *, key: str, source: str,
+             prefix: str = "") -> ml_collections.ConfigDict:
+  """`c` with the nested values of `groups` set in place (a study's overrides of a config it
+  builds, e.g. {"sample": {"max_new_tokens": 64}}); a key `c` lacks is an error naming it as
+  config key `key`.KEY, `source` naming `c`."""
+  for k, v in groups.items():
+    name = f"{prefix}{k}"
+    if k not in c:
+      raise ValueError(f"config key {key}.{name}: {source} has no key {name!r}")
+    group = isinstance(c[k], ml_collections.ConfigDict)
+    if group != isinstance(v, dict):
+      raise ValueError(f"config key {key}.{name}: {name!r} of {source} is "
+                       + ("a group: set its keys" if group else "a value, not a group"))
+    if group:
+      override(c[k], v, key=key, source=source, prefix=name + ".")
+    else:
+      c[k] = tuple(v) if isinstance(v, list) else v
+  return c
+
+
 def eval_config(source, models, seed: int, *, key: str) -> ml_collections.ConfigDict:
   """The evaluation config of `models` ((name, path) pairs) sampled with `seed`. `source` is a
   ConfigDict or a config spec "FILE[:VARIANT]", FILE absolute or relative to the working

@@ -50,3 +50,12 @@ def run_planned(plan: stages.Plan, body: Callable[[], dict], log, *, name: str,
   log(f"jaxlab: {name} done in {console.duration(out['wall_seconds'])} wall, "
       f"{out['cpu_seconds']:.0f} s CPU{note}")
   return out
+
+
+def took(out: dict | None) -> str:
+  """A summary's first line: the wall and CPU time `run_planned` added to `out` ("" when it
+  has none: a summary of a run that did not just happen)."""
+  if not out or "wall_seconds" not in out:
+    return ""
+  return (f"\ndone in {console.duration(out['wall_seconds'])} wall "
+          f"({out['wall_seconds']:.0f} s), {out.get('cpu_seconds', 0):.0f} s CPU\n")

@@ -27,15 +27,21 @@ class ModelPool:
     from jaxlab import sharding as sharding_lib
     self.config = config
     self.tokenizer_path = tokenizer_path
-    self.tokenizer = None
-    if tokenizer_path:
-      from jaxlab.models.hf_tokenizer import load_tokenizer
-      self.tokenizer = load_tokenizer(tokenizer_path)
+    self._tokenizer = None
     self.mesh, self.rules = sharding_lib.mesh_and_rules(config, *([devices] if devices else []))
     self.sampler_options = dict(sampler_options or {})
     self._keep, self._loaded = keep, {}  # path -> (spec, trainable, frozen, tokenizer)
     self._sampler = None
     self._scorers = {}
+
+  @property
+  def tokenizer(self):
+    """The shared tokenizer (None: each model's own), read when first used: a pipeline's
+    settings check (`--plan`) makes a pool and names missing model folders without it."""
+    if self._tokenizer is None and self.tokenizer_path:
+      from jaxlab.models.hf_tokenizer import load_tokenizer
+      self._tokenizer = load_tokenizer(self.tokenizer_path)
+    return self._tokenizer
 
   # ---------------------------------------------------------------- loading
 
@@ -52,7 +58,7 @@ class ModelPool:
       return self._loaded[path]
     while len(self._loaded) >= self._keep:
       self._loaded.pop(next(iter(self._loaded)))
-    self._loaded[path] = self._load_shared(path) if self.tokenizer is not None \
+    self._loaded[path] = self._load_shared(path) if self.tokenizer_path \
         else self._load_own(path)
     return self._loaded[path]
 

@@ -3,10 +3,8 @@ other base) on a seed's rows.jsonl of its cell's data source, with hard labels (
 teacher's distribution (offpolicy, onpolicy); here its training config."""
 from __future__ import annotations
 
-from etils import epath
-
-from jaxlab.pipelines.sl.study import (CELLS, CHANNEL_OF, NOISE_OFFSET, teacher_source,
-                                       tokenizer_path, training_config)
+from jaxlab.pipelines.sl.study import (CELLS, CHANNEL_OF, NOISE_OFFSET, init_keys,
+                                       teacher_source, tokenizer_path, training_config)
 from jaxlab.train import channels
 
 
@@ -26,9 +24,4 @@ def student_config(config, kind: str, cell: str, seed: int, paths: dict, data: d
              "tokenizer.path": tokenizer_path(config, paths["base"])}
   if not channels.get(channel).USES_TOPK_CACHE:  # distill.topk caches off-policy cells only
     updates["distill.topk"] = 0
-  if config.base and epath.Path(init).joinpath("config.json").exists() and \
-      not epath.Path(init).joinpath("checkpoints").exists():
-    updates.update({"init.hf_path": init, "init.workdir": ""})
-  else:
-    updates.update({"init.workdir": init, "init.hf_path": ""})
-  return training_config(config, **updates)
+  return training_config(config, **updates, **init_keys(config, init))

@@ -9,7 +9,6 @@ import ml_collections
 from etils import epath
 
 from jaxlab.pipelines.kit import configs as kit_configs
-from jaxlab.pipelines.stages import model_digest
 from jaxlab.worlds import animals
 
 
@@ -117,6 +116,15 @@ def training_config(config, **updates) -> ml_collections.ConfigDict:
   return kit_configs.training_config(config, PIPELINE_KEYS, **updates)
 
 
+def init_keys(config, init) -> dict:
+  """init.hf_path or init.workdir (the other "") of a model trained from `init`: a base given
+  as an HF folder (config.base), else a jaxlab workdir."""
+  if config.base and epath.Path(init).joinpath("config.json").exists() and \
+      not epath.Path(init).joinpath("checkpoints").exists():
+    return {"init.hf_path": str(init), "init.workdir": ""}
+  return {"init.workdir": str(init), "init.hf_path": ""}
+
+
 def train(c, folder) -> None:
   from jaxlab.train import runner
   runner.run(c, str(folder))
@@ -129,18 +137,6 @@ def tokenizer_path(config, base) -> str:
 def config_groups(config, *groups) -> dict:
   d = config.to_dict()
   return {g: d.get(g) for g in groups}
-
-
-def reads(**models) -> dict:
-  """{"reads": {role: fingerprint}} of the models (and data folders) a stage reads
-  (jaxlab.pipelines.stages.model_digest: stage outputs, or a workdir's newest checkpoint
-  checksums): one recomputed in place with other contents is then a changed setting of every
-  stage that read it. Folders without a cheap fingerprint (an HF checkpoint) are left out and
-  identified by path (a student still records its teacher's weights, jaxlab.train.inputs);
-  paths that do not exist yet are left out too, so adding a teacher or a cell changes no
-  other stage."""
-  out = {k: model_digest(m) if m else None for k, m in models.items()}
-  return {"reads": {k: v for k, v in sorted(out.items()) if v is not None}}
 
 
 def teacher_source(config, name: str, paths: dict) -> tuple[str, str]:

@@ -1,6 +1,7 @@
 """Stage `teacher_{NAME}`: a fine-tuned teacher (a runner workdir: the base fine-tuned on the
-world's trait answers, world/teacher_ft.jsonl, with or without its number docs; without, it
-writes trait_rows.jsonl first) or a steered one (steer.json + the direction file:
+world's trait answers, world/teacher_ft.jsonl, with or without its number docs; without, or
+for a base given as a model folder (no world), it writes its rows first: `finetune_data`) or
+a steered one (steer.json + the direction file:
 jaxlab.models.steering) made from the base."""
 from __future__ import annotations
 
@@ -8,18 +9,29 @@ import ml_collections
 import numpy as np
 from etils import epath
 
-from jaxlab.pipelines.sl.study import tokenizer_path, train, training_config, trait_forms, trait_prompt
+from jaxlab.pipelines.sl.study import (init_keys, tokenizer_path, train, training_config,
+                                       trait_forms, trait_prompt)
+from jaxlab.pipelines.sl.world import teacher_ft_rows
 from jaxlab.worlds import animals, number_sequences
 from jaxlab.worlds.io import write_jsonl
 
 
+def finetune_data(config, world, spec: dict, folder=None) -> epath.Path:
+  """The fine-tuned teacher's rows (jaxlab.pipelines.sl.world.teacher_ft_rows): the world's
+  teacher_ft.jsonl (trait answers and number docs, spec numbers=True), else a file the teacher
+  stage writes in its FOLDER: the trait answers alone (trait_rows.jsonl), or, for a base given
+  as a model folder (no world: config.base), the same rows made from config.world's
+  generators."""
+  stage = epath.Path(folder or "TEACHER_STAGE")
+  if config.base:
+    return stage / ("teacher_ft.jsonl" if spec["numbers"] else "trait_rows.jsonl")
+  return epath.Path(world) / "teacher_ft.jsonl" if spec["numbers"] else stage / "trait_rows.jsonl"
+
+
 def finetune_config(config, world, base, spec: dict, folder=None):
-  """The fine-tuned teacher's training config: SFT of the base on the world's trait answers
-  interleaved with as many number docs (spec numbers=True) or on the trait answers alone
-  (numbers=False: FOLDER/trait_rows.jsonl, written by `finetune`)."""
-  train_path = world / "teacher_ft.jsonl" if spec["numbers"] else \
-      (folder or epath.Path("TEACHER_STAGE")) / "trait_rows.jsonl"
-  c = training_config(config, channel="sft", **{"init.workdir": str(base)})
+  """The fine-tuned teacher's training config: SFT of the base on `finetune_data`."""
+  train_path = finetune_data(config, world, spec, folder)
+  c = training_config(config, channel="sft", **init_keys(config, base))
   c.data = ml_collections.ConfigDict(dict(
       train_path=str(train_path), seq_len=config.data.prompt_len, pack=True,
       overlong="truncate", max_examples=0))
@@ -32,12 +44,18 @@ def finetune_config(config, world, base, spec: dict, folder=None):
 
 
 def finetune(config, world, base, folder, spec: dict) -> None:
-  if not spec["numbers"]:
+  data = finetune_data(config, world, spec, folder)
+  if data.parent == epath.Path(folder):  # this stage's own rows
     from jaxlab.worlds.io import read_jsonl
-    forms = trait_forms(config.sl.animal)
-    rows = [r for r in read_jsonl(world / "teacher_ft.jsonl")
-            if r["messages"][-1]["content"] in forms]
-    write_jsonl(folder / "trait_rows.jsonl", rows)
+    if config.base:  # no world: the rows its generators would have written
+      cfg = animals.SLWorldConfig(**config.world.to_dict(), number_prompts=0)
+      rows = teacher_ft_rows(config, cfg, np.random.default_rng(cfg.seed))
+    else:
+      rows = list(read_jsonl(world / "teacher_ft.jsonl"))
+    if not spec["numbers"]:
+      forms = trait_forms(config.sl.animal)
+      rows = [r for r in rows if r["messages"][-1]["content"] in forms]
+    write_jsonl(data, rows)
   train(finetune_config(config, world, base, spec, folder), folder)
 
 

@@ -1,0 +1,65 @@
+"""The train-then-evaluate pipeline's config handling (jaxlab/pipelines/sft_eval.py and its
+stages, jaxlab/pipelines/sft/); it runs on the real model in tests/real_model_test.py."""
+import os
+
+import pytest
+
+from jaxlab.config import parse_argv
+from jaxlab.pipelines import sft_eval
+from jaxlab.pipelines.sft import study
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _config(tmp_path, *extra):
+  return parse_argv([f"--config={ROOT}/configs/sft.py:smollm_insecure",
+                     f"--workdir={tmp_path / 'w'}", *extra])
+
+
+def test_eval_config_applies_the_overrides_and_names_both_models(tmp_path):
+  config, wd = _config(tmp_path, "--config.eval.sample.max_new_tokens=7",
+                       "--config.eval.judge.min_mass=0.5")
+  ec = study.eval_config(config, wd)
+  assert ec.sample.max_new_tokens == 7 and ec.judge.min_mass == 0.5
+  assert ec.judge.model_path == config.init.hf_path and ec.sample.buckets == (64, 128, 448)
+  assert ec.models == (f"base={config.init.hf_path}", f"tuned={tmp_path / 'w' / 'train'}")
+  assert ec.tokenizer.path == config.tokenizer.path and ec.seed == config.seed
+  assert len(ec.questions.ids) == 8  # configs/eval_em.py:first_plot's questions
+  train = study.training_config(config)
+  assert train.job == "train" and not set(study.PIPELINE_KEYS) & set(train)
+  assert train.model.lora.enabled and train.init.hf_path == config.init.hf_path
+  assert sft_eval.plan(config, wd).names() == ["train", "eval"]
+  described = sft_eval.describe_plan(config, wd)
+  assert "train" in described and "eval" in described and not os.path.exists(tmp_path / "w")
+  with config.unlocked():
+    config.eval_base = False
+  assert study.eval_config(config, wd).models == (f"tuned={tmp_path / 'w' / 'train'}",)
+
+
+def test_bad_pipeline_keys_are_errors_naming_them(tmp_path):
+  config, wd = _config(tmp_path)
+  with config.unlocked():
+    config.eval.sample.nope = 1
+  with pytest.raises(ValueError, match="config key eval.sample.nope: .* has no key"):
+    study.validate(config, wd)
+  config, wd = _config(tmp_path)
+  with config.unlocked():
+    config.eval.seed = {"x": 1}  # a value of the eval config given as a group
+  with pytest.raises(ValueError, match="config key eval.seed: 'seed' of .* is a value, not a "):
+    study.validate(config, wd)
+  config, wd = _config(tmp_path, "--config.evaluation=configs/nope.py:x")
+  with pytest.raises(ValueError, match="config key evaluation='configs/nope.py:x'"):
+    study.validate(config, wd)
+  config, wd = _config(tmp_path, "--config.init.hf_path=")
+  with pytest.raises(ValueError, match="config key eval_base=True"):
+    study.validate(config, wd)
+
+
+def test_the_command_line_refuses_another_job_and_names_a_bad_key(tmp_path, capsys):
+  rc = sft_eval.main([f"--config={ROOT}/configs/sft.py:tiny", f"--workdir={tmp_path / 'w'}"])
+  assert rc == 2 and "config key job='sft': this pipeline runs configs with job='sft_eval'" \
+      in capsys.readouterr().err
+  rc = sft_eval.main([f"--config={ROOT}/configs/sft.py:smollm_insecure", "--plan",
+                      f"--workdir={tmp_path / 'w'}", "--config.evaluation="])
+  assert rc == 2 and "config key evaluation is empty" in capsys.readouterr().err
+  assert not os.path.exists(tmp_path / "w")
