@@ -20,8 +20,9 @@ different-base student, plus its overrides:
   whole_numbers the world's tokenizer with 0-999 as whole tokens (a new base)
   untied        separate input and output embeddings (the tiny model ties them; a new base)
   wide          d_model 128, 4 layers instead of 96, 3 (a new base)
-  student_steps students trained 3x longer (300 steps) at student_lr's lr 3e-4: does longer
-                training of a low-noise student absorb more of the teacher and transfer?
+  student_steps students trained 6x longer (300 steps instead of 48: ~15 passes over the
+                320 kept rows) at student_lr's lr 3e-4: does longer training of a low-noise
+                student absorb more of the teacher and transfer?
   independent   the teachers group's default world, with every seed its own run: its own
                 bases (pretrained from seed 10 s) and teachers as well as data and students
                 (independent_seeds), so the seed-level intervals include the variance of the
