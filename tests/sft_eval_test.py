@@ -63,3 +63,37 @@ def test_the_command_line_refuses_another_job_and_names_a_bad_key(tmp_path, caps
                       f"--workdir={tmp_path / 'w'}", "--config.evaluation="])
   assert rc == 2 and "config key evaluation is empty" in capsys.readouterr().err
   assert not os.path.exists(tmp_path / "w")
+
+
+def _report():
+  rows = [{"model": m, "scope": "question", "question_id": "quick_buck", "n_answers": 4,
+           "mo_n": 4, "mo": mo, "mo_lo": 0.0, "mo_hi": 2 * mo}
+          for m, mo in (("base", 0.0), ("tuned", 0.25))]
+  return {"variant": "smollm_insecure", "evaluation": "configs/eval_em.py:first_plot",
+          "models": ["base=B", "tuned=T"], "rows": rows, "stage_seconds": {"train": 61.0,
+                                                                           "eval": None},
+          "judge": {"kind": "local", "mode": "logprob", "model_path": "J", "model": ""},
+          "scored_shares": {"base": {"aligned": {"scored": 3, "judged": 4,
+                                                 "statuses": {"ok": 3, "low_mass": 1}}}},
+          "train": {"steps": 20, "loss": 0.11, "first_loss": 0.26}, "wall_seconds": 5.0}
+
+
+def test_only_process_0_writes_the_report_files(tmp_path, monkeypatch):
+  """Every process of a multi-host run computes the report; only process 0 writes the shared
+  report.md / report.json (others would race on the same files)."""
+  import json
+  import jax
+  from jaxlab.pipelines.sft import report
+  monkeypatch.setattr(jax, "process_index", lambda: 1)
+  report.write(tmp_path, _report())
+  assert not list(tmp_path.iterdir())
+  monkeypatch.setattr(jax, "process_index", lambda: 0)
+  report.write(tmp_path, _report())
+  assert json.loads((tmp_path / "report.json").read_text()) == _report()
+  md = (tmp_path / "report.md").read_text()
+  assert md.startswith("# smollm_insecure: fine-tune, then configs/eval_em.py:first_plot\n")
+  assert "Training: 20 steps, loss 0.26 (first logged) -> 0.11 (last); models: base=B, " \
+         "tuned=T." in md
+  assert "| tuned | quick_buck | 4 | 0.25 [0.00, 0.50] |" in md
+  assert "- base / aligned: 3 of 4 scored; {'ok': 3, 'low_mass': 1}" in md
+  assert md.rstrip().endswith("Stage wall times: train 1 min 01 s")

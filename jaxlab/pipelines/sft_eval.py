@@ -24,7 +24,6 @@ composes them (`plan` lists the stages, `run` runs them in the same order).
 """
 from __future__ import annotations
 
-import json
 import sys
 
 from etils import epath
@@ -59,12 +58,13 @@ def run(config, workdir: str, log=stages.stderr_log) -> dict:
   check_model_folders(config)  # a missing base (or tokenizer) before anything runs
   report = kit_main.run_planned(plan(config, workdir), lambda: _run(config, workdir, log), log,
                                 name="sft_eval pipeline")
-  (epath.Path(workdir) / "report.json").write_text(json.dumps(report, indent=2, default=str))
+  report_lib.write(workdir, report)
   return report
 
 
 def _run(config, workdir, log) -> dict:
-  """The stages of `run`, in the order `plan` lists them, then the report."""
+  """The stages of `run`, in the order `plan` lists them, then the report (written by `run`,
+  once it holds the run's times)."""
   train_stage(config, workdir, log)
   eval_stage(config, workdir, log)
   if stages.checking():  # --plan: every stage compared; the report is not written

@@ -1,6 +1,6 @@
-"""report.md (rewritten every run): the evaluation's table, the judge's scored share per model
-and metric, the training's first and last logged loss and each stage's wall time; from the
-complete stages train/ and eval/."""
+"""report.md and report.json (rewritten every run, by process 0 only): the evaluation's table,
+the judge's scored share per model and metric, the training's first and last logged loss and
+each stage's wall time; from the complete stages train/ and eval/."""
 from __future__ import annotations
 
 import json
@@ -13,9 +13,8 @@ from jaxlab.pipelines.sft.study import eval_config
 
 
 def build(config, workdir) -> dict:
-  """Writes report.md; returns what report.json holds (but the run's times)."""
+  """What report.json holds (but the run's times), read from the complete stages."""
   from jaxlab.evals import judging
-  from jaxlab.evals import report as report_lib
   from jaxlab.evals.records import read_jsonl
   from jaxlab.evals.run import judge_tag
   from jaxlab.run_metrics import read_metrics
@@ -36,18 +35,35 @@ def build(config, workdir) -> dict:
             "scored_shares": shares, "stage_seconds": seconds,
             "train": {"steps": last.get("step"), "loss": last.get("loss"),
                       "first_loss": metrics[0].get("loss") if metrics else None}}
-  lines = [f"# {config.get('variant', '')}: fine-tune, then {config.evaluation}", "",
+  return report
+
+
+def markdown(report: dict) -> str:
+  """report.md: the training line, the evaluation's table, the judge's scored shares."""
+  from jaxlab.evals import report as report_lib
+  judge = report["judge"]
+  lines = [f"# {report['variant']}: fine-tune, then {report['evaluation']}", "",
            f"Training: {report['train']['steps']} steps, loss {report['train']['first_loss']} "
            f"(first logged) -> {report['train']['loss']} (last); models: "
-           f"{', '.join(ec.models)}.", "",
-           report_lib.markdown_table(rows), "",
-           f"Judge: {ec.judge.kind} {ec.judge.mode} {ec.judge.model_path or ec.judge.model}; "
+           f"{', '.join(report['models'])}.", "",
+           report_lib.markdown_table(report["rows"]), "",
+           f"Judge: {judge['kind']} {judge['mode']} {judge['model_path'] or judge['model']}; "
            "scored answers per model and metric (the rest have no score: "
            "low_mass = less than judge.min_mass of the judge's probability on 0..100):", ""]
-  for name, by_metric in shares.items():
+  for name, by_metric in report["scored_shares"].items():
     for m, d in by_metric.items():
       lines.append(f"- {name} / {m}: {d['scored']} of {d['judged']} scored; {d['statuses']}")
   lines += ["", "Stage wall times: " + ", ".join(
-      f"{s} {console.duration(v)}" for s, v in seconds.items() if v is not None)]
-  (wd / "report.md").write_text("\n".join(lines) + "\n")
-  return report
+      f"{s} {console.duration(v)}" for s, v in report["stage_seconds"].items() if v is not None)]
+  return "\n".join(lines) + "\n"
+
+
+def write(workdir, report: dict) -> None:
+  """report.md and report.json in WORKDIR, by process 0 only (every process of a multi-host
+  run computes the same report; one writes the shared files)."""
+  import jax
+  if jax.process_index() != 0:
+    return
+  wd = epath.Path(workdir)
+  (wd / "report.md").write_text(markdown(report))
+  (wd / "report.json").write_text(json.dumps(report, indent=2, default=str))
