@@ -28,6 +28,9 @@ different-base student, plus its overrides:
                 (independent_seeds), so the seed-level intervals include the variance of the
                 base and the teacher, not only of the students (the other groups' intervals
                 are conditional on one base and teacher set)
+  steps_independent  student_steps' students (lr 3e-4, 300 steps) with independent seeds
+                (every seed its own bases and teachers, as `independent`): does student_steps'
+                transfer, measured on one shared base, hold across bases?
 
 The main job's teacher is chosen by a rule stated here before any channel result was seen:
 among the `teachers` group's teachers whose own trait rate is >= 60%, the one with the
@@ -51,7 +54,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   # Groups run in this order (the teachers group first: the main job's rule reads it).
   c.sweep = ml_collections.ConfigDict(dict(only=arg or "", order=(
       "teachers", "student_lr", "whole_numbers", "untied", "wide", "student_steps",
-      "independent"),
+      "independent", "steps_independent"),
       groups=dict(
       teachers=dict(
           teachers=("prompted", "finetuned", "ft_short", "ft_trait", "steer_a05", "steer_a1",
@@ -68,5 +71,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
       wide=dict(teachers=two, model=dict(d_model=128, n_layers=4)),
       student_steps=dict(teachers=two, optim=dict(lr=3e-4), train=dict(steps=300)),
       independent=dict(teachers=two, independent_seeds=True),
+      steps_independent=dict(teachers=two, optim=dict(lr=3e-4), train=dict(steps=300),
+                             independent_seeds=True),
   )))
   return c
