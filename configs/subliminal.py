@@ -24,6 +24,10 @@ Keys beyond configs/distill.py (the student's training block):
                   see sl.misaligned), or names of teacher_variants ({"kind": ..., settings})
   bases_dir       where the world and bases live ("" = the workdir; a sweep shares them)
   seeds           one data sample, student set and evaluation per seed
+  independent_seeds  False: the seeds share this workdir's bases and teachers (the report's
+                  intervals are conditional on them); True: every seed is a run of its own
+                  (WORKDIR/run{S}: its own bases, from seed 10 x S, teachers, data, students),
+                  so the intervals include the bases' and teachers' variance (needs base = "")
   base            the base: "" = pretrained here from `world` (pretrain.*), else an HF folder
   other_base      a different base for sft_otherbase ("" = pretrained here with seed + 1)
   sl.*            animal, trait prompt template, prompts / kept rows, sampling and eval sizes;
@@ -87,6 +91,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   # "" = the world and bases live in the workdir; a sweep shares them between its groups.
   c.bases_dir = ""
   c.seeds = (0, 1, 2)
+  c.independent_seeds = False
   c.base = ""
   c.other_base = ""
   c.init.workdir = ""

@@ -58,3 +58,34 @@ def test_sweep_plan_after_the_run_marks_every_stage_complete(swept, capsys):
   assert heads == [f"# group plain ({root / 'plain'})", f"# group indep ({root / 'indep/run0'})",
                    f"# group indep ({root / 'indep/run1'})"]
   assert "0 to run" in text and "to run:" not in text and "REFUSED" not in text
+
+
+def test_main_pipeline_with_independent_seeds_equals_the_sweeps_independent_group(
+    swept, tmp_path):
+  """`--config.independent_seeds=True` on the main pipeline: every seed a run of its own in
+  WORKDIR/run{s} (its own bases from seed 10 s) and one report over them, whose per-seed values
+  are the sweep's independent group's (the same configs, bases trained in another folder);
+  `--plan` lists each seed's run; an HF base is refused (there are no bases to train)."""
+  from jaxlab.pipelines import subliminal
+  _, root, _ = swept
+  workdir = tmp_path / "w"
+  config, _ = parse_argv([f"--config={ROOT}/configs/subliminal.py:tiny", f"--workdir={workdir}",
+                          *SMALL, "--config.independent_seeds=True"])
+  plan = subliminal.describe_plan(config, str(workdir))
+  assert f"independent seed 0 ({workdir / 'run0'})" in plan
+  assert f"independent seed 1 ({workdir / 'run1'})" in plan
+  out = subliminal.run(config, str(workdir), log=lambda _: None)
+  assert sorted(p.name for p in workdir.iterdir() if p.is_dir()) == ["run0", "run1"]
+  for s in (0, 1):
+    assert (workdir / f"run{s}" / "base" / "_COMPLETE.json").exists()
+  combined = json.loads((workdir / "report.json").read_text())
+  assert combined["independent_seeds"] and combined["seeds"] == [0, 1]
+  assert out["wall_seconds"] > 0 and out["cpu_seconds"] > 0
+  group = json.loads((root / "indep" / "report.json").read_text())
+  for name in ("base", "teacher_prompted", "prompted_sft", "control", "control_b"):
+    assert combined["models"][name]["seeds"] == group["models"][name]["seeds"], name
+  assert "include their variance" in (workdir / "report.md").read_text()
+  with config.unlocked():
+    config.base = str(tmp_path / "some_hf_folder")
+  with pytest.raises(ValueError, match="independent_seeds"):
+    subliminal.describe_plan(config, str(workdir))

@@ -68,6 +68,8 @@ def provenance(config) -> dict:
     except (OSError, subprocess.SubprocessError):
       return ""
   d = {k: v for k, v in config.to_dict().items() if k not in RESULT_FREE_KEYS}
+  if not d.get("independent_seeds"):  # the key's default is left out of the hash: the hashes
+    d.pop("independent_seeds", None)  # of reports from before the key existed stay the same
   versions = {}
   for pkg in ("jax", "jaxlib", "flax", "optax", "orbax-checkpoint", "numpy", "transformers",
               "tokenizers"):
@@ -105,9 +107,61 @@ def layout(config, paths: dict) -> dict:
 STUDENT_KEYS = ("model", "optim", "train", "data", "distill", "init", "tokenizer", "mesh")
 
 
+# Independent seeds (config.independent_seeds): seed s is a pipeline of its own in
+# WORKDIR/run{s}, its bases pretrained from seed SEED_STRIDE * s (its other base from that + 1),
+# so no seed's base is another seed's other base.
+SEED_STRIDE = 10
+
+
+def independent(config) -> bool:
+  return bool(config.get("independent_seeds", False))
+
+
+def seed_run_config(config, seed: int) -> ml_collections.ConfigDict:
+  """The config of independent seed `seed`'s own run: one seed, its bases from seed
+  SEED_STRIDE * seed (jaxlab.pipelines.subliminal_sweep's independent groups use it too)."""
+  c = ml_collections.ConfigDict(config.to_dict())
+  with c.unlocked():
+    c.seed, c.seeds = SEED_STRIDE * seed, (seed,)
+    if "independent_seeds" in c:
+      c.independent_seeds = False
+  return c
+
+
+def seed_dirs(config, workdir) -> dict:
+  return {s: epath.Path(workdir) / f"run{s}" for s in config.seeds}
+
+
+def _check_independent(config) -> None:
+  if independent(config) and config.base:
+    raise ValueError("config key independent_seeds=True trains every seed's own bases: it "
+                     f"needs base = \"\" (got base={config.base!r})")
+
+
+def _run_independent(config, workdir, log) -> dict:
+  """Every seed's run in WORKDIR/run{s}, then one report over the seeds in WORKDIR."""
+  from jaxlab.pipelines import subliminal_report  # pylint: disable=g-import-not-at-top
+  import time  # pylint: disable=g-import-not-at-top
+  from jaxlab import console  # pylint: disable=g-import-not-at-top
+  t0, cpu0 = time.time(), console.cpu_seconds()
+  dirs = seed_dirs(config, workdir)
+  for s, d in dirs.items():
+    log(f"jaxlab: independent seed {s}: its own bases, teachers, data and students in {d}")
+    run(seed_run_config(config, s), str(d), log=log)
+  paths = {**model_paths(config, workdir), "workdir": str(workdir)}
+  out = subliminal_report.build(config, epath.Path(workdir), layout(config, paths),
+                                provenance(config), seed_dirs=dirs)
+  out["wall_seconds"] = round(time.time() - t0, 1)
+  out["cpu_seconds"] = round(console.cpu_seconds() - cpu0, 1)
+  return out
+
+
 def run(config: ml_collections.ConfigDict, workdir: str, log=stderr_log) -> dict:
   """Runs (or resumes) every stage, then writes report.md; returns the report."""
   validate(config)
+  _check_independent(config)
+  if independent(config):
+    return _run_independent(config, workdir, log)
   for key in ("base", "other_base"):
     if config[key] and not epath.Path(config[key]).exists():
       from jaxlab.models.fetch import fetch_hint
@@ -135,7 +189,12 @@ def checked_plan(config, workdir) -> stages.Plan:
 
 
 def describe_plan(config, workdir) -> str:
-  """What `--plan` prints: the checked stage graph."""
+  """What `--plan` prints: the checked stage graph (per seed's own run with independent
+  seeds)."""
+  if independent(config):
+    _check_independent(config)
+    return "\n".join(f"independent seed {s} ({d}):\n" + describe_plan(seed_run_config(config, s), d)
+                     for s, d in seed_dirs(config, workdir).items())
   return checked_plan(config, workdir).describe()
 
 

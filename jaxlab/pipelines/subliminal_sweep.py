@@ -45,11 +45,10 @@ def _update(node: ml_collections.ConfigDict, over: dict, where: str) -> None:
       node[k] = ml_collections.ConfigDict(v) if isinstance(v, dict) else v
 
 
-# A group's own key (not a subliminal config key): each seed a subliminal run of its own.
+# A group's key: each seed a subliminal run of its own (subliminal.seed_run_config: its bases
+# from seed subliminal.SEED_STRIDE * s), run here so that its bases land in the sweep's shared
+# WORKDIR/bases/{key} like every group's.
 INDEPENDENT = "independent_seeds"
-# Independent seed s trains its bases from seed SEED_STRIDE * s (its other base from that + 1),
-# so no seed's base is another seed's other base.
-SEED_STRIDE = 10
 
 
 def group_config(config, name: str, root, seed: int | None = None) -> ml_collections.ConfigDict:
@@ -62,8 +61,9 @@ def group_config(config, name: str, root, seed: int | None = None) -> ml_collect
   over.pop(INDEPENDENT, None)
   with c.unlocked():
     _update(c, over, f"{name}.")
-    if seed is not None:
-      c.seed, c.seeds = SEED_STRIDE * seed, (seed,)
+    c.independent_seeds = False
+  if seed is not None:
+    c = subliminal.seed_run_config(c, seed)
   key = hashlib.sha256(json.dumps(subliminal.base_identity(c), sort_keys=True,
                                   default=str).encode()).hexdigest()[:10]
   c.bases_dir = str(epath.Path(root) / "bases" / key)
@@ -76,8 +76,8 @@ def independent(config, name: str) -> bool:
 
 def run_group(config, name: str, root, log) -> tuple[ml_collections.ConfigDict, dict]:
   """(the group's config, its report). An independent-seeds group runs one subliminal
-  pipeline per seed (ROOT/NAME/run{s}: its own bases from seed SEED_STRIDE * s, teachers,
-  data, students and evaluations), then one report over the seeds in ROOT/NAME: the seed-level
+  pipeline per seed (ROOT/NAME/run{s}: its own bases from seed subliminal.SEED_STRIDE * s,
+  teachers, data, students and evaluations), then one report over the seeds in ROOT/NAME: the seed-level
   intervals then include the bases' and teachers' variance, not only the students'."""
   root = epath.Path(root)
   c = group_config(config, name, root)
