@@ -26,8 +26,7 @@ cycled to --batch rows), left-padded to the longest on both sides. The model's o
 replace --vocab/--d_model/..., no packed-prefill sampler and no judge are timed. The sampler's
 compile time (lower + compile of its one program) is printed apart from its first call, and
 /proc/loadavg at the start and the end. Quiet-machine commands for SmolLM2-135M-Instruct
-(each about 3 minutes on 2 quiet cores, estimated from smoke runs under load; add
---unroll_decode to time `Sampler(unroll_decode=True)`):
+(each about 3 minutes on 2 quiet cores, estimated from smoke runs under load):
 
   .venv/bin/python -m jaxlab.models.fetch smollm2-135m-instruct runs/smollm2-135m-instruct
   .venv/bin/python benchmarks/sample.py --hf_path runs/smollm2-135m-instruct --batch 16 \
@@ -340,9 +339,6 @@ def main():
   ap.add_argument("--hf_path", default="",
                   help="an HF folder (e.g. from jaxlab.models.fetch) to time on chat prompts "
                        "instead of a random tiny model; see the module docstring")
-  ap.add_argument("--unroll_decode", action="store_true",
-                  help="Sampler(unroll_decode=True): a scanned model (--hf_path) decodes with "
-                       "its layers unrolled (slower compile, faster tokens)")
   args = ap.parse_args()
   if args.hf_path and args.profile:
     ap.error("--profile times an unrolled model's layers; --hf_path loads it scanned")
@@ -383,8 +379,6 @@ def main():
                                                                        jnp.asarray([x]))[0])
   diff = float(np.abs(t_logits - j_logits).max())
   layout = "scanned" if cfg.scan_layers else "unrolled"
-  if cfg.scan_layers and args.unroll_decode:
-    layout += ", decoded unrolled (--unroll_decode)"
   where = f"{args.hf_path} ({layout}), " if args.hf_path else ""
   print(f"model: {where}"
         f"vocab {args.vocab}, d_model {args.d_model}, {args.layers} layers, "
@@ -396,7 +390,7 @@ def main():
         f"{args.new_tokens} new tokens, temperature 1")
 
   sampler = Sampler(spec, trainable, frozen, mesh=mesh, batch_size=args.batch, stop_ids=(),
-                    pad_id=0, buckets=(args.max_prompt,), unroll_decode=args.unroll_decode)
+                    pad_id=0, buckets=(args.max_prompt,))
   packed = None if args.hf_path else Sampler(
       spec, trainable, frozen, mesh=mesh, batch_size=args.batch, stop_ids=(), pad_id=0,
       buckets=(args.max_prompt,), pack_prefill=True)

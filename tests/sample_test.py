@@ -378,28 +378,3 @@ def test_packed_prefill_samples_as_the_padded_prefill(layout, padding, request):
   # A wrong placement (rows swapped) samples other tokens: the packing is really read.
   bad = jax.device_get(fn(trainable, frozen, PackedPrompts(packed, 1 - row, col), lengths))
   assert not np.array_equal(bad.tokens, want.tokens)
-
-
-def test_unroll_decode_of_a_scanned_model_gives_the_same_tokens(setup, scanned):
-  """Sampler(unroll_decode=True) on a scanned model: the weights are unstacked once per call and
-  the layers run unrolled (no scan over layers left in the compiled program); tokens, lengths
-  and log-probs equal the scanned sampler's and the unrolled model's own."""
-  rng = np.random.default_rng(3)
-  prompts = [rng.integers(1, 64, rng.integers(2, 9)).tolist() for _ in range(4)]
-  outs, programs = {}, {}
-  for name, (spec, mesh, trainable, frozen), unroll in [("unrolled", setup, False),
-                                                         ("scanned", scanned, False),
-                                                         ("scanned+unroll", scanned, True)]:
-    s = Sampler(spec, trainable, frozen, mesh=mesh, batch_size=4, stop_ids=(1,), pad_id=0,
-                buckets=(8,), compiler_options=FAST, unroll_decode=unroll)
-    outs[name] = s.generate(prompts, seed=7, max_new_tokens=12, temperature=1.0)
-    (compiled, _, _), = s._compiled.values()
-    programs[name] = compiled.as_text()
-  # The scanned program has a loop over its layers inside each decode loop's body: more while
-  # ops than the unrolled one; unroll_decode leaves exactly the unrolled program's loops.
-  n_while = {k: v.count(" while(") for k, v in programs.items()}
-  assert n_while["scanned"] > n_while["unrolled"] == n_while["scanned+unroll"], n_while
-  for name in ("scanned", "scanned+unroll"):
-    for a, b in zip(outs["unrolled"], outs[name]):
-      np.testing.assert_array_equal(a.tokens, b.tokens)
-      np.testing.assert_allclose(a.logprobs, b.logprobs, atol=1e-5)

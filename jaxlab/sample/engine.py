@@ -60,8 +60,7 @@ class Sampler:
   def __init__(self, spec: ModelSpec, trainable: dict, frozen: dict, *, mesh: Mesh,
                batch_size: int, stop_ids: Sequence[int], pad_id: int,
                rules=sharding_lib.DEFAULT_RULES, buckets: Sequence[int] = DEFAULT_BUCKETS,
-               compiler_options: dict | None = None, pack_prefill: bool = False,
-               unroll_decode: bool = False):
+               compiler_options: dict | None = None, pack_prefill: bool = False):
     self.spec, self.mesh, self.rules = spec, mesh, rules
     self.param_shardings = spec.shardings(mesh, rules)
     self.trainable, self.frozen = jax.device_put((trainable, frozen), self.param_shardings)
@@ -69,9 +68,6 @@ class Sampler:
     self.batch_size, self.buckets = batch_size, tuple(sorted(buckets))
     self.stop_ids, self.pad_id = tuple(int(i) for i in stop_ids), int(pad_id)
     self.pack_prefill = pack_prefill
-    # A scanned model decoded with its layers unrolled (see `sample`'s unroll_layers): slower to
-    # compile, faster per token; the same tokens.
-    self.unroll_decode = bool(unroll_decode)
     self.compile_count = 0
     self._compiled = {}
 
@@ -114,7 +110,7 @@ class Sampler:
                       max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
                       top_k=top_k, stop_ids=self.stop_ids, pad_id=self.pad_id, padding="left",
                       row_ids_B=row_ids, mesh=self.mesh, rules=self.rules,
-                      min_new_tokens=min_new_tokens, unroll_layers=self.unroll_decode)
+                      min_new_tokens=min_new_tokens)
       b = self.batch_size
       rows = self._rows_sharding(b, p)
       rows1 = NamedSharding(self.mesh, P(*rows.spec[:1]))

@@ -26,7 +26,7 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding
 
 from jaxlab import sharding as sharding_lib
-from jaxlab.models.params import ModelSpec, model_spec, with_layout
+from jaxlab.models.params import ModelSpec
 from jaxlab.sample import cache as cache_lib
 from jaxlab.sample.sampling import select
 
@@ -149,8 +149,7 @@ def sample(spec: ModelSpec, trainable: dict, frozen: dict,
            temperature: float = 1.0, top_p: float = 1.0, top_k: int = 0,
            stop_ids: Sequence[int] = (), pad_id: int = 0, padding: str = "left",
            row_ids_B: jax.Array | None = None, mesh: Mesh | None = None,
-           rules=sharding_lib.DEFAULT_RULES, min_new_tokens: int = 0,
-           unroll_layers: bool = False) -> SampleOutput:
+           rules=sharding_lib.DEFAULT_RULES, min_new_tokens: int = 0) -> SampleOutput:
   """Samples up to max_new_tokens per row after each prompt (pure; jit it or call it under jit).
 
   Row b draws with key fold_in(rng, row_ids_B[b]) (default b), folded with the
@@ -162,17 +161,9 @@ def sample(spec: ModelSpec, trainable: dict, frozen: dict,
   prompt_tokens_BxP may be `PackedPrompts` (prompts packed into fewer rows for the prefill;
   `Sampler(pack_prefill=True)` packs a batch when that saves rows); the layout of the cache
   and everything after the prefill are then as if they were padded per `padding`.
-  `unroll_layers`: a scanned model is decoded with its layers unrolled (below).
   """
   if max_new_tokens < 1:
     raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
-  if unroll_layers and spec.cfg.scan_layers:
-    # A scan over layers reads layer i's weights through a dynamic slice, which XLA:CPU
-    # materialises: every decode step would copy every layer's weights once more. Unstacked
-    # once here (one copy per call), the decode runs its layers unrolled: the same tokens,
-    # faster per token, slower to compile (see the Sampler's unroll_decode).
-    cfg_u, trainable, frozen = with_layout(spec.cfg, trainable, frozen, False)
-    spec = model_spec(cfg_u)
   cfg = spec.cfg
   model = spec.merge(trainable, frozen)
   packed = prompt_tokens_BxP if isinstance(prompt_tokens_BxP, PackedPrompts) else None
