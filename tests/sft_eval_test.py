@@ -97,3 +97,24 @@ def test_only_process_0_writes_the_report_files(tmp_path, monkeypatch):
   assert "| tuned | quick_buck | 4 | 0.25 [0.00, 0.50] |" in md
   assert "- base / aligned: 3 of 4 scored; {'ok': 3, 'low_mass': 1}" in md
   assert md.rstrip().endswith("Stage wall times: train 1 min 01 s")
+
+
+def test_eval_settings_record_the_question_file_by_name_and_content(tmp_path):
+  """The same question file found at two paths (two checkouts, each with its ../shared/data)
+  gives the eval stage the same recorded settings; other bytes give other settings."""
+  from jaxlab.pipelines.sft import evals
+  config, wd = _config(tmp_path)
+  ec = study.eval_config(config, wd)
+  text = open(ec.questions.path, "rb").read()
+  recorded = {}
+  for where, data in (("a", text), ("b", text), ("c", text + b"\n# edited\n")):
+    copy = tmp_path / where / os.path.basename(ec.questions.path)
+    copy.parent.mkdir()
+    copy.write_bytes(data)
+    c = study.eval_config(config, wd)
+    c.questions.path = str(copy)
+    recorded[where] = evals.settings(c)
+  assert recorded["a"] == recorded["b"]
+  assert recorded["a"]["questions"]["path"]["name"] == os.path.basename(ec.questions.path)
+  assert recorded["a"]["questions"]["path"] != recorded["c"]["questions"]["path"]
+  assert str(tmp_path) not in str(recorded["a"]["questions"])
