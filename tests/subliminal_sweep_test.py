@@ -70,14 +70,16 @@ def test_main_pipeline_with_independent_seeds_equals_the_sweeps_independent_grou
   _, root, _ = swept
   workdir = tmp_path / "w"
   config, _ = parse_argv([f"--config={ROOT}/configs/subliminal.py:tiny", f"--workdir={workdir}",
-                          *SMALL, "--config.independent_seeds=True"])
+                          *SMALL, "--config.independent_seeds=True",
+                          f"--config.bases_dir={tmp_path / 'ignored'}"])
   plan = subliminal.describe_plan(config, str(workdir))
   assert f"independent seed 0 ({workdir / 'run0'})" in plan
   assert f"independent seed 1 ({workdir / 'run1'})" in plan
   out = subliminal.run(config, str(workdir), log=lambda _: None)
   assert sorted(p.name for p in workdir.iterdir() if p.is_dir()) == ["run0", "run1"]
-  for s in (0, 1):
+  for s in (0, 1):  # each seed's bases in its own run folder, whatever bases_dir says
     assert (workdir / f"run{s}" / "base" / "_COMPLETE.json").exists()
+  assert not (tmp_path / "ignored").exists()
   combined = json.loads((workdir / "report.json").read_text())
   assert combined["independent_seeds"] and combined["seeds"] == [0, 1]
   assert out["wall_seconds"] > 0 and out["cpu_seconds"] > 0

@@ -125,6 +125,9 @@ def seed_run_config(config, seed: int) -> ml_collections.ConfigDict:
     c.seed, c.seeds = SEED_STRIDE * seed, (seed,)
     if "independent_seeds" in c:
       c.independent_seeds = False
+    # Its bases in its own run folder: one bases_dir shared by all seeds would hold one seed's
+    # bases and refuse the next's (a sweep sets a per-seed bases_dir after this).
+    c.bases_dir = ""
   return c
 
 
