@@ -34,10 +34,12 @@ from __future__ import annotations
 import json
 import os
 import sys
+import time
 
 import ml_collections
 from etils import epath
 
+from jaxlab import console
 from jaxlab.pipelines import stages
 from jaxlab.pipelines.kit import main as kit_main
 from jaxlab.pipelines.kit import workers
@@ -144,8 +146,6 @@ def _check_independent(config) -> None:
 def _run_independent(config, workdir, log) -> dict:
   """Every seed's run in WORKDIR/run{s}, then one report over the seeds in WORKDIR."""
   from jaxlab.pipelines import subliminal_report  # pylint: disable=g-import-not-at-top
-  import time  # pylint: disable=g-import-not-at-top
-  from jaxlab import console  # pylint: disable=g-import-not-at-top
   t0, cpu0 = time.time(), console.cpu_seconds()
   dirs = seed_dirs(config, workdir)
   for s, d in dirs.items():
